@@ -1,0 +1,257 @@
+//! Getting the dataset onto disk: downloading the official
+//! `cifar-10-binary.tar.gz` (md5-checked) or taking a local copy, and
+//! unpacking only the expected entries of it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use md5::{Digest, Md5};
+
+use crate::data::{self, BATCHES_DIR, TEST_FILE, TRAIN_FILES};
+
+/// The official archive on the CIFAR-10 home page.
+pub const OFFICIAL_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+/// The official archive's md5, as the home page lists it.
+pub const OFFICIAL_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
+const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";
+/// Entries the archive may hold besides the six batch files; anything else
+/// inside `cifar-10-batches-bin/` is skipped.
+const EXTRA_FILES: [&str; 2] = ["batches.meta.txt", "readme.html"];
+
+/// Where the archive comes from when the batch files are missing.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Url(String),
+    Archive(PathBuf),
+}
+
+/// Returns the folder holding the batch files under `data_dir`, first
+/// fetching and unpacking the archive when they are missing.
+pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<PathBuf> {
+    if let Some(dir) = data::locate(data_dir) {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    match source {
+        Source::Archive(archive) => {
+            tracing::info!("unpacking {}", archive.display());
+            check_md5(archive, md5)?;
+            extract(archive, data_dir)
+        }
+        Source::Url(url) => {
+            let archive = data_dir.join(ARCHIVE_NAME);
+            if !archive.is_file() || check_md5(&archive, md5).is_err() {
+                eprintln!(
+                    "CIFAR-10 not found in {}; downloading {url}",
+                    data_dir.display()
+                );
+                download(url, &archive, md5)?;
+            }
+            extract(&archive, data_dir)
+        }
+    }
+}
+
+/// Downloads `url` to `dest`, checking its md5 on the way; `dest` appears
+/// only once the whole file has arrived and matched.
+pub fn download(url: &str, dest: &Path, md5: &str) -> Result<()> {
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let response = ureq::get(url)
+        .call()
+        .with_context(|| format!("cannot download {url}"))?;
+    let total = response
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bar = crate::report::byte_bar(total, "downloading CIFAR-10");
+    let mut body = response.into_body().into_reader();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".cifar-10-download")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = body
+            .read(&mut buf)
+            .with_context(|| format!("download of {url} broke off"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        tmp.write_all(&buf[..n])
+            .with_context(|| format!("cannot write {}", tmp.path().display()))?;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    let got = hex(&hasher.finalize());
+    ensure!(
+        got.eq_ignore_ascii_case(md5),
+        "download of {url} has md5 {got}, expected {md5}: the file is corrupt or not the \
+         CIFAR-10 binary archive"
+    );
+    tmp.as_file()
+        .sync_all()
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    tmp.persist(dest)
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    Ok(())
+}
+
+/// Errors unless the file's md5 is `expected`.
+pub fn check_md5(path: &Path, expected: &str) -> Result<()> {
+    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Md5::new();
+    std::io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let got = hex(&hasher.finalize());
+    ensure!(
+        got.eq_ignore_ascii_case(expected),
+        "{} has md5 {got}, expected {expected}: the archive is corrupt or not the CIFAR-10 \
+         binary archive (pass --md5 to accept another archive)",
+        path.display()
+    );
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Unpacks the batch files of a `cifar-10-binary.tar.gz` into
+/// `data_dir/cifar-10-batches-bin/` and returns that folder.
+///
+/// Only `cifar-10-batches-bin/<known file>` entries are written; an entry
+/// whose path could leave `data_dir` fails the whole extraction. Files go to
+/// a temporary folder first, so a failure leaves no half-unpacked dataset.
+pub fn extract(archive: &Path, data_dir: &Path) -> Result<PathBuf> {
+    let file = File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".cifar-10-unpack")
+        .tempdir_in(data_dir)
+        .with_context(|| format!("cannot write in {}", data_dir.display()))?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    let entries = tar
+        .entries()
+        .with_context(|| format!("{} is not a readable tar.gz archive", archive.display()))?;
+    for entry in entries {
+        let mut entry =
+            entry.with_context(|| format!("{} is corrupt or truncated", archive.display()))?;
+        let path = entry
+            .path()
+            .with_context(|| format!("{}: unreadable entry name", archive.display()))?
+            .into_owned();
+        let Some(name) = expected_name(&path, archive)? else {
+            continue;
+        };
+        if !entry.header().entry_type().is_file() {
+            bail!(
+                "{}: entry {} is not a regular file",
+                archive.display(),
+                path.display()
+            );
+        }
+        let out = staging.path().join(name);
+        let mut dest =
+            File::create(&out).with_context(|| format!("cannot write {}", out.display()))?;
+        std::io::copy(&mut entry, &mut dest).with_context(|| {
+            format!(
+                "{} is corrupt or truncated (in {})",
+                archive.display(),
+                path.display()
+            )
+        })?;
+    }
+    let missing: Vec<&str> = TRAIN_FILES
+        .iter()
+        .chain([&TEST_FILE])
+        .copied()
+        .filter(|f| !staging.path().join(f).is_file())
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "{} lacks {}: not the CIFAR-10 binary archive",
+        archive.display(),
+        missing
+            .iter()
+            .map(|m| format!("{BATCHES_DIR}/{m}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let target = data_dir.join(BATCHES_DIR);
+    if target.exists() {
+        std::fs::remove_dir_all(&target)
+            .with_context(|| format!("cannot replace {}", target.display()))?;
+    }
+    let staging = staging.keep();
+    std::fs::rename(&staging, &target)
+        .with_context(|| format!("cannot move unpacked files to {}", target.display()))?;
+    Ok(target)
+}
+
+/// The file name to unpack an entry as, `None` to skip it, or an error when
+/// its path would escape the target folder.
+fn expected_name(path: &Path, archive: &Path) -> Result<Option<&'static str>> {
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        bail!(
+            "{}: entry {} would be written outside the data directory; refusing to unpack",
+            archive.display(),
+            path.display()
+        );
+    }
+    let mut parts = path.components().filter(|c| *c != Component::CurDir);
+    let (Some(dir), Some(file), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Ok(None);
+    };
+    if dir.as_os_str() != BATCHES_DIR {
+        return Ok(None);
+    }
+    Ok(TRAIN_FILES
+        .iter()
+        .chain([&TEST_FILE])
+        .chain(EXTRA_FILES.iter())
+        .copied()
+        .find(|f| file.as_os_str() == *f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_entries_are_refused() {
+        let a = Path::new("a.tgz");
+        assert!(expected_name(Path::new("../etc/passwd"), a).is_err());
+        assert!(expected_name(Path::new("/etc/passwd"), a).is_err());
+        assert!(expected_name(Path::new("cifar-10-batches-bin/../../x"), a).is_err());
+        assert_eq!(
+            expected_name(Path::new("./cifar-10-batches-bin/test_batch.bin"), a).unwrap(),
+            Some("test_batch.bin")
+        );
+        assert_eq!(
+            expected_name(Path::new("cifar-10-batches-bin/other"), a).unwrap(),
+            None
+        );
+        assert_eq!(
+            expected_name(Path::new("elsewhere/test_batch.bin"), a).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn md5_of_known_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"abc").unwrap();
+        check_md5(&p, "900150983cd24fb0d6963f7d28e17f72").unwrap();
+        let err = check_md5(&p, OFFICIAL_MD5).unwrap_err().to_string();
+        assert!(err.contains("900150983cd24fb0d6963f7d28e17f72"), "{err}");
+    }
+}

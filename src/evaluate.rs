@@ -1,0 +1,203 @@
+//! The tutorial's test step: overall and per-class accuracy of a `Net` on
+//! the test set, and the `evaluate` command that runs it on saved weights.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::json;
+use tch::nn::Module;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{DataArgs, Split, CLASSES};
+use crate::device::{device_name, DeviceArg};
+use crate::model::Model;
+use crate::report::Reporter;
+
+/// Evaluate saved weights on the CIFAR-10 test set.
+#[derive(Debug, clap::Args)]
+pub struct EvaluateArgs {
+    /// Weights to evaluate: a safetensors file keyed like PyTorch's `state_dict`.
+    #[arg(long, value_name = "FILE")]
+    pub weights: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Device to run on: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceArg,
+    /// Images per forward pass (any size gives the same result).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub batch_size: i64,
+    /// Print one JSON object per line instead of the tutorial's text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Counts on one split: `confusion[truth][predicted]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub confusion: [[i64; 10]; 10],
+}
+
+impl Evaluation {
+    pub fn total(&self) -> i64 {
+        self.confusion.iter().flatten().sum()
+    }
+
+    pub fn correct(&self) -> i64 {
+        (0..10).map(|c| self.confusion[c][c]).sum()
+    }
+
+    /// Overall accuracy in percent.
+    pub fn accuracy(&self) -> f64 {
+        100.0 * self.correct() as f64 / self.total().max(1) as f64
+    }
+
+    /// Accuracy per true class in percent; `None` for a class with no images.
+    pub fn per_class(&self) -> [Option<f64>; 10] {
+        std::array::from_fn(|c| {
+            let total: i64 = self.confusion[c].iter().sum();
+            (total > 0).then(|| 100.0 * self.confusion[c][c] as f64 / total as f64)
+        })
+    }
+
+    /// The tutorial's lines: overall accuracy (floored to an integer, as
+    /// `100 * correct // total` does), then one line per class.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "Accuracy of the network on the {} test images: {} %",
+            self.total(),
+            100 * self.correct() / self.total().max(1)
+        );
+        for (name, acc) in CLASSES.iter().zip(self.per_class()) {
+            let acc = acc.map_or("n/a".to_string(), |a| format!("{a:.1}"));
+            out.push_str(&format!("\nAccuracy for class: {name:5} is {acc} %"));
+        }
+        out
+    }
+
+    /// The fields every JSON summary carries.
+    pub fn json_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let per_class: serde_json::Map<String, serde_json::Value> = CLASSES
+            .iter()
+            .zip(self.per_class())
+            .map(|(n, a)| (n.to_string(), json!(a)))
+            .collect();
+        let mut m = serde_json::Map::new();
+        m.insert("accuracy".into(), json!(self.accuracy()));
+        m.insert("correct".into(), json!(self.correct()));
+        m.insert("total".into(), json!(self.total()));
+        m.insert("per_class_accuracy".into(), json!(per_class));
+        m.insert("confusion".into(), json!(self.confusion));
+        m
+    }
+}
+
+/// Predicted classes for `images`, in batches, without building a graph.
+pub fn predict_classes(net: &impl Module, images: &Tensor, batch_size: i64) -> Tensor {
+    tch::no_grad(|| {
+        let n = images.size()[0];
+        let preds: Vec<Tensor> = (0..n)
+            .step_by(batch_size as usize)
+            .map(|start| {
+                let len = batch_size.min(n - start);
+                net.forward(&images.narrow(0, start, len)).argmax(1, false)
+            })
+            .collect();
+        Tensor::cat(&preds, 0)
+    })
+}
+
+/// Runs `net` over `split` and counts right and wrong answers per class.
+pub fn evaluate(net: &impl Module, split: &Split, batch_size: i64) -> Evaluation {
+    let preds = predict_classes(net, &split.images, batch_size);
+    // One bincount over truth*10+pred fills the confusion matrix in one sync.
+    let cells = (&split.labels * 10 + preds)
+        .bincount::<Tensor>(None, 100)
+        .to_device(Device::Cpu);
+    let cells =
+        Vec::<i64>::try_from(&cells.to_kind(Kind::Int64)).expect("bincount gives 100 counts");
+    let mut confusion = [[0; 10]; 10];
+    for (i, n) in cells.into_iter().enumerate() {
+        confusion[i / 10][i % 10] = n;
+    }
+    Evaluation { confusion }
+}
+
+/// `tch-cifar evaluate`.
+pub fn run(args: EvaluateArgs) -> Result<()> {
+    let device = args.device.resolve()?;
+    let model = Model::load(&args.weights, device)?;
+    let batches = args.data.prepare()?;
+    let test = crate::data::load_split(&[batches.join(crate::data::TEST_FILE)], device)?;
+    let start = Instant::now();
+    let eval = evaluate(&model.net, &test, args.batch_size);
+    let eval_seconds = start.elapsed().as_secs_f64();
+    let reporter = Reporter::new(args.json);
+    let mut summary = eval.json_fields();
+    summary.insert("event".into(), json!("summary"));
+    summary.insert("weights".into(), json!(args.weights));
+    summary.insert("device".into(), json!(device_name(device)));
+    summary.insert("eval_seconds".into(), json!(eval_seconds));
+    reporter.emit(|| eval.text(), summary.into());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_text_follow_the_tutorial() {
+        let mut confusion = [[0; 10]; 10];
+        confusion[0][0] = 2; // plane: 2 of 3 right
+        confusion[0][1] = 1;
+        confusion[3][3] = 1; // cat: 1 of 1
+        let e = Evaluation { confusion };
+        assert_eq!((e.correct(), e.total()), (3, 4));
+        assert_eq!(e.accuracy(), 75.0);
+        let text = e.text();
+        assert!(
+            text.starts_with("Accuracy of the network on the 4 test images: 75 %"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nAccuracy for class: plane is 66.7 %"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nAccuracy for class: car   is n/a %"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nAccuracy for class: cat   is 100.0 %"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn evaluate_counts_a_known_net() {
+        // A "net" that always answers class 2.
+        #[derive(Debug)]
+        struct Always2;
+        impl Module for Always2 {
+            fn forward(&self, xs: &Tensor) -> Tensor {
+                let n = xs.size()[0];
+                Tensor::zeros([n, 10], (Kind::Float, xs.device())).index_fill(
+                    1,
+                    &Tensor::from(2i64),
+                    1.0,
+                )
+            }
+        }
+        let split = Split {
+            images: Tensor::zeros([5, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            labels: Tensor::from_slice(&[2i64, 2, 1, 0, 2]),
+        };
+        let e = evaluate(&Always2, &split, 2);
+        assert_eq!(e.correct(), 3);
+        assert_eq!(e.confusion[1][2], 1);
+        assert_eq!(e.per_class()[2], Some(100.0));
+        assert_eq!(e.per_class()[0], Some(0.0));
+    }
+}

@@ -1,0 +1,103 @@
+//! Writing output files so that a crash, a kill or a full disk never leaves
+//! a torn file at the destination.
+
+use std::fs::File;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Calls `write` on a temporary path in `path`'s folder, syncs the result
+/// and renames it onto `path`. On any error the temporary file is removed
+/// and `path` keeps its previous content, if it had one.
+pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let dir = parent_dir(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot write {}: cannot create a file in {}",
+                path.display(),
+                dir.display()
+            )
+        })?;
+    let tmp_path = tmp.into_temp_path();
+    write(&tmp_path)?;
+    File::open(&tmp_path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp_path
+        .persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // Make the rename itself durable.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Fails early, before hours of training, when `path` cannot be written.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let dir = parent_dir(path);
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "cannot write {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    tempfile::tempfile_in(dir).with_context(|| {
+        format!(
+            "cannot write {}: {} is not writable",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    Ok(())
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_write_keeps_the_old_file_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        std::fs::write(&path, b"old").unwrap();
+        let err = write_atomically(&path, |tmp| {
+            std::fs::write(tmp, b"half")?;
+            anyhow::bail!("disk full")
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "temp file left behind"
+        );
+
+        write_atomically(&path, |tmp| Ok(std::fs::write(tmp, b"new")?)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+    }
+
+    #[test]
+    fn unwritable_destinations_are_caught_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_writable(&dir.path().join("no/such/dir/w.safetensors")).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        check_writable(&dir.path().join("w.safetensors")).unwrap();
+    }
+}

@@ -1,0 +1,15 @@
+//! tch-cifar: PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust
+//! with tch, as a library so that the binary and the tests share one code.
+//!
+//! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
+//! * [`model`]: the tutorial's `Net` and its weights files.
+//! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
+
+pub mod data;
+pub mod device;
+pub mod download;
+pub mod evaluate;
+pub mod fsutil;
+pub mod model;
+pub mod report;
+pub mod train;

@@ -1,0 +1,45 @@
+//! The `tch-cifar` command line: parses arguments and hands each
+//! subcommand to its `run` in the library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tch_cifar::{evaluate, train};
+use tracing_subscriber::EnvFilter;
+
+/// PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust, with tch.
+#[derive(Debug, Parser)]
+#[command(name = "tch-cifar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train the tutorial's Net on CIFAR-10, save its weights and report test accuracy.
+    Train(train::TrainArgs),
+    /// Report the test accuracy of saved weights, overall and per class.
+    Evaluate(evaluate::EvaluateArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(args),
+        Command::Evaluate(args) => evaluate::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

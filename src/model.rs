@@ -1,0 +1,393 @@
+//! `Net`, the tutorial's LeNet-style classifier, layer for layer as in
+//! PyTorch, with PyTorch's default initialization, and its weights on disk.
+//!
+//! ```python
+//! class Net(nn.Module):
+//!     def __init__(self):
+//!         super().__init__()
+//!         self.conv1 = nn.Conv2d(3, 6, 5)
+//!         self.pool = nn.MaxPool2d(2, 2)
+//!         self.conv2 = nn.Conv2d(6, 16, 5)
+//!         self.fc1 = nn.Linear(16 * 5 * 5, 120)
+//!         self.fc2 = nn.Linear(120, 84)
+//!         self.fc3 = nn.Linear(84, 10)
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// `nn.Conv2d` with PyTorch's parameter names and initialization.
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Conv2d {
+    fn new(vs: nn::Path, in_channels: i64, out_channels: i64, kernel: i64) -> Self {
+        let fan_in = in_channels * kernel * kernel;
+        // Weight before bias: PyTorch's order, so one seed gives one init.
+        let weight = vs.var(
+            "weight",
+            &[out_channels, in_channels, kernel, kernel],
+            weight_init(fan_in),
+        );
+        let bias = vs.var("bias", &[out_channels], bias_init(fan_in));
+        Self { weight, bias }
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.conv2d(&self.weight, Some(&self.bias), [1, 1], [0, 0], [1, 1], 1)
+    }
+}
+
+/// `nn.Linear` with PyTorch's parameter names and initialization.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    fn new(vs: nn::Path, in_features: i64, out_features: i64) -> Self {
+        let weight = vs.var(
+            "weight",
+            &[out_features, in_features],
+            weight_init(in_features),
+        );
+        let bias = vs.var("bias", &[out_features], bias_init(in_features));
+        Self { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.linear(&self.weight, Some(&self.bias))
+    }
+}
+
+/// `kaiming_uniform_(w, a=sqrt(5))`, computed in f64 step by step as
+/// `torch.nn.init` does, so the bound is bit-equal: 1/sqrt(fan_in) up to
+/// rounding. (tch's own default is Kaiming with ReLU gain, which trains
+/// differently.)
+fn weight_init(fan_in: i64) -> nn::Init {
+    let a = 5f64.sqrt();
+    let gain = (2.0 / (1.0 + a.powi(2))).sqrt();
+    let std = gain / (fan_in as f64).sqrt();
+    let bound = 3f64.sqrt() * std;
+    nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// PyTorch's bias init: uniform in ±1/sqrt(fan_in).
+fn bias_init(fan_in: i64) -> nn::Init {
+    let bound = 1.0 / (fan_in as f64).sqrt();
+    nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// The tutorial's network. Its output is the logits: no softmax, since
+/// `CrossEntropyLoss` applies log-softmax itself.
+#[derive(Debug)]
+pub struct Net {
+    conv1: Conv2d,
+    conv2: Conv2d,
+    fc1: Linear,
+    fc2: Linear,
+    fc3: Linear,
+}
+
+/// The `state_dict` keys and shapes of `Net`, in PyTorch's order.
+pub const PARAMETERS: [(&str, &[i64]); 10] = [
+    ("conv1.weight", &[6, 3, 5, 5]),
+    ("conv1.bias", &[6]),
+    ("conv2.weight", &[16, 6, 5, 5]),
+    ("conv2.bias", &[16]),
+    ("fc1.weight", &[120, 400]),
+    ("fc1.bias", &[120]),
+    ("fc2.weight", &[84, 120]),
+    ("fc2.bias", &[84]),
+    ("fc3.weight", &[10, 84]),
+    ("fc3.bias", &[10]),
+];
+
+impl Net {
+    /// Creates the layers under `vs`, initialized from torch's global RNG
+    /// (seed it with `tch::manual_seed`).
+    pub fn new(vs: &nn::Path) -> Net {
+        Net {
+            conv1: Conv2d::new(vs / "conv1", 3, 6, 5),
+            conv2: Conv2d::new(vs / "conv2", 6, 16, 5),
+            fc1: Linear::new(vs / "fc1", 16 * 5 * 5, 120),
+            fc2: Linear::new(vs / "fc2", 120, 84),
+            fc3: Linear::new(vs / "fc3", 84, 10),
+        }
+    }
+}
+
+impl Module for Net {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        // `self.pool` is MaxPool2d(2, 2); it has no weights, so it is a call.
+        let pool = |x: Tensor| x.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
+        let x = pool(self.conv1.forward(xs).relu()); // [N, 3, 32, 32] -> [N, 6, 14, 14]
+        let x = pool(self.conv2.forward(&x).relu()); // -> [N, 16, 5, 5]
+        let x = x.flatten(1, -1); // -> [N, 400]
+        let x = self.fc1.forward(&x).relu(); // -> [N, 120]
+        let x = self.fc2.forward(&x).relu(); // -> [N, 84]
+        self.fc3.forward(&x) // -> [N, 10] logits
+    }
+}
+
+/// A `Net` with its own variable store on `device`.
+#[derive(Debug)]
+pub struct Model {
+    pub vs: nn::VarStore,
+    pub net: Net,
+}
+
+impl Model {
+    /// A freshly initialized `Net`; `seed` fixes torch's RNG first.
+    pub fn new(device: Device, seed: Option<u64>) -> Model {
+        // torch's RNG is global: seeding and drawing the weights must not
+        // interleave with another thread doing the same.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(seed) = seed {
+            tch::manual_seed(seed as i64);
+        }
+        let vs = nn::VarStore::new(device);
+        let net = Net::new(&vs.root());
+        Model { vs, net }
+    }
+
+    /// A `Net` on `device` holding the weights in `path`.
+    pub fn load(path: &Path, device: Device) -> Result<Model> {
+        let mut model = Model::new(device, None);
+        let tensors = read_state_dict(path)?;
+        model.set_state_dict(tensors, path)?;
+        Ok(model)
+    }
+
+    /// The parameters keyed like PyTorch's `state_dict`, on the CPU.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let vars = self.vs.variables();
+        PARAMETERS
+            .iter()
+            .map(|(name, _)| {
+                (
+                    name.to_string(),
+                    vars[*name].detach().to_device(Device::Cpu),
+                )
+            })
+            .collect()
+    }
+
+    /// Copies `tensors` into the parameters; every key must be present,
+    /// none extra, shapes equal. `origin` names the source in errors.
+    pub fn set_state_dict(
+        &mut self,
+        tensors: HashMap<String, Tensor>,
+        origin: &Path,
+    ) -> Result<()> {
+        let origin = origin.display();
+        let mut vars = self.vs.variables();
+        let extra: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !vars.contains_key(k.as_str()))
+            .collect();
+        if let Some(key) = extra.first() {
+            bail!(
+                "{origin}: unexpected key `{key}` (Net's keys are {})",
+                PARAMETERS.map(|(k, _)| k).join(", ")
+            );
+        }
+        for (name, shape) in PARAMETERS {
+            let Some(src) = tensors.get(name) else {
+                bail!("{origin}: missing key `{name}`");
+            };
+            if src.size() != shape {
+                bail!(
+                    "{origin}: key `{name}` has shape {:?}, Net expects {shape:?}",
+                    src.size()
+                );
+            }
+            if !src.is_floating_point() {
+                bail!(
+                    "{origin}: key `{name}` holds {:?} values, not floats",
+                    src.kind()
+                );
+            }
+            let var = vars
+                .get_mut(name)
+                .expect("PARAMETERS lists Net's variables");
+            tch::no_grad(|| var.copy_(&src.to_kind(Kind::Float)));
+        }
+        Ok(())
+    }
+
+    /// Writes the weights as safetensors, atomically: a temporary file in the
+    /// same folder, synced, then renamed over `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let state = self.state_dict();
+        crate::fsutil::write_atomically(path, |tmp| {
+            Tensor::write_safetensors(&state, tmp)
+                .with_context(|| format!("cannot write weights to {}", tmp.display()))
+        })
+    }
+}
+
+/// Reads a weights file into named tensors.
+pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!("weights file {} does not exist", path.display());
+    }
+    let tensors = Tensor::read_safetensors(path).with_context(|| {
+        format!(
+            "cannot read weights from {} (not a safetensors file?)",
+            path.display()
+        )
+    })?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// Parameter names and shapes, as a `BTreeMap` for comparisons in tests.
+pub fn shapes(vs: &nn::VarStore) -> BTreeMap<String, Vec<i64>> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.size()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_shape_is_batch_by_ten() {
+        let model = Model::new(Device::Cpu, Some(1));
+        let out = model
+            .net
+            .forward(&Tensor::zeros([7, 3, 32, 32], (Kind::Float, Device::Cpu)));
+        assert_eq!(out.size(), [7, 10]);
+    }
+
+    #[test]
+    fn parameter_names_and_shapes_match_pytorch() {
+        let model = Model::new(Device::Cpu, Some(1));
+        let expected: BTreeMap<String, Vec<i64>> = PARAMETERS
+            .iter()
+            .map(|(k, s)| (k.to_string(), s.to_vec()))
+            .collect();
+        assert_eq!(shapes(&model.vs), expected);
+        let total: i64 = PARAMETERS
+            .iter()
+            .map(|(_, s)| s.iter().product::<i64>())
+            .sum();
+        assert_eq!(total, 62_006, "the tutorial's Net has 62,006 parameters");
+    }
+
+    #[test]
+    fn init_is_uniform_within_one_over_sqrt_fan_in() {
+        let model = Model::new(Device::Cpu, Some(3));
+        let vars = model.vs.variables();
+        for (name, fan_in) in [
+            ("conv1", 75.0),
+            ("conv2", 150.0),
+            ("fc1", 400.0),
+            ("fc2", 120.0),
+            ("fc3", 84.0),
+        ] {
+            let bound = 1.0 / f64::sqrt(fan_in);
+            for p in ["weight", "bias"] {
+                let t = &vars[&format!("{name}.{p}")];
+                let (lo, hi) = (t.min().double_value(&[]), t.max().double_value(&[]));
+                assert!(
+                    lo >= -bound - 1e-7 && hi <= bound + 1e-7,
+                    "{name}.{p} in [{lo}, {hi}]"
+                );
+                // Spread out over the range, not a constant or a narrow normal.
+                assert!(
+                    hi - lo > bound,
+                    "{name}.{p} spans only [{lo}, {hi}], bound {bound}"
+                );
+            }
+            // Uniform on ±b has std b/sqrt(3); tch's Kaiming/ReLU default would be sqrt(2)x wider.
+            let std = vars[&format!("{name}.weight")].std(true).double_value(&[]);
+            let want = bound / 3f64.sqrt();
+            assert!(
+                (std - want).abs() < 0.15 * want,
+                "{name}.weight std {std}, want {want}"
+            );
+        }
+        // Conv biases are not zero (tch's default would make them zero).
+        assert!(vars["conv1.bias"].abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn same_seed_same_weights() {
+        let a = Model::new(Device::Cpu, Some(42)).state_dict();
+        let b = Model::new(Device::Cpu, Some(42)).state_dict();
+        let c = Model::new(Device::Cpu, Some(43)).state_dict();
+        for ((ka, ta), (_, tb)) in a.iter().zip(&b) {
+            assert!(ta.equal(tb), "{ka} differs under one seed");
+        }
+        assert!(!a[0].1.equal(&c[0].1));
+    }
+
+    #[test]
+    fn save_then_load_round_trips_and_bad_keys_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let model = Model::new(Device::Cpu, Some(5));
+        model.save(&path).unwrap();
+        let loaded = Model::load(&path, Device::Cpu).unwrap();
+        for ((k, a), (_, b)) in model.state_dict().iter().zip(&loaded.state_dict()) {
+            assert!(a.equal(b), "{k} changed on the round trip");
+        }
+
+        let mut state: Vec<(String, Tensor)> = model.state_dict();
+        state.retain(|(k, _)| k != "fc3.bias");
+        let missing = dir.path().join("missing.safetensors");
+        Tensor::write_safetensors(&state, &missing).unwrap();
+        let err = Model::load(&missing, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("missing key `fc3.bias`"), "{err}");
+
+        state.push((
+            "fc3.bias".into(),
+            Tensor::zeros([11], (Kind::Float, Device::Cpu)),
+        ));
+        let shape = dir.path().join("shape.safetensors");
+        Tensor::write_safetensors(&state, &shape).unwrap();
+        let err = Model::load(&shape, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("`fc3.bias` has shape [11]"), "{err}");
+
+        state.pop();
+        state.push((
+            "fc3.bias".into(),
+            Tensor::zeros([10], (Kind::Float, Device::Cpu)),
+        ));
+        state.push((
+            "fc4.weight".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        ));
+        let extra = dir.path().join("extra.safetensors");
+        Tensor::write_safetensors(&state, &extra).unwrap();
+        let err = Model::load(&extra, Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains("unexpected key `fc4.weight`"), "{err}");
+
+        let garbage = dir.path().join("garbage.safetensors");
+        std::fs::write(&garbage, b"not weights at all").unwrap();
+        let err = format!("{:#}", Model::load(&garbage, Device::Cpu).unwrap_err());
+        assert!(err.contains("garbage.safetensors"), "{err}");
+    }
+}

@@ -1,0 +1,399 @@
+//! End-to-end tests of `train` and `evaluate`: the real binary on small
+//! synthetic CIFAR-10 files, CPU only.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+use util::*;
+
+/// Trains on synthetic data; `extra` adds or overrides flags.
+fn train(data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let defaults = [
+        ("--seed", "7"),
+        ("--epochs", "3"),
+        ("--lr", "0.01"),
+        ("--log-every", "25"),
+    ];
+    let mut args = vec![
+        "train",
+        "--device",
+        "cpu",
+        "--data-dir",
+        s(data),
+        "--out",
+        s(out),
+    ];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+#[test]
+fn train_then_evaluate_prints_the_tutorial_lines_and_beats_chance() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 500, 200, 1, None);
+    let weights = dir.path().join("net.safetensors");
+    let text = ok(&train(&data, &weights, &[]));
+    // 500 images / batch 4 = 125 steps per epoch: marks at 25, 50, ... 125.
+    assert!(text.contains("[1,    25] loss: "), "{text}");
+    assert!(text.contains("[3,   125] loss: "), "{text}");
+    assert_eq!(text.matches("] loss: ").count(), 15, "{text}");
+    assert!(text.contains("\nFinished Training\n"), "{text}");
+    assert!(
+        text.contains("GroundTruth:  ") && text.contains("Predicted:  "),
+        "{text}"
+    );
+    let acc_line = text
+        .lines()
+        .find(|l| l.starts_with("Accuracy of the network on the 200 test images: "))
+        .expect(&text);
+    let acc: i64 = acc_line.rsplit(' ').nth(1).unwrap().parse().unwrap();
+    assert!(
+        acc >= 50,
+        "synthetic data should be learned well above 10 % chance: {acc_line}"
+    );
+    assert_eq!(text.matches("Accuracy for class: ").count(), 10, "{text}");
+    assert!(text.contains("Accuracy for class: plane is "), "{text}");
+
+    // Evaluating the saved weights repeats the same accuracy lines.
+    let eval = ok(&run(&[
+        "evaluate",
+        "--device",
+        "cpu",
+        "--weights",
+        s(&weights),
+        "--data-dir",
+        s(&data),
+    ]));
+    let train_tail: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Accuracy of"))
+        .collect();
+    assert_eq!(eval.lines().collect::<Vec<_>>(), train_tail);
+}
+
+#[test]
+fn json_lines_end_with_a_complete_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 200, 100, 2, None);
+    let weights = dir.path().join("net.safetensors");
+    let text = ok(&train(&data, &weights, &["--json", "--epochs", "1"]));
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(events[0]["event"], "start");
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "loss").count(),
+        2,
+        "{text}"
+    );
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    for key in [
+        "accuracy",
+        "per_class_accuracy",
+        "train_seconds",
+        "images_per_second",
+        "device",
+        "epochs",
+        "steps",
+    ] {
+        assert!(!summary[key].is_null(), "summary lacks {key}: {summary}");
+    }
+    assert_eq!(summary["device"], "cpu");
+    assert_eq!(summary["steps"], 50);
+    assert_eq!(summary["epochs"], 1);
+    assert_eq!(summary["total"], 100);
+    assert_eq!(summary["per_class_accuracy"].as_object().unwrap().len(), 10);
+    let acc = summary["accuracy"].as_f64().unwrap();
+    assert!((0.0..=100.0).contains(&acc));
+
+    let eval = ok(&run(&[
+        "evaluate",
+        "--json",
+        "--device",
+        "cpu",
+        "--weights",
+        s(&weights),
+        "--data-dir",
+        s(&data),
+    ]));
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert_eq!(eval["accuracy"], summary["accuracy"]);
+    assert_eq!(eval["per_class_accuracy"], summary["per_class_accuracy"]);
+}
+
+#[test]
+fn same_seed_gives_identical_losses_and_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 200, 40, 3, None);
+    let (a, b, c) = (
+        dir.path().join("a.st"),
+        dir.path().join("b.st"),
+        dir.path().join("c.st"),
+    );
+    let losses = |t: &str| {
+        t.lines()
+            .filter(|l| l.contains("] loss: "))
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let ta = ok(&train(&data, &a, &["--epochs", "2"]));
+    let tb = ok(&train(&data, &b, &["--epochs", "2"]));
+    let tc = ok(&train(&data, &c, &["--epochs", "2", "--seed", "8"]));
+    assert_eq!(losses(&ta), losses(&tb));
+    assert_eq!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&b).unwrap(),
+        "weights differ under one seed"
+    );
+    assert_ne!(
+        std::fs::read(&a).unwrap(),
+        std::fs::read(&c).unwrap(),
+        "another seed, same weights?"
+    );
+    assert_ne!(losses(&ta), losses(&tc));
+}
+
+#[test]
+fn cuda_where_there_is_none_is_a_clear_error() {
+    if tch::Cuda::is_available() {
+        return; // The machine has a GPU: nothing to refuse.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["train", "--device", "cuda", "--data-dir", s(dir.path())]);
+    fails_with(&out, &["--device cuda:0", "CUDA is not available"]);
+    let out = run(&[
+        "evaluate",
+        "--device",
+        "cuda:7",
+        "--weights",
+        "x.safetensors",
+        "--data-dir",
+        s(dir.path()),
+    ]);
+    fails_with(&out, &["cuda:7"]);
+}
+
+#[test]
+fn binary_links_libtorch_cuda_and_runs_without_ld_library_path() {
+    let lib = repo_path(".libtorch/lib/libtorch_cuda.so");
+    let out = std::process::Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_tch-cifar")])
+        .output()
+        .expect("readelf");
+    let dynamic = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dynamic.contains("RPATH") || dynamic.contains("RUNPATH"),
+        "{dynamic}"
+    );
+    if lib.exists() {
+        assert!(
+            dynamic.contains("[libtorch_cuda.so]"),
+            "libtorch_cuda.so dropped by --as-needed:\n{dynamic}"
+        );
+    }
+    let out = tch_cifar()
+        .arg("--version")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_batch_files_give_one_line_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 50, 20, 4, None);
+    let w = dir.path().join("w.st");
+    let batch = data.join("data_batch_3.bin");
+
+    let good = std::fs::read(&batch).unwrap();
+    std::fs::write(&batch, &good[..good.len() - 10]).unwrap();
+    fails_with(
+        &train(&data, &w, &[]),
+        &[
+            "data_batch_3.bin",
+            "not a whole number of 3073-byte records",
+        ],
+    );
+
+    std::fs::write(&batch, b"").unwrap();
+    fails_with(&train(&data, &w, &[]), &["data_batch_3.bin", "is empty"]);
+
+    let mut bad = good.clone();
+    bad[3073] = 10;
+    std::fs::write(&batch, &bad).unwrap();
+    fails_with(
+        &train(&data, &w, &[]),
+        &["data_batch_3.bin", "record 1", "label byte 10"],
+    );
+    assert!(!w.exists(), "no weights may be written on failure");
+}
+
+#[test]
+fn archive_is_checked_and_unpacked() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("cifar-10-binary.tar.gz");
+    synthetic(&dir.path().join("src"), 100, 20, 5, Some(&archive));
+    let md5 = md5_hex(&std::fs::read(&archive).unwrap());
+    let data = dir.path().join("data");
+    let w = dir.path().join("w.st");
+
+    // Without the fixture's md5 the official one is expected and refused.
+    fails_with(
+        &train(&data, &w, &["--archive", s(&archive)]),
+        &["cifar-10-binary.tar.gz", "md5"],
+    );
+    let text = ok(&train(
+        &data,
+        &w,
+        &["--archive", s(&archive), "--md5", &md5, "--epochs", "1"],
+    ));
+    assert!(text.contains("Finished Training"));
+    assert!(data.join("cifar-10-batches-bin/test_batch.bin").is_file());
+
+    let corrupt = dir.path().join("corrupt.tar.gz");
+    let bytes = std::fs::read(&archive).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 2]).unwrap();
+    let md5 = md5_hex(&bytes[..bytes.len() / 2]);
+    let fresh = dir.path().join("fresh");
+    fails_with(
+        &train(&fresh, &w, &["--archive", s(&corrupt), "--md5", &md5]),
+        &["corrupt.tar.gz"],
+    );
+    assert!(
+        !fresh.join("cifar-10-batches-bin").exists(),
+        "half-unpacked dataset left behind"
+    );
+}
+
+#[test]
+fn archive_entries_that_escape_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let evil = dir.path().join("evil.tar.gz");
+    // A tar whose entry name climbs out of the target folder.
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        std::fs::File::create(&evil).unwrap(),
+        Default::default(),
+    ));
+    let mut header = tar::Header::new_gnu();
+    header.as_gnu_mut().unwrap().name[..16].copy_from_slice(b"../escaped.bin\0\0");
+    header.set_size(3);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append(&header, &b"abc"[..]).unwrap();
+    builder.into_inner().unwrap().finish().unwrap();
+    let md5 = md5_hex(&std::fs::read(&evil).unwrap());
+    let data = dir.path().join("data");
+    fails_with(
+        &train(
+            &data,
+            &dir.path().join("w.st"),
+            &["--archive", s(&evil), "--md5", &md5],
+        ),
+        &["../escaped.bin", "outside"],
+    );
+    assert!(!dir.path().join("escaped.bin").exists());
+}
+
+#[test]
+fn downloads_from_a_local_server_and_checks_md5() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a.tar.gz");
+    synthetic(&dir.path().join("src"), 100, 20, 6, Some(&archive));
+    let bytes = std::fs::read(&archive).unwrap();
+    let md5 = md5_hex(&bytes);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/cifar-10-binary.tar.gz",
+        listener.local_addr().unwrap()
+    );
+    // Serves the archive to exactly two requests, then stops.
+    let server = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut req = [0u8; 4096];
+            let _ = conn.read(&mut req).unwrap();
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            )
+            .unwrap();
+            conn.write_all(&bytes).unwrap();
+        }
+    });
+    let w = dir.path().join("w.st");
+    let bad = dir.path().join("bad");
+    fails_with(
+        &train(&bad, &w, &["--download-url", &url]),
+        &["md5", "expected c32a1d4ab5d03f1284b67883e8d87530"],
+    );
+    assert!(
+        !bad.join("cifar-10-binary.tar.gz").exists(),
+        "a failed download must not be kept"
+    );
+    let data = dir.path().join("data");
+    let text = ok(&train(
+        &data,
+        &w,
+        &["--download-url", &url, "--md5", &md5, "--epochs", "1"],
+    ));
+    assert!(text.contains("Finished Training"));
+    assert!(data.join("cifar-10-binary.tar.gz").is_file());
+    server.join().unwrap();
+}
+
+#[test]
+fn bad_flags_are_refused_by_name() {
+    for (flag, value) in [
+        ("--batch-size", "0"),
+        ("--epochs", "0"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+    ] {
+        let out = run(&["train", flag, value]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(value),
+            "{flag} {value}: {err}"
+        );
+    }
+}
+
+#[test]
+fn weights_output_in_a_missing_directory_fails_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data-dir",
+        s(dir.path()),
+        "--out",
+        s(&dir.path().join("no/dir/w.st")),
+    ]);
+    fails_with(&out, &["no/dir", "does not exist"]);
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
