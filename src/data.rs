@@ -103,11 +103,21 @@ pub fn locate(dir: &Path) -> Option<PathBuf> {
 
 /// Loads both splits from the folder that holds the batch files.
 pub fn load(batches_dir: &Path, device: Device) -> Result<Cifar10> {
-    let train_paths: Vec<PathBuf> = TRAIN_FILES.iter().map(|f| batches_dir.join(f)).collect();
     Ok(Cifar10 {
-        train: load_split(&train_paths, device)?,
-        test: load_split(&[batches_dir.join(TEST_FILE)], device)?,
+        train: load_train(batches_dir, device)?,
+        test: load_test(batches_dir, device)?,
     })
+}
+
+/// The 50,000 training images (`data_batch_1.bin` ... `data_batch_5.bin`).
+pub fn load_train(batches_dir: &Path, device: Device) -> Result<Split> {
+    let paths: Vec<PathBuf> = TRAIN_FILES.iter().map(|f| batches_dir.join(f)).collect();
+    load_split(&paths, device)
+}
+
+/// The 10,000 test images (`test_batch.bin`).
+pub fn load_test(batches_dir: &Path, device: Device) -> Result<Split> {
+    load_split(&[batches_dir.join(TEST_FILE)], device)
 }
 
 /// Reads and checks the given batch files and stacks them into one split.
@@ -131,12 +141,16 @@ pub fn load_split(paths: &[PathBuf], device: Device) -> Result<Split> {
             path.display()
         );
         labels.extend(bytes.chunks_exact(RECORD_BYTES).map(|r| r[0] as i64));
-        let records = Tensor::from_slice(&bytes).view([n, RECORD_BYTES as i64]);
-        let pixels = records
-            .narrow(1, 1, IMAGE_BYTES as i64)
-            .view([n, 3, 32, 32]);
-        normalize_into(&mut images.narrow(0, offset, n), &pixels);
-        offset += n;
+        // A thousand records at a time keeps the u8 copy small.
+        for chunk in bytes.chunks(1000 * RECORD_BYTES) {
+            let m = (chunk.len() / RECORD_BYTES) as i64;
+            let records = Tensor::from_slice(chunk).view([m, RECORD_BYTES as i64]);
+            let pixels = records
+                .narrow(1, 1, IMAGE_BYTES as i64)
+                .view([m, 3, 32, 32]);
+            normalize_into(&mut images.narrow(0, offset, m), &pixels.to_device(device));
+            offset += m;
+        }
     }
     Ok(Split {
         images,

@@ -213,22 +213,26 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let device = args.recipe.device()?;
     crate::fsutil::check_writable(&args.out)?;
     let batches = args.data.prepare()?;
-    let data = data::load(&batches, device)?;
+    // The test set is loaded once training is over and the training set is
+    // gone, which keeps the peak memory down; its file is checked now, so a
+    // bad one fails before training rather than after.
+    data::read_batch_file(&batches.join(data::TEST_FILE))?;
+    let train_set = data::load_train(&batches, device)?;
     let seed = args.recipe.seed_or_random();
     let mut reporter = Reporter::new(args.json);
     eprintln!(
         "training on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
         device_name(device),
-        data.train.len()
+        train_set.len()
     );
     let mut start = args.recipe.json(device, seed);
     start["event"] = json!("start");
-    start["train_images"] = json!(data.train.len());
-    start["test_images"] = json!(data.test.len());
+    start["train_images"] = json!(train_set.len());
     reporter.emit(String::new, start);
 
     let model = Model::new(device, Some(seed));
-    let stats = train(&model, &data.train, &args.recipe, seed, &mut reporter)?;
+    let stats = train(&model, &train_set, &args.recipe, seed, &mut reporter)?;
+    drop(train_set);
     reporter.emit(
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
@@ -236,25 +240,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     model.save(&args.out)?;
     tracing::info!("weights saved to {}", args.out.display());
 
-    // The tutorial's peek at four test images before the full evaluation.
-    let shown = data.test.len().min(4) as i64;
-    let truth: Vec<i64> =
-        Vec::try_from(&data.test.labels.narrow(0, 0, shown).to_device(Device::Cpu))?;
-    let preds = predict_classes(&model.net, &data.test.images.narrow(0, 0, shown), shown);
-    let preds: Vec<i64> = Vec::try_from(&preds.to_device(Device::Cpu))?;
-    let names = |v: &[i64]| {
-        v.iter()
-            .map(|&c| format!("{:5}", CLASSES[c as usize]))
-            .collect::<Vec<_>>()
-    };
-    reporter.emit(
-        || format!("GroundTruth:  {}\nPredicted:  {}", names(&truth).join(" "), names(&preds).join(" ")),
-        json!({"event": "sample_predictions", "ground_truth": names(&truth).iter().map(|s| s.trim()).collect::<Vec<_>>(),
-               "predicted": names(&preds).iter().map(|s| s.trim()).collect::<Vec<_>>()}),
-    );
-
+    let test = data::load_test(&batches, device)?;
+    report_test(&reporter, &model, &test)?;
     let eval_start = Instant::now();
-    let eval = evaluate(&model.net, &data.test, 1000);
+    let eval = evaluate(&model.net, &test, 1000);
     let eval_seconds = eval_start.elapsed().as_secs_f64();
     let mut summary = args.recipe.json(device, seed);
     summary["event"] = json!("summary");
@@ -266,5 +255,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
     fields.insert("eval_seconds".into(), json!(eval_seconds));
     fields.insert("weights".into(), json!(args.out));
     reporter.emit(|| eval.text(), summary);
+    Ok(())
+}
+
+/// The tutorial's peek at the first four test images before the full
+/// evaluation: their true classes and the network's guesses.
+fn report_test(reporter: &Reporter, model: &Model, test: &Split) -> Result<()> {
+    let shown = test.len().min(4) as i64;
+    let truth: Vec<i64> = Vec::try_from(&test.labels.narrow(0, 0, shown).to_device(Device::Cpu))?;
+    let preds = predict_classes(&model.net, &test.images.narrow(0, 0, shown), shown);
+    let preds: Vec<i64> = Vec::try_from(&preds.to_device(Device::Cpu))?;
+    let names = |v: &[i64]| v.iter().map(|&c| CLASSES[c as usize]).collect::<Vec<_>>();
+    let padded = |v: &[i64]| {
+        names(v)
+            .iter()
+            .map(|n| format!("{n:5}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    reporter.emit(
+        || format!("GroundTruth:  {}\nPredicted:  {}", padded(&truth), padded(&preds)),
+        json!({"event": "sample_predictions", "ground_truth": names(&truth), "predicted": names(&preds)}),
+    );
     Ok(())
 }
