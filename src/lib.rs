@@ -11,5 +11,6 @@ pub mod download;
 pub mod evaluate;
 pub mod fsutil;
 pub mod model;
+pub mod plot;
 pub mod report;
 pub mod train;
