@@ -11,6 +11,7 @@ pub mod download;
 pub mod evaluate;
 pub mod fsutil;
 pub mod model;
+pub mod optim;
 pub mod plot;
 pub mod report;
 pub mod train;

@@ -149,10 +149,15 @@ impl Module for Net {
 }
 
 /// A `Net` with its own variable store on `device`.
+///
+/// All parameters are views into one contiguous tensor, `flat`, in
+/// [`PARAMETERS`] order, so that optimizers can update them in a few
+/// operations (see [`crate::optim`]).
 #[derive(Debug)]
 pub struct Model {
     pub vs: nn::VarStore,
     pub net: Net,
+    pub flat: Tensor,
 }
 
 impl Model {
@@ -167,7 +172,22 @@ impl Model {
         }
         let vs = nn::VarStore::new(device);
         let net = Net::new(&vs.root());
-        Model { vs, net }
+        drop(_guard);
+        let mut params = parameters(&vs);
+        let flat =
+            tch::no_grad(|| Tensor::cat(&params.iter().map(|p| p.view(-1)).collect::<Vec<_>>(), 0));
+        let mut offset = 0;
+        for p in &mut params {
+            let numel = p.numel() as i64;
+            p.set_data(&flat.narrow(0, offset, numel).view(p.size().as_slice()));
+            offset += numel;
+        }
+        Model { vs, net, flat }
+    }
+
+    /// The parameters (sharing storage with the model) in [`PARAMETERS`] order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        parameters(&self.vs)
     }
 
     /// A `Net` on `device` holding the weights in `path`.
@@ -186,7 +206,7 @@ impl Model {
             .map(|(name, _)| {
                 (
                     name.to_string(),
-                    vars[*name].detach().to_device(Device::Cpu),
+                    vars[*name].detach().to_device(Device::Cpu).copy(),
                 )
             })
             .collect()
@@ -244,6 +264,14 @@ impl Model {
                 .with_context(|| format!("cannot write weights to {}", tmp.display()))
         })
     }
+}
+
+fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {
+    let vars = vs.variables();
+    PARAMETERS
+        .iter()
+        .map(|(name, _)| vars[*name].shallow_clone())
+        .collect()
 }
 
 /// Reads a weights file into named tensors.
@@ -331,6 +359,21 @@ mod tests {
         }
         // Conv biases are not zero (tch's default would make them zero).
         assert!(vars["conv1.bias"].abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn parameters_are_views_of_the_flat_buffer() {
+        let model = Model::new(Device::Cpu, Some(4));
+        assert_eq!(model.flat.size(), [62_006]);
+        let _ = tch::no_grad(|| model.flat.shallow_clone().fill_(0.25));
+        for (name, t) in model.vs.variables() {
+            assert!(t.requires_grad(), "{name} must stay trainable");
+            assert_eq!(
+                t.min().double_value(&[]),
+                0.25,
+                "{name} does not alias flat"
+            );
+        }
     }
 
     #[test]

@@ -5,15 +5,16 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde_json::json;
-use tch::nn::{self, Module, OptimizerConfig};
+use tch::nn::Module;
 use tch::{Device, Tensor};
 
 use crate::data::{self, DataArgs, Split, CLASSES};
 use crate::device::{device_name, DeviceArg};
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
+use crate::optim::Sgd;
 use crate::report::{step_bar, Reporter};
 
 /// The training recipe; the defaults are the tutorial's.
@@ -145,12 +146,7 @@ pub fn train(
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
     let device = model.vs.device();
-    let mut opt = nn::Sgd {
-        momentum: recipe.momentum,
-        ..Default::default()
-    }
-    .build(&model.vs, recipe.lr)
-    .context("cannot set up SGD")?;
+    let mut opt = Sgd::new(model, recipe.lr, recipe.momentum);
     let n = train.len();
     if n == 0 {
         bail!("the training set is empty");
@@ -171,7 +167,7 @@ pub fn train(
             let step = i as u64 + 1;
             let (images, labels) = train.select(&index);
             let loss = model.net.forward(&images).cross_entropy_for_logits(&labels);
-            opt.backward_step(&loss);
+            opt.step(&loss);
             let loss = loss.double_value(&[]);
             if !loss.is_finite() {
                 bar.finish_and_clear();
