@@ -92,6 +92,7 @@ impl LineChart {
             .tempfile_in(dir)
             .with_context(|| format!("cannot write {}", path.display()))?
             .into_temp_path();
+        crate::fsutil::make_readable(&tmp)?;
         {
             let root = png_canvas(&tmp, width, height);
             self.draw(&root)
@@ -155,6 +156,18 @@ impl LineChart {
         for (line, points) in lines {
             let style = line.color.stroke_width(line.width);
             let anno = match line.dash {
+                // plotters joins wide segments with unbounded miters, which
+                // spike at every sharp turn of a noisy curve: draw wide
+                // lines as separate segments with round joins instead.
+                None if line.width > 2 => {
+                    let r = line.width / 2;
+                    chart.draw_series(
+                        points
+                            .windows(2)
+                            .map(|w| PathElement::new(vec![w[0], w[1]], style)),
+                    )?;
+                    chart.draw_series(points.iter().map(|&p| Circle::new(p, r, style.filled())))?
+                }
                 None => chart.draw_series(LineSeries::new(points, style))?,
                 Some((dash, gap)) => {
                     chart.draw_series(DashedLineSeries::new(points, dash, gap, style))?
