@@ -797,6 +797,7 @@ pub fn write_csv(path: &Path, history: &History) -> Result<()> {
     crate::fsutil::write_atomically(path, |tmp| {
         let file = std::fs::File::create(tmp)
             .with_context(|| format!("cannot write {}", path.display()))?;
+        crate::fsutil::make_readable(tmp)?;
         let mut w = std::io::BufWriter::new(file);
         let mut write = || -> std::io::Result<()> {
             writeln!(w, "step,epoch,loss_a,loss_b,loss_c")?;
@@ -841,8 +842,8 @@ fn smoothed(values: impl Iterator<Item = f32>, window: usize) -> Vec<(f64, f64)>
 /// and C thin, so that all three show where they overlap.
 pub fn write_plot(path: &Path, history: &History) -> Result<()> {
     let window = smoothing_window(history.losses.len());
-    // About 1500 points are plenty for a 1200-pixel-wide chart.
-    let every = (history.losses.len() / 1500).max(1);
+    // 600 points of a 200-step mean are plenty for a 1200-pixel-wide chart.
+    let every = (history.losses.len() / 600).max(1);
     let styles = [
         (RGBColor(140, 180, 235), 7, None),
         (RGBColor(215, 40, 40), 2, Some((10, 7))),
@@ -989,9 +990,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
                "accuracy_c": evals[2].accuracy()}),
     );
 
-    // The probe: a fixed batch (the first four test images) through the
-    // trained A, so the logits have the size a trained network gives them.
-    let shown = test.len().min(4) as i64;
+    // The probe: a fixed batch (the first 16 test images) through the
+    // trained A, so the logits have the size a trained network gives them,
+    // and some images are misclassified, as in any batch.
+    let shown = test.len().min(16) as i64;
     let logits = tch::no_grad(|| {
         trio[0]
             .net
