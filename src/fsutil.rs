@@ -61,6 +61,18 @@ pub fn check_writable(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Gives a temporary file the usual 0644 of an output file before it is
+/// renamed into place: `tempfile` creates it 0600, which the rename keeps.
+pub fn make_readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

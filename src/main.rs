@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tch_cifar::{evaluate, train};
+use tch_cifar::{compare, evaluate, train};
 use tracing_subscriber::EnvFilter;
 
 /// PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust, with tch.
@@ -21,6 +21,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Report the test accuracy of saved weights, overall and per class.
     Evaluate(evaluate::EvaluateArgs),
+    /// Train Net with cross-entropy on logits and with a softmax output + nll_loss(log p), side by side.
+    CompareLosses(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::CompareLosses(args) => compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

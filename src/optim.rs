@@ -56,9 +56,15 @@ impl Sgd {
     /// One optimizer step on `loss`: backward, then the momentum update.
     pub fn step(&mut self, loss: &Tensor) {
         let grad = self.gradient(loss);
+        self.apply(&grad);
+    }
+
+    /// The momentum update with a gradient from [`Sgd::gradient`], for
+    /// callers that inspect the gradient before deciding to use it.
+    pub fn apply(&mut self, grad: &Tensor) {
         tch::no_grad(|| {
             let _ = self.momentum_buffer.g_mul_scalar_(self.momentum);
-            let _ = self.momentum_buffer.g_add_(&grad);
+            let _ = self.momentum_buffer.g_add_(grad);
             // p += b * (-lr), in one operation.
             let _ = self.flat.addcmul_(&self.momentum_buffer, &self.neg_lr);
         });

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use anyhow::{Context, Result};
+use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 
 /// The font family name charts use; registered on first use.
@@ -50,6 +51,148 @@ pub fn present(
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// One curve of a [`LineChart`].
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// The legend's text.
+    pub label: String,
+    /// `(x, y)` in data units; non-finite points are left out.
+    pub points: Vec<(f64, f64)>,
+    pub color: RGBColor,
+    /// Stroke width in pixels.
+    pub width: u32,
+    /// Dash and gap lengths in pixels, or `None` for a solid line. Curves
+    /// that lie on top of each other stay visible with different widths
+    /// and dashes.
+    pub dash: Option<(u32, u32)>,
+}
+
+/// A chart of a few curves over a shared x axis, with a legend.
+#[derive(Debug, Clone)]
+pub struct LineChart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub lines: Vec<Line>,
+}
+
+impl LineChart {
+    /// Draws the chart as a `width`x`height` PNG at `path`. The picture is
+    /// rendered into a temporary file next to `path` and renamed onto it
+    /// once complete, so a failure never leaves a torn PNG.
+    pub fn save(&self, path: &Path, width: u32, height: u32) -> Result<()> {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // The encoder picks the format from the extension: keep `.png`.
+        let tmp = tempfile::Builder::new()
+            .prefix(".chart.")
+            .suffix(".png")
+            .tempfile_in(dir)
+            .with_context(|| format!("cannot write {}", path.display()))?
+            .into_temp_path();
+        crate::fsutil::make_readable(&tmp)?;
+        {
+            let root = png_canvas(&tmp, width, height);
+            self.draw(&root)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("cannot draw {}", path.display()))?;
+            present(&root, path)?;
+        }
+        tmp.persist(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    fn draw(
+        &self,
+        root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    ) -> Result<(), Box<dyn std::error::Error + '_>> {
+        root.fill(&WHITE)?;
+        let finite = |l: &Line| {
+            l.points
+                .iter()
+                .copied()
+                .filter(|(x, y)| x.is_finite() && y.is_finite())
+                .collect::<Vec<_>>()
+        };
+        let lines: Vec<(&Line, Vec<(f64, f64)>)> =
+            self.lines.iter().map(|l| (l, finite(l))).collect();
+        let all = lines.iter().flat_map(|(_, p)| p.iter());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in all {
+            (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+        }
+        if x0 > x1 {
+            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        // Some room so that no curve runs along the frame.
+        let pad = ((y1 - y0) * 0.05).max(1e-6);
+        let (x1, y0, y1) = (x1.max(x0 + 1e-9), y0 - pad, y1 + pad);
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, (FONT, 22))
+            .margin(14)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)?;
+        // Whole numbers on a wide axis: "25000", not "25000.0".
+        let x_format = move |x: &f64| {
+            if x1 - x0 >= 10.0 {
+                format!("{x:.0}")
+            } else {
+                format!("{x}")
+            }
+        };
+        chart
+            .configure_mesh()
+            .x_label_formatter(&x_format)
+            .x_desc(&self.x_label)
+            .y_desc(&self.y_label)
+            .label_style((FONT, 15))
+            .axis_desc_style((FONT, 16))
+            .light_line_style(RGBColor(235, 235, 235))
+            .draw()?;
+        for (line, points) in lines {
+            let style = line.color.stroke_width(line.width);
+            let anno = match line.dash {
+                // plotters joins wide segments with unbounded miters, which
+                // spike at every sharp turn of a noisy curve: draw wide
+                // lines as separate segments with round joins instead.
+                None if line.width > 2 => {
+                    let r = line.width / 2;
+                    chart.draw_series(
+                        points
+                            .windows(2)
+                            .map(|w| PathElement::new(vec![w[0], w[1]], style)),
+                    )?;
+                    chart.draw_series(points.iter().map(|&p| Circle::new(p, r, style.filled())))?
+                }
+                None => chart.draw_series(LineSeries::new(points, style))?,
+                Some((dash, gap)) => {
+                    chart.draw_series(DashedLineSeries::new(points, dash, gap, style))?
+                }
+            };
+            let dash = line.dash;
+            anno.label(&line.label).legend(move |(x, y)| {
+                let ends = vec![(x, y), (x + 28, y)];
+                match dash {
+                    None => PathElement::new(ends, style).into_dyn(),
+                    Some((d, g)) => DashedPathElement::new(ends, d, g, style).into_dyn(),
+                }
+            });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font((FONT, 16))
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,5 +213,31 @@ mod tests {
         drop(root);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
+    }
+
+    #[test]
+    fn line_chart_writes_a_png_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        let line = |label: &str, dash| Line {
+            label: label.into(),
+            points: (0..50).map(|i| (i as f64, (i as f64).sin())).collect(),
+            color: BLUE,
+            width: 2,
+            dash,
+        };
+        let chart = LineChart {
+            title: "t".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            lines: vec![line("solid", None), line("dashed", Some((6, 4)))],
+        };
+        chart.save(&path, 300, 200).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let err = chart
+            .save(&dir.path().join("no/dir/c.png"), 300, 200)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("no/dir/c.png"), "{err:#}");
     }
 }
