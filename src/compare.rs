@@ -797,7 +797,6 @@ pub fn write_csv(path: &Path, history: &History) -> Result<()> {
     crate::fsutil::write_atomically(path, |tmp| {
         let file = std::fs::File::create(tmp)
             .with_context(|| format!("cannot write {}", path.display()))?;
-        crate::fsutil::make_readable(tmp)?;
         let mut w = std::io::BufWriter::new(file);
         let mut write = || -> std::io::Result<()> {
             writeln!(w, "step,epoch,loss_a,loss_b,loss_c")?;

@@ -15,9 +15,15 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // The temporary name ends in the destination's extension, since some
+    // writers (image encoders) pick the format from it.
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{name}."))
-        .suffix(".tmp")
+        .suffix(&format!(".tmp{ext}"))
         .tempfile_in(dir)
         .with_context(|| {
             format!(
@@ -28,6 +34,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         })?;
     let tmp_path = tmp.into_temp_path();
     write(&tmp_path)?;
+    make_readable(&tmp_path)?;
     File::open(&tmp_path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
@@ -63,7 +70,7 @@ pub fn check_writable(path: &Path) -> Result<()> {
 
 /// Gives a temporary file the usual 0644 of an output file before it is
 /// renamed into place: `tempfile` creates it 0600, which the rename keeps.
-pub fn make_readable(path: &Path) -> Result<()> {
+fn make_readable(path: &Path) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -81,28 +81,13 @@ impl LineChart {
     /// rendered into a temporary file next to `path` and renamed onto it
     /// once complete, so a failure never leaves a torn PNG.
     pub fn save(&self, path: &Path, width: u32, height: u32) -> Result<()> {
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        // The encoder picks the format from the extension: keep `.png`.
-        let tmp = tempfile::Builder::new()
-            .prefix(".chart.")
-            .suffix(".png")
-            .tempfile_in(dir)
-            .with_context(|| format!("cannot write {}", path.display()))?
-            .into_temp_path();
-        crate::fsutil::make_readable(&tmp)?;
-        {
-            let root = png_canvas(&tmp, width, height);
+        crate::fsutil::write_atomically(path, |tmp| {
+            let root = png_canvas(tmp, width, height);
             self.draw(&root)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("cannot draw {}", path.display()))?;
-            present(&root, path)?;
-        }
-        tmp.persist(path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+            present(&root, path)
+        })
     }
 
     fn draw(
