@@ -44,6 +44,13 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
 /// Fails early, before hours of training, when `path` cannot be written.
 pub fn check_writable(path: &Path) -> Result<()> {
     let dir = parent_dir(path);
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "cannot write {}: {} is not a directory",
+            path.display(),
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         anyhow::bail!(
             "cannot write {}: directory {} does not exist",
