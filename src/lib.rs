@@ -4,7 +4,9 @@
 //! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
+//! * [`checkpoint`]: saving and resuming a training run.
 
+pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod download;
