@@ -507,9 +507,7 @@ impl Saver {
         let bytes = safetensors::serialize(tensors, &Some(meta.to_map()))
             .map_err(|e| anyhow!("cannot encode checkpoint {}: {e:?}", path.display()))?;
         let encoded = began.elapsed();
-        std::fs::create_dir_all(&self.dir).with_context(|| {
-            format!("cannot create checkpoint directory {}", self.dir.display())
-        })?;
+        create_dir(&self.dir)?;
         let saved = fsutil::write_atomically(&path, |tmp| {
             std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", path.display()))
         });
@@ -553,6 +551,25 @@ impl Saver {
             }
         }
     }
+}
+
+/// Creates `dir` (and its parents) if missing, durably: a new folder's
+/// entry in its parent is synced too, or a power cut could lose the folder
+/// with the checkpoints that were synced inside it.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// A flat f32 tensor's bytes, copied to the CPU. The copy is in native

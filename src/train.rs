@@ -575,7 +575,7 @@ fn resume(
     }
     let at = c.meta.position;
     eprintln!(
-        "resuming from {} at epoch {}, step {} (global step {}), for {} epochs",
+        "resuming from {} at epoch {}, step {} (global step {}); training to the end of epoch {}",
         c.path.display(),
         at.epoch,
         at.step,
@@ -596,8 +596,7 @@ fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         bail!("checkpoint directory {} is not a directory", dir.display());
     }
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    checkpoint::create_dir(dir)?;
     crate::fsutil::check_writable(&dir.join("checkpoint"))?;
     if resume.is_some_and(|r| same_dir(r, dir)) {
         return Ok(());
