@@ -29,12 +29,33 @@ pub enum Source {
 
 /// Returns the folder holding the batch files under `data_dir`, first
 /// fetching and unpacking the archive when they are missing.
+///
+/// A folder that holds some batch files but not all is an error naming the
+/// missing ones, not a reason to download 170 MB again. When fetching
+/// fails, the folders this call created are removed again.
 pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<PathBuf> {
     if let Some(dir) = data::locate(data_dir) {
         return Ok(dir);
     }
+    check_not_partial(data_dir)?;
+    let created: Vec<PathBuf> = data_dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    let fetched = fetch(data_dir, source, md5);
+    if fetched.is_err() {
+        // Deepest first; remove_dir only removes empty folders.
+        for dir in &created {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    fetched
+}
+
+fn fetch(data_dir: &Path, source: &Source, md5: &str) -> Result<PathBuf> {
     match source {
         Source::Archive(archive) => {
             tracing::info!("unpacking {}", archive.display());
@@ -44,15 +65,43 @@ pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<Pat
         Source::Url(url) => {
             let archive = data_dir.join(ARCHIVE_NAME);
             if !archive.is_file() || check_md5(&archive, md5).is_err() {
-                eprintln!(
-                    "CIFAR-10 not found in {}; downloading {url}",
-                    data_dir.display()
-                );
-                download(url, &archive, md5)?;
+                download(url, &archive, md5).with_context(|| {
+                    format!(
+                        "CIFAR-10 is not in {} and could not be downloaded",
+                        data_dir.display()
+                    )
+                })?;
             }
             extract(&archive, data_dir)
         }
     }
+}
+
+/// Errors, naming the missing files, when `data_dir` (or its
+/// `cifar-10-batches-bin/`) holds some of the six batch files but not all.
+fn check_not_partial(data_dir: &Path) -> Result<()> {
+    for dir in [data_dir.to_path_buf(), data_dir.join(BATCHES_DIR)] {
+        let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) = TRAIN_FILES
+            .iter()
+            .chain([&TEST_FILE])
+            .map(|f| dir.join(f))
+            .partition(|p| p.is_file());
+        if !present.is_empty() && !missing.is_empty() {
+            let (verb, pronoun) = if missing.len() == 1 {
+                ("is", "it")
+            } else {
+                ("are", "them")
+            };
+            let missing: Vec<String> = missing.iter().map(|p| p.display().to_string()).collect();
+            bail!(
+                "{} {verb} missing, though {} holds other CIFAR-10 batch files: restore \
+                 {pronoun}, or remove the folder to fetch the dataset again",
+                missing.join(", "),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Downloads `url` to `dest`, checking its md5 on the way; `dest` appears
@@ -62,6 +111,8 @@ pub fn download(url: &str, dest: &Path, md5: &str) -> Result<()> {
     let response = ureq::get(url)
         .call()
         .with_context(|| format!("cannot download {url}"))?;
+    // Said only once the server answers, so that a failure is one line.
+    eprintln!("downloading {url} into {}", dir.display());
     let total = response
         .headers()
         .get("content-length")

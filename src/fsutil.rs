@@ -48,9 +48,22 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
     Ok(())
 }
 
+/// Whether a file name is one of [`write_atomically`]'s temporary files
+/// (`.NAME.RANDOM.tmp` or `.NAME.RANDOM.tmp.EXT`), left behind only by a kill.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && (name.ends_with(".tmp") || name.contains(".tmp."))
+}
+
 /// Fails early, before hours of training, when `path` cannot be written.
 pub fn check_writable(path: &Path) -> Result<()> {
     let dir = parent_dir(path);
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "cannot write {}: {} is not a directory",
+            path.display(),
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         anyhow::bail!(
             "cannot write {}: directory {} does not exist",

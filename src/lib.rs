@@ -4,8 +4,10 @@
 //! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
+//! * [`checkpoint`]: saving and resuming a training run.
 //! * [`compare`]: cross-entropy on logits against softmax + `nll_loss(log p)`.
 
+pub mod checkpoint;
 pub mod compare;
 pub mod data;
 pub mod device;

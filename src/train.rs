@@ -1,15 +1,24 @@
 //! The tutorial's training recipe: `Net` on logits with cross-entropy, SGD
 //! with momentum on mini-batches reshuffled every epoch, the running loss
 //! printed every 2000 mini-batches, then the test-set accuracy.
+//!
+//! Around it, what keeps a long run safe: checkpoints (see
+//! [`crate::checkpoint`]) after every epoch and every `--checkpoint-every`
+//! steps, `--resume` from the newest valid one, a first SIGINT/SIGTERM that
+//! finishes the step, saves and exits with status 130 (a second one exits at
+//! once), and a stop on the first non-finite loss that leaves the saved
+//! files alone.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Tensor};
 
+use crate::checkpoint::{self, Checkpoint, Meta, Position, Saver};
 use crate::data::{self, DataArgs, Split, CLASSES};
 use crate::device::{device_name, DeviceArg};
 use crate::evaluate::{evaluate, predict_classes};
@@ -17,20 +26,28 @@ use crate::model::Model;
 use crate::optim::Sgd;
 use crate::report::{step_bar, Reporter};
 
+pub const DEFAULT_EPOCHS: u64 = 2;
+pub const DEFAULT_BATCH_SIZE: u64 = 4;
+pub const DEFAULT_LR: f64 = 0.001;
+pub const DEFAULT_MOMENTUM: f64 = 0.9;
+pub const DEFAULT_LOG_EVERY: u64 = 2000;
+pub const DEFAULT_KEEP_CHECKPOINTS: u64 = 2;
+
 /// The training recipe; the defaults are the tutorial's.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Recipe {
-    /// Passes over the training set.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Passes over the training set: `TrainArgs::epochs` sets it, since its
+    /// default depends on `--resume`.
+    #[arg(skip = DEFAULT_EPOCHS)]
     pub epochs: u64,
     /// Images per mini-batch.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
     /// SGD learning rate.
-    #[arg(long, default_value_t = 0.001, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_LR, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub lr: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_MOMENTUM, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub momentum: f64,
     /// Seed for the initial weights and the data order. The same seed on the
     /// same data gives the same run on CPU; without one a random seed is
@@ -44,7 +61,7 @@ pub struct Recipe {
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
     /// Print the running loss every N mini-batches (the tutorial uses 2000).
-    #[arg(long, default_value_t = 2000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_LOG_EVERY, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub log_every: u64,
 }
 
@@ -94,6 +111,10 @@ impl Recipe {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    /// Passes over the training set [default: 2; with --resume, the
+    /// checkpoint's]. A resumed run may be given more epochs than it started with.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub epochs: Option<u64>,
     #[command(flatten)]
     pub recipe: Recipe,
     /// Where to save the trained weights (safetensors, keyed like PyTorch's state_dict).
@@ -102,12 +123,39 @@ pub struct TrainArgs {
     /// Print one JSON object per line instead of the tutorial's text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub checkpoints: CheckpointArgs,
+}
+
+/// Checkpointing and resuming.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckpointArgs {
+    /// Save a checkpoint into DIR after every epoch (DIR is created if
+    /// missing, and must not hold another run's checkpoints). Without it, an
+    /// interrupted run saves into FILE.checkpoint/ next to --out.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Also save a checkpoint every N steps, counted from the start of
+    /// training. Needs --checkpoint-dir or --resume.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_every: Option<u64>,
+    /// Keep the N newest checkpoints; older ones are deleted after each save.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_CHECKPOINTS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_checkpoints: u64,
+    /// Continue from the newest valid checkpoint in DIR, saving further
+    /// checkpoints there too (unless --checkpoint-dir says otherwise). The
+    /// seed comes from the checkpoint; --batch-size, --lr and --momentum must
+    /// be the checkpoint's.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
 }
 
 /// What a training run did.
 #[derive(Debug, Clone)]
 pub struct TrainStats {
+    /// Steps since the start of training, those before a resume included.
     pub steps: u64,
+    /// Images trained on by this process.
     pub images: u64,
     pub train_seconds: f64,
     /// `(epoch, step, mean loss)` at each `--log-every` mark, 1-based like the tutorial.
@@ -117,6 +165,130 @@ pub struct TrainStats {
 impl TrainStats {
     pub fn images_per_second(&self) -> f64 {
         self.images as f64 / self.train_seconds.max(1e-9)
+    }
+}
+
+/// What SIGINT and SIGTERM do, as two flags the signal handlers read or set.
+pub struct Interrupts {
+    /// Set by the first signal: the loop finishes its step, saves and stops.
+    /// Once it is set, the next signal exits at once.
+    pub stop: AtomicBool,
+    /// While set (outside the training loop, where there is no step to
+    /// finish and nothing to save), a signal exits with status 130 at once.
+    pub exit_now: AtomicBool,
+}
+
+impl Interrupts {
+    pub const fn new() -> Interrupts {
+        Interrupts {
+            stop: AtomicBool::new(false),
+            exit_now: AtomicBool::new(true),
+        }
+    }
+}
+
+impl Default for Interrupts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static INTERRUPTS: Interrupts = Interrupts::new();
+static FILE_SIZE_LIMIT_HIT: AtomicBool = AtomicBool::new(false);
+
+/// Routes SIGINT and SIGTERM to [`INTERRUPTS`], and keeps SIGXFSZ from
+/// killing the process.
+fn install_signal_handlers() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
+    use signal_hook::flag;
+    for signal in [SIGINT, SIGTERM] {
+        // Actions run in this order, so the exits see the flags as they were
+        // before this signal set `stop`.
+        flag::register_conditional_shutdown(signal, 130, &INTERRUPTS.stop)?;
+        flag::register_conditional_shutdown(signal, 130, &INTERRUPTS.exit_now)?;
+        flag::register(signal, &INTERRUPTS.stop)?;
+    }
+    // Past `ulimit -f` the kernel sends SIGXFSZ, whose default action kills
+    // the process mid-write; handled, the write fails with EFBIG instead and
+    // is reported like a full disk.
+    flag::register(SIGXFSZ, &FILE_SIZE_LIMIT_HIT)?;
+    Ok(())
+}
+
+/// The run stopped on SIGINT or SIGTERM, with a checkpoint saved. `main`
+/// prints it and exits with status 130.
+#[derive(Debug)]
+pub struct Interrupted {
+    pub position: Position,
+    pub checkpoint: PathBuf,
+    /// The command that continues the run.
+    pub resume: String,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = self.checkpoint.parent().unwrap_or(Path::new("."));
+        let file = self.checkpoint.file_name().unwrap_or_default();
+        write!(
+            f,
+            "interrupted at epoch {}, step {}; checkpoint in {} ({}); resume with: {}",
+            self.position.epoch,
+            self.position.step,
+            dir.display(),
+            file.to_string_lossy(),
+            self.resume
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Where a run starts, and how it saves and stops.
+pub struct Control<'a> {
+    /// [`Position::START`], or the resumed checkpoint's.
+    pub start: Position,
+    pub saver: Saver,
+    /// Save after every epoch, not only on an interrupt.
+    pub every_epoch: bool,
+    /// Also save every N global steps.
+    pub every: Option<u64>,
+    pub interrupts: &'a Interrupts,
+    /// `tch-cifar train --resume DIR …`, for the interrupt message.
+    pub resume_command: String,
+}
+
+impl Control<'_> {
+    /// Saves at `at` for an interrupt and returns the error that ends the run.
+    fn interrupt(
+        &mut self,
+        model: &Model,
+        opt: &Sgd,
+        at: Position,
+        reporter: &Reporter,
+    ) -> anyhow::Error {
+        let checkpoint = match self.saver.save(model, opt, at) {
+            Ok(path) => path,
+            Err(err) => {
+                return err.context(format!(
+                    "interrupted at epoch {}, step {}",
+                    at.epoch, at.step
+                ))
+            }
+        };
+        if reporter.is_json() {
+            reporter.emit(
+                String::new,
+                json!({"event": "interrupted", "epoch": at.epoch, "step": at.step,
+                       "global_step": at.global_step, "checkpoint": checkpoint,
+                       "resume": self.resume_command}),
+            );
+        }
+        Interrupted {
+            position: at,
+            checkpoint,
+            resume: self.resume_command.clone(),
+        }
+        .into()
     }
 }
 
@@ -136,112 +308,231 @@ pub fn epoch_batches(
         .map(move |start| order.narrow(0, start, batch.min(n - start)))
 }
 
-/// Trains `model` on `train` with the recipe; stops with an error on the
-/// first non-finite loss.
+/// Trains `model` with `opt` on `train` with the recipe, from
+/// `control.start` to the end of `recipe.epochs`, saving checkpoints as
+/// `control` says. Stops with an error on the first non-finite loss, and
+/// with [`Interrupted`] after a SIGINT or SIGTERM.
 pub fn train(
     model: &Model,
+    opt: &mut Sgd,
     train: &Split,
     recipe: &Recipe,
     seed: u64,
+    control: &mut Control,
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
     let device = model.vs.device();
-    let mut opt = Sgd::new(model, recipe.lr, recipe.momentum);
     let n = train.len();
     if n == 0 {
         bail!("the training set is empty");
     }
     let steps_per_epoch = n.div_ceil(recipe.batch_size as usize) as u64;
+    let start = control.start.normalized(steps_per_epoch);
     let bar = reporter.attach_bar(step_bar(recipe.epochs * steps_per_epoch));
+    bar.set_position(start.global_step);
     let mut stats = TrainStats {
-        steps: 0,
+        steps: start.global_step,
         images: 0,
         train_seconds: 0.0,
         running_losses: vec![],
     };
-    let start = Instant::now();
-    for epoch in 1..=recipe.epochs {
-        bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
-        let mut running_loss = 0.0;
-        for (i, index) in epoch_batches(seed, epoch - 1, n, recipe.batch_size, device).enumerate() {
-            let step = i as u64 + 1;
-            let (images, labels) = train.select(&index);
-            let loss = model.net.forward(&images).cross_entropy_for_logits(&labels);
-            opt.step(&loss);
-            let loss = loss.double_value(&[]);
-            if !loss.is_finite() {
-                bar.finish_and_clear();
-                bail!(
-                    "the loss became {loss} at epoch {epoch}, step {step}: training diverged. \
-                     Try a lower learning rate (--lr {} now)",
-                    recipe.lr
-                );
+    let began = Instant::now();
+    let mut at = start;
+    control.interrupts.exit_now.store(false, Ordering::SeqCst);
+    let mut epochs = || -> Result<()> {
+        for epoch in start.epoch..=recipe.epochs {
+            bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
+            let (done, mut running_loss) = if epoch == start.epoch {
+                (start.step, start.running_loss)
+            } else {
+                (0, 0.0)
+            };
+            let batches = epoch_batches(seed, epoch - 1, n, recipe.batch_size, device);
+            for (i, index) in batches.enumerate().skip(done as usize) {
+                let step = i as u64 + 1;
+                let (images, labels) = train.select(&index);
+                let loss = model.net.forward(&images).cross_entropy_for_logits(&labels);
+                opt.step(&loss);
+                let loss = loss.double_value(&[]);
+                if !loss.is_finite() {
+                    bail!(
+                        "the loss became {loss} at epoch {epoch}, step {step}: training diverged. \
+                         Try a lower learning rate (--lr {} now). {}",
+                        recipe.lr,
+                        match control.saver.last() {
+                            Some(p) => format!(
+                                "The weights were not saved; the last good checkpoint is {}",
+                                p.display()
+                            ),
+                            None => "The weights were not saved".to_string(),
+                        }
+                    );
+                }
+                running_loss += loss;
+                stats.steps += 1;
+                stats.images += index.size()[0] as u64;
+                if step.is_multiple_of(recipe.log_every) {
+                    let mean = running_loss / recipe.log_every as f64;
+                    stats.running_losses.push((epoch, step, mean));
+                    reporter.emit(
+                        || format!("[{epoch}, {step:5}] loss: {mean:.3}"),
+                        json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
+                    );
+                    running_loss = 0.0;
+                }
+                bar.inc(1);
+                if step.is_multiple_of(256) {
+                    let rate = stats.images as f64 / began.elapsed().as_secs_f64();
+                    bar.set_message(format!(
+                        "loss {:.3} {rate:.0} img/s",
+                        running_loss / (step % recipe.log_every).max(1) as f64
+                    ));
+                }
+                at = Position {
+                    epoch,
+                    step,
+                    global_step: stats.steps,
+                    running_loss,
+                };
+                if control.every.is_some_and(|k| stats.steps.is_multiple_of(k)) {
+                    control.saver.save(model, opt, at)?;
+                }
+                if control.interrupts.stop.load(Ordering::Relaxed) {
+                    return Err(control.interrupt(model, opt, at, reporter));
+                }
             }
-            running_loss += loss;
-            stats.steps += 1;
-            stats.images += index.size()[0] as u64;
-            if step.is_multiple_of(recipe.log_every) {
-                let mean = running_loss / recipe.log_every as f64;
-                stats.running_losses.push((epoch, step, mean));
-                reporter.emit(
-                    || format!("[{epoch}, {step:5}] loss: {mean:.3}"),
-                    json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
-                );
-                running_loss = 0.0;
-            }
-            bar.inc(1);
-            if step.is_multiple_of(256) {
-                let rate = stats.images as f64 / start.elapsed().as_secs_f64();
-                bar.set_message(format!(
-                    "loss {:.3} {rate:.0} img/s",
-                    running_loss / (step % recipe.log_every).max(1) as f64
-                ));
+            if control.every_epoch {
+                control.saver.save(model, opt, at)?;
             }
         }
-    }
-    stats.train_seconds = start.elapsed().as_secs_f64();
+        // Training is over: from here a signal exits at once. One that came
+        // during the last saves still stops the run, resumably.
+        control.interrupts.exit_now.store(true, Ordering::SeqCst);
+        if control.interrupts.stop.load(Ordering::SeqCst) {
+            return Err(control.interrupt(model, opt, at, reporter));
+        }
+        Ok(())
+    };
+    let result = epochs();
+    control.interrupts.exit_now.store(true, Ordering::SeqCst);
+    stats.train_seconds = began.elapsed().as_secs_f64();
     reporter.finish_bar();
-    Ok(stats)
+    result.map(|()| stats)
 }
 
 /// `tch-cifar train`.
 pub fn run(args: TrainArgs) -> Result<()> {
-    let device = args.recipe.device()?;
-    crate::fsutil::check_writable(&args.out)?;
-    let batches = args.data.prepare()?;
+    install_signal_handlers().context("cannot install the signal handlers")?;
+    let TrainArgs {
+        data: data_args,
+        epochs,
+        mut recipe,
+        out,
+        json,
+        checkpoints: ck,
+    } = args;
+    let device = recipe.device()?;
+    crate::fsutil::check_writable(&out)?;
+    if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
+        bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
+    }
+    let resumed = ck.resume.as_deref().map(checkpoint::newest).transpose()?;
+    // Checkpoints go to --checkpoint-dir, else to the folder resumed from.
+    let checkpoint_dir = ck.checkpoint_dir.clone().or_else(|| ck.resume.clone());
+    if let Some(dir) = &checkpoint_dir {
+        prepare_checkpoint_dir(dir, ck.resume.as_deref())?;
+    }
+    let seed = match (&resumed, recipe.seed) {
+        (Some(c), None) => c.meta.seed,
+        _ => recipe.seed_or_random(),
+    };
+    recipe.epochs = epochs
+        .or(resumed.as_ref().map(|c| c.meta.epochs))
+        .unwrap_or(DEFAULT_EPOCHS);
+    let mut meta = Meta {
+        seed,
+        batch_size: recipe.batch_size,
+        lr: recipe.lr,
+        momentum: recipe.momentum,
+        epochs: recipe.epochs,
+        train_images: 0,
+        threads: tch::get_num_threads() as i64,
+        device: device_name(device),
+        position: Position::START,
+    };
+    if let Some(c) = &resumed {
+        c.meta.check_resumable(&meta, &c.path)?;
+    }
+
+    let batches = data_args.prepare()?;
     // The test set is loaded once training is over and the training set is
     // gone, which keeps the peak memory down; its file is checked now, so a
     // bad one fails before training rather than after.
     data::read_batch_file(&batches.join(data::TEST_FILE))?;
     let train_set = data::load_train(&batches, device)?;
-    let seed = args.recipe.seed_or_random();
-    let mut reporter = Reporter::new(args.json);
+    meta.train_images = train_set.len() as u64;
+    let mut reporter = Reporter::new(json);
     eprintln!(
         "training on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
         device_name(device),
         train_set.len()
     );
-    let mut start = args.recipe.json(device, seed);
-    start["event"] = json!("start");
-    start["train_images"] = json!(train_set.len());
-    reporter.emit(String::new, start);
+    let mut start_event = recipe.json(device, seed);
+    start_event["event"] = json!("start");
+    start_event["train_images"] = json!(train_set.len());
 
-    let model = Model::new(device, Some(seed));
-    let stats = train(&model, &train_set, &args.recipe, seed, &mut reporter)?;
+    let mut model = Model::new(device, Some(seed));
+    let mut opt = Sgd::new(&model, recipe.lr, recipe.momentum);
+    let resumed_from = resumed
+        .as_ref()
+        .map(|c| (c.meta.position.global_step, c.path.clone()));
+    let start = match resumed {
+        Some(c) => resume(c, &meta, &mut model, &mut opt, &mut start_event)?,
+        None => Position::START,
+    };
+    // The start event has no line in the tutorial's text.
+    if reporter.is_json() {
+        reporter.emit(String::new, start_event);
+    }
+
+    let (dir, keep, every_epoch) = match checkpoint_dir {
+        Some(dir) => (dir, ck.keep_checkpoints as usize, true),
+        // Only an interrupt saves there, and only its newest checkpoint stays.
+        None => (interrupt_dir(&out), 1, false),
+    };
+    // The checkpoint resumed from counts as saved, if it is in that folder.
+    let last = resumed_from.filter(|(_, p)| p.parent().is_some_and(|d| same_dir(d, &dir)));
+    let mut control = Control {
+        start,
+        every_epoch,
+        every: ck.checkpoint_every,
+        interrupts: &INTERRUPTS,
+        resume_command: resume_command(&dir, &data_args, &recipe, &out, json, &ck),
+        saver: Saver::new(dir, keep, meta, last),
+    };
+    let stats = train(
+        &model,
+        &mut opt,
+        &train_set,
+        &recipe,
+        seed,
+        &mut control,
+        &mut reporter,
+    )?;
     drop(train_set);
     reporter.emit(
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
     );
-    model.save(&args.out)?;
-    tracing::info!("weights saved to {}", args.out.display());
+    model.save(&out)?;
+    tracing::info!("weights saved to {}", out.display());
 
     let test = data::load_test(&batches, device)?;
     report_test(&reporter, &model, &test)?;
     let eval_start = Instant::now();
     let eval = evaluate(&model.net, &test, 1000);
     let eval_seconds = eval_start.elapsed().as_secs_f64();
-    let mut summary = args.recipe.json(device, seed);
+    let mut summary = recipe.json(device, seed);
     summary["event"] = json!("summary");
     let fields = summary.as_object_mut().expect("json! object");
     fields.extend(eval.json_fields());
@@ -249,9 +540,150 @@ pub fn run(args: TrainArgs) -> Result<()> {
     fields.insert("train_seconds".into(), json!(stats.train_seconds));
     fields.insert("images_per_second".into(), json!(stats.images_per_second()));
     fields.insert("eval_seconds".into(), json!(eval_seconds));
-    fields.insert("weights".into(), json!(args.out));
+    fields.insert("weights".into(), json!(out));
+    fields.insert("checkpoint".into(), json!(control.saver.last()));
     reporter.emit(|| eval.text(), summary);
     Ok(())
+}
+
+/// Checks the resumed checkpoint against this run's data, restores it into
+/// `model` and `opt`, and returns where training continues.
+fn resume(
+    c: Checkpoint,
+    run: &Meta,
+    model: &mut Model,
+    opt: &mut Sgd,
+    start_event: &mut serde_json::Value,
+) -> Result<Position> {
+    if c.meta.train_images != run.train_images {
+        bail!(
+            "cannot resume from {}: it was trained on {} images, this training set has {}",
+            c.path.display(),
+            c.meta.train_images,
+            run.train_images
+        );
+    }
+    if c.meta.threads != run.threads {
+        eprintln!(
+            "note: {} was saved with {} CPU threads, this run has {}; the results will differ \
+             in the last bits from an uninterrupted run (--threads {} avoids that)",
+            c.path.display(),
+            c.meta.threads,
+            run.threads,
+            c.meta.threads
+        );
+    }
+    let at = c.meta.position;
+    eprintln!(
+        "resuming from {} at epoch {}, step {} (global step {}); training to the end of epoch {}",
+        c.path.display(),
+        at.epoch,
+        at.step,
+        at.global_step,
+        run.epochs
+    );
+    start_event["resumed_from"] = json!({
+        "checkpoint": c.path, "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
+    });
+    c.apply(model, opt)?;
+    Ok(at)
+}
+
+/// Creates `dir` if needed and fails early when checkpoints cannot be
+/// written there, or when it holds checkpoints of another run (any but the
+/// folder being resumed from).
+fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("checkpoint directory {} is not a directory", dir.display());
+    }
+    checkpoint::create_dir(dir)?;
+    crate::fsutil::check_writable(&dir.join("checkpoint"))?;
+    if resume.is_some_and(|r| same_dir(r, dir)) {
+        return Ok(());
+    }
+    if let Some((_, file)) = checkpoint::list(dir)?.last() {
+        bail!(
+            "{} already holds checkpoints ({}): continue that run with --resume {}, or save \
+             into an empty directory",
+            dir.display(),
+            file.file_name().unwrap_or_default().to_string_lossy(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Where an interrupt saves without `--checkpoint-dir`: `OUT.checkpoint/`.
+fn interrupt_dir(out: &Path) -> PathBuf {
+    let mut dir = out.as_os_str().to_owned();
+    dir.push(".checkpoint");
+    PathBuf::from(dir)
+}
+
+/// The command line that resumes this run from `dir`: the flags that the
+/// checkpoint does not restore by itself, when they differ from the defaults.
+fn resume_command(
+    dir: &Path,
+    data: &DataArgs,
+    recipe: &Recipe,
+    out: &Path,
+    json: bool,
+    ck: &CheckpointArgs,
+) -> String {
+    let mut cmd = format!(
+        "tch-cifar train --resume {}",
+        shell_quote(&dir.to_string_lossy())
+    );
+    let mut flag = |name: &str, value: &str| {
+        cmd.push_str(&format!(" {name} {}", shell_quote(value)));
+    };
+    flag("--data-dir", &data.data_dir.to_string_lossy());
+    flag("--out", &out.to_string_lossy());
+    if recipe.batch_size != DEFAULT_BATCH_SIZE {
+        flag("--batch-size", &recipe.batch_size.to_string());
+    }
+    if recipe.lr != DEFAULT_LR {
+        flag("--lr", &recipe.lr.to_string());
+    }
+    if recipe.momentum != DEFAULT_MOMENTUM {
+        flag("--momentum", &recipe.momentum.to_string());
+    }
+    if recipe.device != DeviceArg::Auto {
+        flag("--device", &recipe.device.to_string());
+    }
+    if let Some(n) = recipe.threads {
+        flag("--threads", &n.to_string());
+    }
+    if recipe.log_every != DEFAULT_LOG_EVERY {
+        flag("--log-every", &recipe.log_every.to_string());
+    }
+    if let Some(n) = ck.checkpoint_every {
+        flag("--checkpoint-every", &n.to_string());
+    }
+    if ck.keep_checkpoints != DEFAULT_KEEP_CHECKPOINTS {
+        flag("--keep-checkpoints", &ck.keep_checkpoints.to_string());
+    }
+    if json {
+        cmd.push_str(" --json");
+    }
+    cmd
+}
+
+/// `s` as one word for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_./:=+,@%".contains(&b);
+    if !s.is_empty() && s.bytes().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 /// The tutorial's peek at the first four test images before the full

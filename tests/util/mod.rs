@@ -36,8 +36,13 @@ pub fn synthetic(dir: &Path, train: usize, test: usize, seed: u64, archive: Opti
 }
 
 /// The `tch-cifar` binary under test.
+///
+/// One libtorch thread per process: cargo runs several tests at once, and
+/// OpenMP threads that outnumber the cores spin-wait on each other.
 pub fn tch_cifar() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tch-cifar"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tch-cifar"));
+    cmd.env("OMP_NUM_THREADS", "1");
+    cmd
 }
 
 /// Runs `tch-cifar ARGS` and returns its output.
@@ -89,4 +94,39 @@ pub fn fails_with(out: &Output, needles: &[&str]) -> String {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
+}
+
+/// Like [`fails_with`], and stricter: stderr is that one `error:` line and
+/// nothing else, except clap's own `For more information, try '--help'.`
+/// after a usage error.
+pub fn fails_cleanly(out: &Output, needles: &[&str]) -> String {
+    let line = fails_with(out, needles);
+    let err = stderr(out);
+    let others: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && *l != line)
+        .filter(|l| *l != "For more information, try '--help'.")
+        .collect();
+    assert!(
+        others.is_empty(),
+        "more than the error line on stderr: {err}"
+    );
+    line
+}
+
+/// Every path under `dir`, relative to it: to check that a command left
+/// nothing behind.
+pub fn tree(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
+    let mut paths = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            paths.insert(path.strip_prefix(dir).unwrap().to_path_buf());
+        }
+    }
+    paths
 }

@@ -1,0 +1,830 @@
+//! Training checkpoints: everything a run needs to continue bit for bit,
+//! in one safetensors file per save.
+//!
+//! A checkpoint holds the weights under PyTorch's `state_dict` keys
+//! (`conv1.weight` … `fc3.bias`, f32), the SGD momentum buffer as
+//! `optimizer.momentum_buffer` (flat, in [`PARAMETERS`] order, as
+//! [`Sgd`] keeps it), and in the header's `__metadata__` the format and
+//! version, the model and its parameter shapes, the recipe (seed, batch size,
+//! learning rate, momentum, epochs), the size of the training set, and where
+//! training stands: epoch, step within it, global step and the running-loss
+//! sum. The data order needs no state of its own: [`crate::data::epoch_order`]
+//! is a pure function of the seed and the epoch.
+//!
+//! Files are named `checkpoint-e{epoch:04}-s{step:07}.safetensors` and are
+//! written with [`fsutil::write_atomically`] (temporary file, fsync, rename,
+//! directory fsync), so a kill leaves either the previous file set or the new
+//! one. Loading validates every field and tensor; [`newest`] skips a file that
+//! fails and falls back to the next older one. Temporary files (names starting
+//! with `.`) are never read, and are cleaned up by the next save.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use tch::{Device, Kind, Tensor};
+
+use crate::fsutil;
+use crate::model::{Model, PARAMETERS};
+use crate::optim::Sgd;
+
+/// The value of the `format` metadata field.
+pub const FORMAT: &str = "tch-cifar-checkpoint";
+/// The layout version this build writes and reads.
+pub const VERSION: u32 = 1;
+/// The key of the SGD momentum buffer.
+pub const MOMENTUM_KEY: &str = "optimizer.momentum_buffer";
+const PREFIX: &str = "checkpoint-e";
+const SUFFIX: &str = ".safetensors";
+
+/// Where training stands after some steps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Position {
+    /// The epoch in progress, from 1.
+    pub epoch: u64,
+    /// Steps done in `epoch`, up to the steps per epoch.
+    pub step: u64,
+    /// Steps done since training began.
+    pub global_step: u64,
+    /// The loss summed since the last printed loss line, so that a resumed
+    /// run prints the same lines as an uninterrupted one.
+    pub running_loss: f64,
+}
+
+impl Position {
+    /// Before the first step.
+    pub const START: Position = Position {
+        epoch: 1,
+        step: 0,
+        global_step: 0,
+        running_loss: 0.0,
+    };
+
+    /// The same point, as the start of the next epoch when `step` ended one.
+    pub fn normalized(self, steps_per_epoch: u64) -> Position {
+        if self.step < steps_per_epoch {
+            return self;
+        }
+        Position {
+            epoch: self.epoch + 1,
+            step: 0,
+            global_step: self.global_step,
+            running_loss: 0.0,
+        }
+    }
+}
+
+/// What a checkpoint records besides its tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meta {
+    pub seed: u64,
+    pub batch_size: u64,
+    pub lr: f64,
+    pub momentum: f64,
+    /// The epochs the saving run was going for.
+    pub epochs: u64,
+    /// Images in the training set: the data order depends on it.
+    pub train_images: u64,
+    /// libtorch's CPU threads; another count changes float sums in the last bits.
+    pub threads: i64,
+    /// Informational: the device the saving run trained on.
+    pub device: String,
+    pub position: Position,
+}
+
+impl Meta {
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.train_images.div_ceil(self.batch_size)
+    }
+
+    fn to_map(&self) -> HashMap<String, String> {
+        let p = &self.position;
+        // Rust prints an f64 with the fewest digits that parse back to the
+        // same bits, so lr, momentum and the running loss round-trip exactly.
+        [
+            ("format", FORMAT.to_string()),
+            ("version", VERSION.to_string()),
+            ("model", "Net".to_string()),
+            ("parameters", parameters_json()),
+            ("seed", self.seed.to_string()),
+            ("batch_size", self.batch_size.to_string()),
+            ("lr", self.lr.to_string()),
+            ("momentum", self.momentum.to_string()),
+            ("epochs", self.epochs.to_string()),
+            ("train_images", self.train_images.to_string()),
+            ("threads", self.threads.to_string()),
+            ("device", self.device.clone()),
+            ("epoch", p.epoch.to_string()),
+            ("step", p.step.to_string()),
+            ("global_step", p.global_step.to_string()),
+            ("running_loss", p.running_loss.to_string()),
+            (
+                "data_order",
+                "data::epoch_order(seed, epoch - 1, train_images)".to_string(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn from_map(map: &HashMap<String, String>, path: &Path) -> Result<Meta> {
+        let origin = path.display();
+        let text = |key: &str| {
+            map.get(key)
+                .map(String::as_str)
+                .ok_or_else(|| anyhow!("{origin}: the checkpoint metadata lacks `{key}`"))
+        };
+        let format = text("format")?;
+        ensure!(
+            format == FORMAT,
+            "{origin}: not a tch-cifar checkpoint (format `{format}`)"
+        );
+        let version: u32 = field(map, "version", path)?;
+        ensure!(
+            version == VERSION,
+            "{origin}: checkpoint format version {version}, this tch-cifar reads version {VERSION}"
+        );
+        let model = text("model")?;
+        ensure!(
+            model == "Net",
+            "{origin}: holds a `{model}` model, this run trains Net"
+        );
+        let shapes: BTreeMap<String, Vec<i64>> = serde_json::from_str(text("parameters")?)
+            .with_context(|| format!("{origin}: the checkpoint field `parameters` is not JSON"))?;
+        let expected: BTreeMap<String, Vec<i64>> = serde_json::from_str(&parameters_json())?;
+        ensure!(
+            shapes == expected,
+            "{origin}: its model's parameter shapes {shapes:?} differ from Net's {expected:?}"
+        );
+        let meta = Meta {
+            seed: field(map, "seed", path)?,
+            batch_size: field(map, "batch_size", path)?,
+            lr: field(map, "lr", path)?,
+            momentum: field(map, "momentum", path)?,
+            epochs: field(map, "epochs", path)?,
+            train_images: field(map, "train_images", path)?,
+            threads: field(map, "threads", path)?,
+            device: text("device")?.to_string(),
+            position: Position {
+                epoch: field(map, "epoch", path)?,
+                step: field(map, "step", path)?,
+                global_step: field(map, "global_step", path)?,
+                running_loss: field(map, "running_loss", path)?,
+            },
+        };
+        for (key, v) in [
+            ("lr", meta.lr),
+            ("momentum", meta.momentum),
+            ("running_loss", meta.position.running_loss),
+        ] {
+            ensure!(
+                v.is_finite() && v >= 0.0,
+                "{origin}: the checkpoint field `{key}` is {v}"
+            );
+        }
+        ensure!(
+            meta.batch_size > 0 && meta.train_images > 0 && meta.epochs > 0,
+            "{origin}: the checkpoint has batch_size {}, train_images {}, epochs {}",
+            meta.batch_size,
+            meta.train_images,
+            meta.epochs
+        );
+        let p = meta.position;
+        let per_epoch = meta.steps_per_epoch();
+        ensure!(
+            p.epoch >= 1
+                && p.step <= per_epoch
+                && Some(p.global_step)
+                    == (p.epoch - 1)
+                        .checked_mul(per_epoch)
+                        .and_then(|s| s.checked_add(p.step)),
+            "{origin}: inconsistent position (epoch {}, step {}, global step {}, {per_epoch} steps per epoch)",
+            p.epoch,
+            p.step,
+            p.global_step
+        );
+        Ok(meta)
+    }
+
+    /// Errors, naming every difference, unless a run with `run`'s recipe
+    /// can continue from this checkpoint. `--epochs` may grow, but may not
+    /// end before the checkpoint's epoch. `path` names the checkpoint.
+    pub fn check_resumable(&self, run: &Meta, path: &Path) -> Result<()> {
+        let mut theirs = vec![];
+        let mut ours = vec![];
+        let mut differ = |flag: &str, a: String, b: String| {
+            if a != b {
+                theirs.push(format!("{flag} {a}"));
+                ours.push(format!("{flag} {b}"));
+            }
+        };
+        differ("--seed", self.seed.to_string(), run.seed.to_string());
+        differ(
+            "--batch-size",
+            self.batch_size.to_string(),
+            run.batch_size.to_string(),
+        );
+        differ("--lr", self.lr.to_string(), run.lr.to_string());
+        differ(
+            "--momentum",
+            self.momentum.to_string(),
+            run.momentum.to_string(),
+        );
+        ensure!(
+            theirs.is_empty(),
+            "cannot resume from {}: it was saved with {}, this run has {}",
+            path.display(),
+            theirs.join(", "),
+            ours.join(", ")
+        );
+        ensure!(
+            run.epochs >= self.position.epoch,
+            "cannot resume from {}: it is at epoch {}, step {}, past the end of --epochs {}; \
+             pass --epochs {} or more",
+            path.display(),
+            self.position.epoch,
+            self.position.step,
+            run.epochs,
+            self.position.epoch
+        );
+        Ok(())
+    }
+}
+
+/// Parses the metadata field `key`, naming the file and field on failure.
+fn field<T: FromStr>(map: &HashMap<String, String>, key: &str, path: &Path) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    let text = map
+        .get(key)
+        .ok_or_else(|| anyhow!("{}: the checkpoint metadata lacks `{key}`", path.display()))?;
+    text.parse().map_err(|e| {
+        anyhow!(
+            "{}: the checkpoint field `{key}` is `{text}`: {e}",
+            path.display()
+        )
+    })
+}
+
+fn parameters_json() -> String {
+    let shapes: BTreeMap<&str, &[i64]> = PARAMETERS.into_iter().collect();
+    serde_json::to_string(&shapes).expect("shapes serialize")
+}
+
+/// A checkpoint read and checked, not yet applied to a model.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub meta: Meta,
+    weights: HashMap<String, Tensor>,
+    momentum_buffer: Tensor,
+}
+
+impl Checkpoint {
+    /// Copies the weights into `model` and the momentum buffer into `opt`.
+    pub fn apply(self, model: &mut Model, opt: &mut Sgd) -> Result<()> {
+        model.set_state_dict(self.weights, &self.path)?;
+        opt.set_momentum_buffer(&self.momentum_buffer)
+            .with_context(|| format!("{}", self.path.display()))
+    }
+}
+
+/// The file name of the checkpoint at `position`.
+pub fn file_name(position: &Position) -> String {
+    format!(
+        "{PREFIX}{:04}-s{:07}{SUFFIX}",
+        position.epoch, position.step
+    )
+}
+
+/// `(epoch, step)` from a checkpoint file name; `None` for other files.
+fn parse_name(name: &str) -> Option<(u64, u64)> {
+    let rest = name.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+    let (epoch, step) = rest.split_once("-s")?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(epoch) || !digits(step) {
+        return None;
+    }
+    Some((epoch.parse().ok()?, step.parse().ok()?))
+}
+
+/// The checkpoint files in `dir`, oldest first, by the position in their names.
+pub fn list(dir: &Path) -> Result<Vec<((u64, u64), PathBuf)>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read checkpoint directory {}", dir.display()))?;
+    let mut files = vec![];
+    for entry in entries {
+        let entry =
+            entry.with_context(|| format!("cannot read checkpoint directory {}", dir.display()))?;
+        if let Some(pos) = entry.file_name().to_str().and_then(parse_name) {
+            files.push((pos, entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and checks one checkpoint file.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let origin = path.display();
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {origin}"))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow!("{origin}: not a complete safetensors file ({e:?})"))?;
+    let map = header
+        .metadata()
+        .as_ref()
+        .ok_or_else(|| anyhow!("{origin}: not a tch-cifar checkpoint (no metadata)"))?;
+    let meta = Meta::from_map(map, path)?;
+    let file = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{origin}: not a complete safetensors file ({e:?})"))?;
+    let mut weights = HashMap::new();
+    for (name, view) in file.tensors() {
+        ensure!(
+            view.dtype() == Dtype::F32,
+            "{origin}: `{name}` holds {:?} values, not F32",
+            view.dtype()
+        );
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let tensor = Tensor::f_from_data_size(view.data(), &shape, Kind::Float)
+            .with_context(|| format!("{origin}: cannot read `{name}`"))?;
+        ensure!(
+            tensor.isfinite().all().int64_value(&[]) != 0,
+            "{origin}: `{name}` holds non-finite values"
+        );
+        weights.insert(name, tensor);
+    }
+    let momentum_buffer = weights
+        .remove(MOMENTUM_KEY)
+        .ok_or_else(|| anyhow!("{origin}: missing key `{MOMENTUM_KEY}`"))?;
+    let numel: i64 = PARAMETERS
+        .iter()
+        .map(|(_, s)| s.iter().product::<i64>())
+        .sum();
+    ensure!(
+        momentum_buffer.size() == [numel],
+        "{origin}: `{MOMENTUM_KEY}` has shape {:?}, expected [{numel}]",
+        momentum_buffer.size()
+    );
+    // The same checks as Model::set_state_dict, made here so that a bad
+    // file is skipped before any model is touched.
+    if let Some(key) = weights
+        .keys()
+        .find(|k| !PARAMETERS.iter().any(|(p, _)| p == k))
+    {
+        bail!("{origin}: unexpected key `{key}`");
+    }
+    for (name, shape) in PARAMETERS {
+        let tensor = weights
+            .get(name)
+            .ok_or_else(|| anyhow!("{origin}: missing key `{name}`"))?;
+        ensure!(
+            tensor.size() == shape,
+            "{origin}: key `{name}` has shape {:?}, Net expects {shape:?}",
+            tensor.size()
+        );
+    }
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        meta,
+        weights,
+        momentum_buffer,
+    })
+}
+
+/// The newest checkpoint in `dir` that loads and checks out. Newer files
+/// that fail (torn, garbage, another format) are skipped with a warning.
+pub fn newest(dir: &Path) -> Result<Checkpoint> {
+    ensure!(
+        dir.is_dir(),
+        "checkpoint directory {} does not exist",
+        dir.display()
+    );
+    let files = list(dir)?;
+    let mut skipped: Vec<anyhow::Error> = vec![];
+    for (_, path) in files.iter().rev() {
+        match load(path) {
+            Ok(checkpoint) => {
+                for err in skipped {
+                    eprintln!("warning: skipped a bad checkpoint: {err:#}");
+                }
+                return Ok(checkpoint);
+            }
+            Err(err) => skipped.push(err),
+        }
+    }
+    match skipped.first() {
+        None => bail!("no checkpoint in {}", dir.display()),
+        Some(err) => bail!(
+            "no valid checkpoint in {}: all {} fail to load; the newest: {err:#}",
+            dir.display(),
+            skipped.len()
+        ),
+    }
+}
+
+/// Writes checkpoints into one folder and keeps the newest few.
+pub struct Saver {
+    dir: PathBuf,
+    keep: usize,
+    meta: Meta,
+    last: Option<(u64, PathBuf)>,
+}
+
+impl Saver {
+    /// Saves into `dir` (created on the first save) with `meta`'s recipe,
+    /// keeping the `keep` newest files. `last` is a checkpoint already there
+    /// at its global step (the one resumed from), so that it isn't rewritten.
+    pub fn new(dir: PathBuf, keep: usize, meta: Meta, last: Option<(u64, PathBuf)>) -> Saver {
+        Saver {
+            dir,
+            keep: keep.max(1),
+            meta,
+            last,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The newest checkpoint saved (or resumed from) in this run.
+    pub fn last(&self) -> Option<&Path> {
+        self.last.as_ref().map(|(_, p)| p.as_path())
+    }
+
+    /// Saves the state at `position` unless it is already saved, then drops
+    /// older checkpoints beyond `keep`, files from positions past this one
+    /// (a future abandoned by resuming from an older file), and temporary
+    /// files of interrupted saves. Refuses weights that are not finite.
+    pub fn save(&mut self, model: &Model, opt: &Sgd, position: Position) -> Result<PathBuf> {
+        if let Some((step, path)) = &self.last {
+            if *step == position.global_step {
+                return Ok(path.clone());
+            }
+        }
+        let began = std::time::Instant::now();
+        let path = self.dir.join(file_name(&position));
+        let finite = tch::no_grad(|| model.flat.isfinite().all().int64_value(&[])) != 0;
+        if !finite {
+            bail!(
+                "the weights became non-finite at epoch {}, step {}: training diverged. Try a \
+                 lower learning rate (--lr {} now). No checkpoint written{}",
+                position.epoch,
+                position.step,
+                self.meta.lr,
+                match self.last() {
+                    Some(p) => format!("; the last good one is {}", p.display()),
+                    None => String::new(),
+                }
+            );
+        }
+        let weights = f32_bytes(&model.flat)?;
+        let momentum = f32_bytes(opt.momentum_buffer())?;
+        let mut tensors = Vec::with_capacity(PARAMETERS.len() + 1);
+        let mut offset = 0;
+        for (name, shape) in PARAMETERS {
+            let len = 4 * shape.iter().product::<i64>() as usize;
+            let dims = shape.iter().map(|&d| d as usize).collect();
+            tensors.push((
+                name.to_string(),
+                TensorView::new(Dtype::F32, dims, &weights[offset..offset + len])
+                    .map_err(|e| anyhow!("{name}: {e:?}"))?,
+            ));
+            offset += len;
+        }
+        tensors.push((
+            MOMENTUM_KEY.to_string(),
+            TensorView::new(Dtype::F32, vec![momentum.len() / 4], &momentum)
+                .map_err(|e| anyhow!("{MOMENTUM_KEY}: {e:?}"))?,
+        ));
+        let meta = Meta {
+            position,
+            ..self.meta.clone()
+        };
+        let bytes = safetensors::serialize(tensors, &Some(meta.to_map()))
+            .map_err(|e| anyhow!("cannot encode checkpoint {}: {e:?}", path.display()))?;
+        let encoded = began.elapsed();
+        create_dir(&self.dir)?;
+        let saved = fsutil::write_atomically(&path, |tmp| {
+            write_checkpoint_bytes(tmp, &bytes)
+                .with_context(|| format!("cannot write {}", path.display()))
+        });
+        if let Err(err) = saved {
+            return Err(err.context(match self.last() {
+                Some(p) => format!(
+                    "checkpoint not saved; the previous one, {}, is intact",
+                    p.display()
+                ),
+                None => "checkpoint not saved".to_string(),
+            }));
+        }
+        self.last = Some((position.global_step, path.clone()));
+        self.prune((position.epoch, position.step));
+        tracing::debug!(
+            "saved {} ({} bytes): {:?} to encode, {:?} in all",
+            path.display(),
+            bytes.len(),
+            encoded,
+            began.elapsed()
+        );
+        Ok(path)
+    }
+
+    fn prune(&self, newest: (u64, u64)) {
+        // Best effort: a file that cannot be removed costs disk space only.
+        let Ok(files) = list(&self.dir) else { return };
+        let kept = files.iter().filter(|(pos, _)| *pos <= newest).count();
+        for (i, (pos, path)) in files.iter().enumerate() {
+            if *pos > newest || i + self.keep < kept {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(&format!(".{PREFIX}")) && fsutil::is_temp_name(&name) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// Creates `dir` (and its parents) if missing, durably: a new folder's
+/// entry in its parent is synced too, or a power cut could lose the folder
+/// with the checkpoints that were synced inside it.
+pub fn create_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create checkpoint directory {}", dir.display()))?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// A flat f32 tensor's bytes, copied to the CPU. The copy is in native
+/// byte order, which is safetensors' little-endian on every platform
+/// libtorch ships for.
+fn f32_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
+    let cpu = tensor.detach().to_device(Device::Cpu).contiguous();
+    ensure!(
+        cpu.kind() == Kind::Float,
+        "expected f32, got {:?}",
+        cpu.kind()
+    );
+    let numel = cpu.numel();
+    let mut bytes = vec![0u8; 4 * numel];
+    cpu.f_copy_data_u8(&mut bytes, numel)?;
+    Ok(bytes)
+}
+
+/// Set (to milliseconds) only by tests: each save then writes half its
+/// bytes, pauses, and writes the rest, so that a test can SIGKILL the process
+/// in the middle of a write every time instead of by luck.
+const STALL_ENV: &str = "TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS";
+
+fn write_checkpoint_bytes(tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let stall = std::env::var(STALL_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(ms) = stall else {
+        return std::fs::write(tmp, bytes);
+    };
+    let mut file = std::fs::File::create(tmp)?;
+    let (head, tail) = bytes.split_at(bytes.len() / 2);
+    file.write_all(head)?;
+    file.flush()?;
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    file.write_all(tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::Module;
+
+    fn meta(position: Position) -> Meta {
+        Meta {
+            seed: 3,
+            batch_size: 4,
+            lr: 0.01,
+            momentum: 0.9,
+            epochs: 2,
+            train_images: 40,
+            threads: 1,
+            device: "cpu".into(),
+            position,
+        }
+    }
+
+    fn at(epoch: u64, step: u64) -> Position {
+        Position {
+            epoch,
+            step,
+            global_step: (epoch - 1) * 10 + step,
+            running_loss: 0.1 + 0.2,
+        }
+    }
+
+    /// A model and optimizer after a few steps, so the momentum is not zero.
+    fn trained() -> (Model, Sgd) {
+        let model = Model::new(Device::Cpu, Some(9));
+        let mut opt = Sgd::new(&model, 0.01, 0.9);
+        tch::manual_seed(1);
+        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[1i64, 2, 3, 4]);
+        for _ in 0..2 {
+            opt.step(&model.net.forward(&x).cross_entropy_for_logits(&y));
+        }
+        (model, opt)
+    }
+
+    #[test]
+    fn save_and_load_round_trip_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, opt) = trained();
+        let mut saver = Saver::new(dir.path().join("ck"), 2, meta(at(1, 3)), None);
+        let path = saver.save(&model, &opt, at(1, 3)).unwrap();
+        assert_eq!(
+            path.file_name().unwrap(),
+            "checkpoint-e0001-s0000003.safetensors"
+        );
+        let loaded = load(&path).unwrap();
+        assert_eq!(
+            loaded.meta,
+            meta(at(1, 3)),
+            "running loss 0.1+0.2 must be exact"
+        );
+        let mut copy = Model::new(Device::Cpu, Some(1));
+        let mut copy_opt = Sgd::new(&copy, 0.01, 0.9);
+        loaded.apply(&mut copy, &mut copy_opt).unwrap();
+        assert!(copy.flat.equal(&model.flat));
+        assert!(copy_opt.momentum_buffer().equal(opt.momentum_buffer()));
+        assert!(
+            opt.momentum_buffer()
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        );
+        // The weights load like any weights file once the optimizer key is dropped.
+        let tensors = Tensor::read_safetensors(&path).unwrap();
+        assert_eq!(tensors.len(), 11);
+    }
+
+    #[test]
+    fn newest_valid_skips_torn_and_garbage_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, opt) = trained();
+        let mut saver = Saver::new(dir.path().to_path_buf(), 5, meta(at(1, 0)), None);
+        saver.save(&model, &opt, at(1, 5)).unwrap();
+        let good = saver.save(&model, &opt, at(1, 10)).unwrap();
+        let bytes = std::fs::read(&good).unwrap();
+        // A torn newer file, a garbage one, and a temp file of a killed save.
+        std::fs::write(
+            dir.path().join(file_name(&at(2, 1))),
+            &bytes[..bytes.len() / 2],
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(file_name(&at(2, 2))), b"garbage").unwrap();
+        std::fs::write(
+            dir.path()
+                .join(".checkpoint-e0003-s0000001.safetensors.x.tmp"),
+            &bytes,
+        )
+        .unwrap();
+        let found = newest(dir.path()).unwrap();
+        assert_eq!(found.path, good);
+        assert_eq!(found.meta.position, at(1, 10));
+
+        std::fs::remove_file(&good).unwrap();
+        std::fs::remove_file(dir.path().join(file_name(&at(1, 5)))).unwrap();
+        let err = format!("{:#}", newest(dir.path()).err().unwrap());
+        assert!(
+            err.contains("no valid checkpoint") && err.contains("all 2 fail"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn saves_keep_the_newest_and_drop_temp_files_and_abandoned_futures() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, opt) = trained();
+        let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
+        for step in [2, 4, 6] {
+            saver.save(&model, &opt, at(1, step)).unwrap();
+        }
+        std::fs::write(dir.path().join(file_name(&at(2, 9))), b"stale").unwrap();
+        std::fs::write(
+            dir.path().join(".checkpoint-e1-s1.safetensors.ab.tmp"),
+            b"x",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+        saver.save(&model, &opt, at(1, 8)).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "checkpoint-e0001-s0000006.safetensors",
+                "checkpoint-e0001-s0000008.safetensors",
+                "notes.txt"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_metadata_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, opt) = trained();
+        let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
+        let path = saver.save(&model, &opt, at(1, 1)).unwrap();
+        let rewrite = |key: &str, value: Option<&str>| {
+            let bytes = std::fs::read(&path).unwrap();
+            let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+            let mut map = header.metadata().clone().unwrap();
+            match value {
+                Some(v) => map.insert(key.into(), v.into()),
+                None => map.remove(key),
+            };
+            let file = SafeTensors::deserialize(&bytes).unwrap();
+            let out = dir.path().join("edited.safetensors");
+            safetensors::serialize(file.tensors(), &Some(map))
+                .map(|b| std::fs::write(&out, b))
+                .unwrap()
+                .unwrap();
+            format!("{:#}", load(&out).err().expect("must be refused"))
+        };
+        let err = rewrite("lr", None);
+        assert!(
+            err.contains("edited.safetensors") && err.contains("lacks `lr`"),
+            "{err}"
+        );
+        let err = rewrite("seed", Some("abc"));
+        assert!(err.contains("field `seed` is `abc`"), "{err}");
+        let err = rewrite("model", Some("ResNet"));
+        assert!(err.contains("`ResNet`"), "{err}");
+        let err = rewrite("version", Some("2"));
+        assert!(err.contains("version 2"), "{err}");
+        let err = rewrite("global_step", Some("7"));
+        assert!(err.contains("inconsistent position"), "{err}");
+    }
+
+    #[test]
+    fn recipe_differences_are_all_named() {
+        let saved = meta(at(2, 3));
+        let mut run = saved.clone();
+        saved.check_resumable(&run, Path::new("c")).unwrap();
+        run.lr = 0.001;
+        run.batch_size = 8;
+        let err = saved
+            .check_resumable(&run, Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "saved with --batch-size 4, --lr 0.01, this run has --batch-size 8, --lr 0.001"
+            ),
+            "{err}"
+        );
+        let mut run = saved.clone();
+        run.epochs = 1;
+        let err = saved
+            .check_resumable(&run, Path::new("c"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--epochs 2 or more"), "{err}");
+    }
+
+    #[test]
+    fn non_finite_weights_are_never_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, opt) = trained();
+        let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
+        let good = saver.save(&model, &opt, at(1, 1)).unwrap();
+        let _ = tch::no_grad(|| model.flat.narrow(0, 5, 1).fill_(f64::NAN));
+        let err = saver.save(&model, &opt, at(1, 2)).unwrap_err().to_string();
+        assert!(
+            err.contains("epoch 1, step 2") && err.contains("--lr 0.01"),
+            "{err}"
+        );
+        assert!(err.contains(&good.display().to_string()), "{err}");
+        assert_eq!(list(dir.path()).unwrap().len(), 1);
+    }
+}

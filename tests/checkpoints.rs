@@ -1,0 +1,548 @@
+//! Checkpoints, resuming and faults during training, through the real
+//! binary on small synthetic data (200 images: 50 steps per epoch):
+//! resumed runs end bit-identical to uninterrupted ones, SIGINT/SIGTERM stop
+//! resumably with status 130, SIGKILL in the middle of a save never leaves a
+//! torn checkpoint, a diverging run stops on its first non-finite loss, and a
+//! save that fails keeps the previous checkpoint.
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tch_cifar::checkpoint;
+use util::*;
+
+/// A scratch folder with the synthetic training data in `data/`.
+fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic(&dir.path().join("data"), 200, 20, 8, None);
+    dir
+}
+
+/// `train` with this file's recipe in `dir`, writing `out`, plus `extra`.
+fn train_args(out: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--data-dir",
+        "data",
+        "--out",
+        out,
+        "--seed",
+        "3",
+        "--lr",
+        "0.01",
+        "--log-every",
+        "10",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `args` with each `FLAG VALUE` pair of `pairs` replacing the flag's value
+/// (clap refuses a flag given twice), or appended.
+fn with(mut args: Vec<String>, pairs: &[&str]) -> Vec<String> {
+    for pair in pairs.chunks(2) {
+        match args.iter().position(|a| a == pair[0]) {
+            Some(i) => args[i + 1] = pair[1].to_string(),
+            None => args.extend(pair.iter().map(|s| s.to_string())),
+        }
+    }
+    args
+}
+
+fn run_in(dir: &Path, args: &[String]) -> Output {
+    tch_cifar().args(args).current_dir(dir).output().unwrap()
+}
+
+fn loss_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.contains("] loss: "))
+        .map(String::from)
+        .collect()
+}
+
+/// The weights and printed lines of an uninterrupted run of `epochs`.
+fn reference(dir: &Path, epochs: &str) -> (Vec<u8>, String) {
+    let out = format!("reference-{epochs}.safetensors");
+    let text = ok(&run_in(dir, &train_args(&out, &["--epochs", epochs])));
+    (std::fs::read(dir.join(&out)).unwrap(), text)
+}
+
+/// A finished run of `epochs` with checkpoints in `ck/`; returns its stdout.
+fn checkpointed(dir: &Path, epochs: &str) -> String {
+    let args = ["--epochs", epochs, "--checkpoint-dir", "ck"];
+    ok(&run_in(dir, &train_args("net.safetensors", &args)))
+}
+
+fn read(path: PathBuf) -> Vec<u8> {
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every checkpoint file in `dir` (temporary files aside) loads and checks out.
+fn assert_all_loadable(dir: &Path) -> usize {
+    let files = checkpoint::list(dir).unwrap();
+    for (_, path) in &files {
+        if let Err(e) = checkpoint::load(path) {
+            panic!("torn or invalid checkpoint {}: {e:#}", path.display());
+        }
+    }
+    files.len()
+}
+
+fn temp_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                tch_cifar::fsutil::is_temp_name(&name)
+            })
+            .count()
+    })
+}
+
+/// A running `tch-cifar` whose stdout lines arrive on a channel.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(dir: &Path, args: &[String]) -> Running {
+        let mut child = tch_cifar()
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (send, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let _ = send.send(line.unwrap());
+            }
+        });
+        Running {
+            child,
+            lines,
+            reader,
+        }
+    }
+
+    /// Waits for a loss line, so that the training loop is running.
+    fn wait_for_training(&self) -> String {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(120))
+            .expect("no loss line within 2 minutes");
+        assert!(line.contains("] loss: "), "{line}");
+        line
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the exit; returns the status code, all stdout and stderr.
+    fn finish(self, seen: Vec<String>) -> (Option<i32>, String, String) {
+        let out = self.child.wait_with_output().unwrap();
+        self.reader.join().unwrap();
+        let mut stdout = seen;
+        stdout.extend(self.lines.try_iter());
+        (out.status.code(), stdout.join("\n"), stderr(&out))
+    }
+}
+
+/// The `resume with:` command of an interrupt message, as arguments.
+fn resume_command(stderr: &str) -> Vec<String> {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("interrupted at epoch "))
+        .unwrap_or_else(|| panic!("no interrupt message: {stderr}"));
+    let cmd = line.split("resume with: ").nth(1).expect(line);
+    let words: Vec<String> = cmd.split_whitespace().map(String::from).collect();
+    assert_eq!(words[..2], ["tch-cifar", "train"], "{line}");
+    words[1..].to_vec()
+}
+
+#[test]
+fn sigint_stops_with_130_and_the_resumed_run_matches_an_uninterrupted_one() {
+    let dir = scratch();
+    let (want, want_text) = reference(dir.path(), "8");
+
+    let args = train_args(
+        "net.safetensors",
+        &["--epochs", "8", "--checkpoint-dir", "ck"],
+    );
+    let run = Running::start(dir.path(), &args);
+    let first = run.wait_for_training();
+    run.signal(libc::SIGINT);
+    let (code, before, err) = run.finish(vec![first]);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("interrupted at epoch ") && err.contains("checkpoint in ck ("),
+        "{err}"
+    );
+    assert!(!err.contains("error"), "{err}");
+    assert!(
+        !dir.path().join("net.safetensors").exists(),
+        "an interrupted run must not write --out"
+    );
+    assert!(assert_all_loadable(&dir.path().join("ck")) >= 1);
+
+    // The printed command resumes it; the end is the uninterrupted run's.
+    let resume = resume_command(&err);
+    assert!(resume.contains(&"--resume".to_string()), "{resume:?}");
+    let after = ok(&run_in(dir.path(), &resume));
+    assert_eq!(
+        read(dir.path().join("net.safetensors")),
+        want,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let mut losses = loss_lines(&before);
+    losses.extend(loss_lines(&after));
+    assert_eq!(losses, loss_lines(&want_text));
+    let tail = |t: &str| {
+        t.lines()
+            .skip_while(|l| *l != "Finished Training")
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(tail(&after), tail(&want_text));
+}
+
+#[test]
+fn more_epochs_on_resume_continue_the_run_past_torn_and_garbage_files() {
+    let dir = scratch();
+    let (want, want_text) = reference(dir.path(), "3");
+    let first = checkpointed(dir.path(), "1");
+    let ck = dir.path().join("ck");
+    let saved = ck.join("checkpoint-e0001-s0000050.safetensors");
+    let bytes = read(saved.clone());
+    // Newer files that must be skipped: a torn copy and garbage.
+    std::fs::write(
+        ck.join("checkpoint-e0002-s0000010.safetensors"),
+        &bytes[..bytes.len() - 100],
+    )
+    .unwrap();
+    std::fs::write(ck.join("checkpoint-e0002-s0000020.safetensors"), b"junk").unwrap();
+
+    let out = run_in(
+        dir.path(),
+        &train_args("net.safetensors", &["--epochs", "3", "--resume", "ck"]),
+    );
+    let then = ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("skipped a bad checkpoint")
+            && err.contains("checkpoint-e0002-s0000020.safetensors")
+            && err.contains("checkpoint-e0002-s0000010.safetensors"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "resuming from {}",
+            Path::new("ck")
+                .join("checkpoint-e0001-s0000050.safetensors")
+                .display()
+        )),
+        "{err}"
+    );
+    assert_eq!(read(dir.path().join("net.safetensors")), want);
+    let mut losses = loss_lines(&first);
+    losses.extend(loss_lines(&then));
+    assert_eq!(losses, loss_lines(&want_text));
+    // The abandoned files are gone; the newest two of this run stay.
+    let names: Vec<String> = checkpoint::list(&ck)
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "checkpoint-e0002-s0000050.safetensors",
+            "checkpoint-e0003-s0000050.safetensors"
+        ]
+    );
+}
+
+#[test]
+fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
+    let dir = scratch();
+    let (want, _) = reference(dir.path(), "4");
+    let ck = dir.path().join("ck");
+    let fresh = train_args(
+        "net.safetensors",
+        &[
+            "--epochs",
+            "4",
+            "--checkpoint-dir",
+            "ck",
+            "--checkpoint-every",
+            "1",
+        ],
+    );
+    let resume = train_args(
+        "net.safetensors",
+        &["--resume", "ck", "--checkpoint-every", "1"],
+    );
+    let mut torn_writes = 0;
+    for round in 0..5 {
+        let mut child = tch_cifar()
+            .env("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS", "50")
+            .args(if round == 0 { &fresh } else { &resume })
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Kill as soon as a save's temporary file shows (mid-write), once
+        // there is a checkpoint to resume from.
+        let began = Instant::now();
+        let saved = || checkpoint::list(&ck).is_ok_and(|files| !files.is_empty());
+        while temp_files(&ck) == 0 || !saved() {
+            assert!(began.elapsed() < Duration::from_secs(120), "no save seen");
+            if child.try_wait().unwrap().is_some() {
+                panic!("round {round}: the run ended before it was killed");
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        if temp_files(&ck) > 0 {
+            torn_writes += 1;
+        }
+        // Whatever was cut off, every checkpoint file there is whole.
+        assert!(
+            assert_all_loadable(&ck) >= 1,
+            "round {round}: no checkpoint"
+        );
+    }
+    assert_eq!(
+        torn_writes, 5,
+        "every kill should land inside a stalled write"
+    );
+    // The newest valid checkpoint resumes, and ends where an unkilled run ends.
+    ok(&run_in(dir.path(), &resume));
+    assert_eq!(read(dir.path().join("net.safetensors")), want);
+    assert_eq!(temp_files(&ck), 0, "temporary files of killed saves remain");
+}
+
+#[test]
+fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
+    let dir = scratch();
+    let args = train_args("net.safetensors", &["--epochs", "20"]);
+    let run = Running::start(dir.path(), &args);
+    let first = run.wait_for_training();
+    run.signal(libc::SIGTERM);
+    let (code, _, err) = run.finish(vec![first]);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("checkpoint in net.safetensors.checkpoint ("),
+        "{err}"
+    );
+    let ck = dir.path().join("net.safetensors.checkpoint");
+    assert_eq!(assert_all_loadable(&ck), 1);
+    let resume = resume_command(&err);
+    assert_eq!(
+        resume[..3],
+        ["train", "--resume", "net.safetensors.checkpoint"]
+    );
+    // Resuming works (stopped again at once: the run is long).
+    let run = Running::start(dir.path(), &resume);
+    let first = run.wait_for_training();
+    run.signal(libc::SIGINT);
+    let (code, _, err) = run.finish(vec![first]);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains("resuming from net.safetensors.checkpoint/"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_second_signal_exits_at_once_with_130() {
+    let dir = scratch();
+    let args = train_args(
+        "net.safetensors",
+        &["--epochs", "20", "--checkpoint-dir", "ck"],
+    );
+    let run = Running::start(dir.path(), &args);
+    let first = run.wait_for_training();
+    run.signal(libc::SIGTERM);
+    run.signal(libc::SIGINT);
+    let (code, _, err) = run.finish(vec![first]);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_all_loadable(&dir.path().join("ck"));
+    assert!(!dir.path().join("net.safetensors").exists());
+}
+
+#[test]
+fn a_diverging_run_stops_at_the_first_non_finite_loss_and_keeps_its_files() {
+    let dir = scratch();
+    let out = dir.path().join("net.safetensors");
+    std::fs::write(&out, b"the previous weights").unwrap();
+    let args = with(
+        train_args(
+            "net.safetensors",
+            &["--checkpoint-dir", "ck", "--checkpoint-every", "1"],
+        ),
+        &["--lr", "1000"],
+    );
+    let result = run_in(dir.path(), &args);
+    let line = fails_cleanly_after_start(&result);
+    assert!(
+        line.contains("at epoch 1, step ")
+            && line.contains("training diverged")
+            && line.contains("lower learning rate (--lr 1000 now)"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous weights");
+    let ck = dir.path().join("ck");
+    let kept = checkpoint::list(&ck).unwrap();
+    assert!(!kept.is_empty());
+    assert_all_loadable(&ck);
+    let last = &kept.last().unwrap().1;
+    assert!(
+        line.contains(&format!(
+            "the last good checkpoint is {}",
+            Path::new("ck").join(last.file_name().unwrap()).display()
+        )),
+        "{line}"
+    );
+}
+
+/// A failure after the `training on …` line: exactly one `error:` line.
+fn fails_cleanly_after_start(out: &Output) -> String {
+    let line = fails_with(out, &[]);
+    let err = stderr(out);
+    for l in err.lines() {
+        assert!(
+            l == line || l.starts_with("training on ") || l.starts_with("resuming from "),
+            "unexpected stderr line `{l}` in: {err}"
+        );
+    }
+    line
+}
+
+#[test]
+fn a_failing_save_is_reported_and_keeps_the_previous_checkpoint() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    let ck = dir.path().join("ck");
+    let previous = ck.join("checkpoint-e0001-s0000050.safetensors");
+    let before = read(previous.clone());
+    std::fs::remove_file(dir.path().join("net.safetensors")).unwrap();
+
+    // A full disk, portably and without root: RLIMIT_FSIZE makes writes past
+    // 100 kB fail with EFBIG (a checkpoint is ~500 kB). tch-cifar handles
+    // SIGXFSZ, which would otherwise kill it. A tmpfs would need mount rights.
+    let mut cmd = tch_cifar();
+    cmd.args(train_args(
+        "net.safetensors",
+        &["--epochs", "2", "--resume", "ck"],
+    ))
+    .current_dir(dir.path());
+    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 100_000,
+                rlim_max: 100_000,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let line = fails_cleanly_after_start(&out);
+    assert_eq!(out.status.code(), Some(1), "{line}");
+    assert!(
+        line.contains("checkpoint-e0002-s0000050.safetensors")
+            && line.contains("File too large")
+            && line.contains(&format!(
+                "the previous one, {}, is intact",
+                Path::new("ck")
+                    .join("checkpoint-e0001-s0000050.safetensors")
+                    .display()
+            )),
+        "{line}"
+    );
+    assert_eq!(read(previous), before);
+    assert_eq!(temp_files(&ck), 0);
+    assert_eq!(checkpoint::list(&ck).unwrap().len(), 1);
+    assert!(!dir.path().join("net.safetensors").exists());
+}
+
+#[test]
+fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
+    let dir = scratch();
+    checkpointed(dir.path(), "2");
+    let ck = dir.path().join("ck");
+    let files = tree(&ck);
+    let newest = Path::new("ck").join("checkpoint-e0002-s0000050.safetensors");
+    let newest = newest.display().to_string();
+    let refused = |extra: &[&str], needles: &[&str]| {
+        let args = with(train_args("other.safetensors", &["--resume", "ck"]), extra);
+        let out = run_in(dir.path(), &args);
+        fails_cleanly(&out, needles);
+        assert_eq!(tree(&ck), files, "{extra:?} changed the checkpoints");
+        assert!(!dir.path().join("other.safetensors").exists());
+    };
+    refused(
+        &["--lr", "0.02"],
+        &[&newest, "saved with --lr 0.01, this run has --lr 0.02"],
+    );
+    refused(
+        &["--seed", "4"],
+        &["saved with --seed 3, this run has --seed 4"],
+    );
+    refused(
+        &["--batch-size", "8", "--momentum", "0.5"],
+        &["saved with --batch-size 4, --momentum 0.9, this run has --batch-size 8, --momentum 0.5"],
+    );
+    refused(
+        &["--epochs", "1"],
+        &["at epoch 2, step 50", "--epochs 2 or more"],
+    );
+    refused(
+        &["--resume", "nowhere"],
+        &["checkpoint directory nowhere does not exist"],
+    );
+    // A fresh run may not mix its checkpoints with another run's.
+    let out = run_in(
+        dir.path(),
+        &train_args("other.safetensors", &["--checkpoint-dir", "ck"]),
+    );
+    fails_cleanly(&out, &["ck already holds checkpoints", "--resume ck"]);
+    // Another training set (other size, so another data order).
+    synthetic(&dir.path().join("data"), 120, 20, 8, None);
+    let out = run_in(
+        dir.path(),
+        &train_args("other.safetensors", &["--resume", "ck"]),
+    );
+    let line = fails_with(
+        &out,
+        &[&newest, "trained on 200 images, this training set has 120"],
+    );
+    assert!(!line.is_empty());
+    assert_eq!(tree(&ck), files);
+}

@@ -1,0 +1,433 @@
+//! The input-error matrix: each bad input makes the real binary exit
+//! non-zero with one `error:` line on stderr that names the offending path
+//! or value, with no panic or backtrace, and with nothing left behind in
+//! the folder it ran in (no partial weights, dataset or download).
+//!
+//! `predict` with an image that can't be decoded is not here: `predict`
+//! lives on another branch.
+
+mod util;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use tch::{Device, Kind, Tensor};
+use tch_cifar::model::Model;
+use util::*;
+
+/// A scratch folder with a small synthetic dataset in `data/`.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        synthetic(&dir.path().join("data"), 50, 20, 4, None);
+        Scratch { dir }
+    }
+
+    fn empty() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `tch-cifar ARGS` inside the folder, asserts a clean failure
+    /// whose line holds every one of `needles`, and that the folder's
+    /// contents did not change. Returns the exit status and the line.
+    fn refused(&self, args: &[&str], needles: &[&str]) -> (Option<i32>, String) {
+        let before = tree(self.dir.path());
+        let out: Output = tch_cifar()
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        let line = fails_cleanly(&out, needles);
+        assert_eq!(
+            tree(self.dir.path()),
+            before,
+            "{args:?} left files behind; {line}"
+        );
+        (out.status.code(), line)
+    }
+
+    /// `train` on `data/` into `w.safetensors`, with `extra` flags; a data
+    /// error must fail before training.
+    fn train(&self, extra: &[&str], needles: &[&str]) -> String {
+        let defaults = [
+            ("--device", "cpu"),
+            ("--data-dir", "data"),
+            ("--out", "w.safetensors"),
+            ("--epochs", "1"),
+            ("--seed", "1"),
+            // Never the network: a download attempt fails differently.
+            (
+                "--download-url",
+                "http://127.0.0.1:9/cifar-10-binary.tar.gz",
+            ),
+        ];
+        let mut args = vec!["train"];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        args.extend_from_slice(extra);
+        let (code, line) = self.refused(&args, needles);
+        assert_eq!(code, Some(1), "{line}");
+        line
+    }
+
+    /// `evaluate --weights FILE`.
+    fn evaluate(&self, weights: &str, needles: &[&str]) -> String {
+        let (code, line) = self.refused(
+            &[
+                "evaluate",
+                "--device",
+                "cpu",
+                "--data-dir",
+                "data",
+                "--weights",
+                weights,
+            ],
+            needles,
+        );
+        assert_eq!(code, Some(1), "{line}");
+        line
+    }
+
+    /// Replaces `data/data_batch_3.bin` with `edit` applied to its bytes.
+    fn edit_batch(&self, edit: impl FnOnce(&mut Vec<u8>)) {
+        let path = self.path("data/data_batch_3.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        edit(&mut bytes);
+        std::fs::write(&path, bytes).unwrap();
+    }
+}
+
+/// A URL on this machine that refuses connections.
+fn dead_url() -> String {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("http://127.0.0.1:{port}/cifar-10-binary.tar.gz")
+}
+
+// Missing data directory or batch file.
+
+#[test]
+fn missing_data_directory_names_it_and_the_url() {
+    let s = Scratch::empty();
+    let url = dead_url();
+    let line = s.train(
+        &["--data-dir", "no/such/data", "--download-url", &url],
+        &["no/such/data", &url, "could not be downloaded"],
+    );
+    assert!(!s.path("no").exists(), "{line}");
+}
+
+#[test]
+fn missing_batch_file_is_named_and_nothing_is_downloaded() {
+    let s = Scratch::new();
+    std::fs::remove_file(s.path("data/data_batch_3.bin")).unwrap();
+    s.train(&[], &["data/data_batch_3.bin is missing"]);
+}
+
+// Bad batch files.
+
+#[test]
+fn empty_batch_file() {
+    let s = Scratch::new();
+    s.edit_batch(Vec::clear);
+    s.train(&[], &["data/data_batch_3.bin", "is empty"]);
+}
+
+#[test]
+fn truncated_batch_file() {
+    let s = Scratch::new();
+    s.edit_batch(|b| b.truncate(b.len() - 10));
+    s.train(
+        &[],
+        &[
+            "data/data_batch_3.bin",
+            "has 30720 bytes",
+            "not a whole number of 3073-byte records",
+        ],
+    );
+}
+
+#[test]
+fn batch_file_not_a_multiple_of_the_record_size() {
+    let s = Scratch::new();
+    s.edit_batch(|b| b.extend_from_slice(b"extra"));
+    s.train(
+        &[],
+        &[
+            "data/data_batch_3.bin",
+            "has 30735 bytes",
+            "not a whole number of 3073-byte records",
+        ],
+    );
+}
+
+#[test]
+fn label_byte_of_ten_or_more() {
+    let s = Scratch::new();
+    s.edit_batch(|b| b[3073] = 10);
+    s.train(
+        &[],
+        &["data/data_batch_3.bin", "record 1", "label byte 10", "0-9"],
+    );
+}
+
+// Bad archives: none may leave a half-unpacked dataset or a staging folder.
+
+fn md5_hex(bytes: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A scratch folder with `cifar-10-binary.tar.gz` and no unpacked data.
+fn with_archive() -> Scratch {
+    let s = Scratch::empty();
+    synthetic(
+        &s.path("src"),
+        50,
+        20,
+        5,
+        Some(&s.path("cifar-10-binary.tar.gz")),
+    );
+    std::fs::remove_dir_all(s.path("src")).unwrap();
+    s
+}
+
+#[test]
+fn corrupt_archive() {
+    let s = with_archive();
+    let bytes = std::fs::read(s.path("cifar-10-binary.tar.gz")).unwrap();
+    let half = &bytes[..bytes.len() / 2];
+    std::fs::write(s.path("corrupt.tar.gz"), half).unwrap();
+    let md5 = md5_hex(half);
+    s.train(
+        &[
+            "--data-dir",
+            "fresh",
+            "--archive",
+            "corrupt.tar.gz",
+            "--md5",
+            &md5,
+        ],
+        &["corrupt.tar.gz", "corrupt or truncated"],
+    );
+}
+
+#[test]
+fn archive_failing_its_md5() {
+    let s = with_archive();
+    s.train(
+        &["--data-dir", "fresh", "--archive", "cifar-10-binary.tar.gz"],
+        &[
+            "cifar-10-binary.tar.gz has md5",
+            "expected c32a1d4ab5d03f1284b67883e8d87530",
+        ],
+    );
+}
+
+#[test]
+fn archive_entry_escaping_the_target_directory() {
+    let s = Scratch::empty();
+    let evil = s.path("evil.tar.gz");
+    // A tar whose entry name climbs out of the target folder.
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        std::fs::File::create(&evil).unwrap(),
+        Default::default(),
+    ));
+    let mut header = tar::Header::new_gnu();
+    header.as_gnu_mut().unwrap().name[..16].copy_from_slice(b"../escaped.bin\0\0");
+    header.set_size(3);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append(&header, &b"abc"[..]).unwrap();
+    builder.into_inner().unwrap().finish().unwrap();
+    let md5 = md5_hex(&std::fs::read(&evil).unwrap());
+    s.train(
+        &[
+            "--data-dir",
+            "fresh",
+            "--archive",
+            "evil.tar.gz",
+            "--md5",
+            &md5,
+        ],
+        &[
+            "evil.tar.gz",
+            "../escaped.bin",
+            "outside the data directory",
+        ],
+    );
+    assert!(!s.path("escaped.bin").exists());
+}
+
+// Bad weights files, through `evaluate`.
+
+fn write_weights(path: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let mut state = Model::new(Device::Cpu, Some(1)).state_dict();
+    edit(&mut state);
+    Tensor::write_safetensors(&state, path).unwrap();
+}
+
+#[test]
+fn garbage_weights_file() {
+    let s = Scratch::new();
+    std::fs::write(s.path("w.safetensors"), b"not weights at all").unwrap();
+    s.evaluate(
+        "w.safetensors",
+        &["w.safetensors", "not a safetensors file"],
+    );
+}
+
+#[test]
+fn weights_file_with_a_missing_key() {
+    let s = Scratch::new();
+    write_weights(&s.path("w.safetensors"), |st| {
+        st.retain(|(k, _)| k != "fc3.bias")
+    });
+    s.evaluate(
+        "w.safetensors",
+        &["w.safetensors", "missing key `fc3.bias`"],
+    );
+}
+
+#[test]
+fn weights_file_with_an_extra_key() {
+    let s = Scratch::new();
+    write_weights(&s.path("w.safetensors"), |st| {
+        st.push((
+            "fc4.weight".into(),
+            Tensor::zeros([1], (Kind::Float, Device::Cpu)),
+        ))
+    });
+    s.evaluate(
+        "w.safetensors",
+        &["w.safetensors", "unexpected key `fc4.weight`"],
+    );
+}
+
+#[test]
+fn weights_file_with_a_wrong_shape() {
+    let s = Scratch::new();
+    write_weights(&s.path("w.safetensors"), |st| {
+        st.retain(|(k, _)| k != "fc3.bias");
+        st.push((
+            "fc3.bias".into(),
+            Tensor::zeros([11], (Kind::Float, Device::Cpu)),
+        ));
+    });
+    s.evaluate(
+        "w.safetensors",
+        &["w.safetensors", "`fc3.bias` has shape [11]", "[10]"],
+    );
+}
+
+// Output paths.
+
+#[test]
+fn output_in_a_directory_that_does_not_exist() {
+    let s = Scratch::new();
+    s.train(
+        &["--out", "no/dir/w.safetensors"],
+        &["no/dir/w.safetensors", "directory no/dir does not exist"],
+    );
+}
+
+#[test]
+fn output_in_a_directory_that_cannot_be_written() {
+    // Root ignores permission bits, so the parent is a regular file instead.
+    let s = Scratch::new();
+    std::fs::write(s.path("plain-file"), b"").unwrap();
+    s.train(
+        &["--out", "plain-file/w.safetensors"],
+        &["plain-file/w.safetensors", "plain-file is not a directory"],
+    );
+}
+
+// Flags.
+
+#[test]
+fn cuda_device_that_does_not_exist() {
+    if tch::Cuda::device_count() > 7 {
+        return; // cuda:7 exists here.
+    }
+    let s = Scratch::new();
+    s.train(&["--device", "cuda:7"], &["--device cuda:7"]);
+    s.evaluate_on_device("cuda:7");
+    if !tch::Cuda::is_available() {
+        // No GPU at all: plain `cuda` is refused too, never a silent CPU run.
+        s.train(
+            &["--device", "cuda"],
+            &["--device cuda:0", "CUDA is not available"],
+        );
+    }
+}
+
+impl Scratch {
+    fn evaluate_on_device(&self, device: &str) {
+        let weights = self.path("w.safetensors");
+        Model::new(Device::Cpu, Some(1)).save(&weights).unwrap();
+        let (code, _) = self.refused(
+            &[
+                "evaluate",
+                "--device",
+                device,
+                "--data-dir",
+                "data",
+                "--weights",
+                "w.safetensors",
+            ],
+            &[&format!("--device {device}")],
+        );
+        assert_eq!(code, Some(1));
+    }
+}
+
+/// A flag value clap refuses: usage error, status 2, naming flag and value.
+fn bad_flag(flag: &str, value: &str, reason: &str) {
+    let s = Scratch::new();
+    let (code, line) = s.refused(
+        &["train", "--data-dir", "data", flag, value],
+        &[flag, &format!("'{value}'"), reason],
+    );
+    assert_eq!(code, Some(2), "{line}");
+}
+
+#[test]
+fn batch_size_zero() {
+    bad_flag("--batch-size", "0", "not in 1..");
+}
+
+#[test]
+fn epochs_zero() {
+    bad_flag("--epochs", "0", "not in 1..");
+}
+
+#[test]
+fn negative_learning_rate() {
+    bad_flag("--lr", "-1", "not a finite, non-negative number");
+}
+
+#[test]
+fn non_finite_learning_rate() {
+    bad_flag("--lr", "nan", "not a finite, non-negative number");
+    bad_flag("--lr", "inf", "not a finite, non-negative number");
+}
