@@ -947,6 +947,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     drop(train_set);
 
     let test = data::load_test(&batches, device)?;
+    tch::set_num_threads(crate::device::default_threads());
     let evals: Vec<Evaluation> = trio.iter().map(|c| evaluate(&c.net, &test, 1000)).collect();
     let preds: Vec<Tensor> = trio[..2]
         .iter()

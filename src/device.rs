@@ -72,6 +72,14 @@ impl DeviceArg {
     }
 }
 
+/// libtorch's own default CPU thread count (one per core), as it was before
+/// anything changed it; the first call must come before any
+/// `tch::set_num_threads`.
+pub fn default_threads() -> i32 {
+    static DEFAULT: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(tch::get_num_threads)
+}
+
 /// The device's name as the summaries print it: `cpu`, `cuda:0`, ...
 pub fn device_name(device: Device) -> String {
     match device {

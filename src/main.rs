@@ -7,6 +7,13 @@ use clap::{Parser, Subcommand};
 use tch_cifar::{compare, evaluate, train};
 use tracing_subscriber::EnvFilter;
 
+// jemalloc, unprefixed: it replaces malloc for the whole process, libtorch
+// included. At batch size 4 every step allocates and frees dozens of small
+// tensors and oneDNN scratch buffers, and jemalloc makes a step about 10 %
+// faster than glibc's malloc (measured with examples/step_profile.rs).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust, with tch.
 #[derive(Debug, Parser)]
 #[command(name = "tch-cifar", version, about)]

@@ -20,7 +20,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Meta, Position, Saver};
 use crate::data::{self, DataArgs, Split, CLASSES};
-use crate::device::{device_name, DeviceArg};
+use crate::device::{default_threads, device_name, DeviceArg};
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
@@ -57,12 +57,17 @@ pub struct Recipe {
     /// Device: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_name = "DEVICE")]
     pub device: DeviceArg,
-    /// CPU threads for libtorch's operators (default: libtorch's own choice).
+    /// CPU threads for libtorch's operators while training [default: 1 for
+    /// batches of up to 16 images, whose operators are too small to share
+    /// out; else one per core]. Evaluation always uses every core.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
     /// Print the running loss every N mini-batches (the tutorial uses 2000).
     #[arg(long, default_value_t = DEFAULT_LOG_EVERY, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub log_every: u64,
+    /// Stop after this many mini-batches in all: `TrainArgs::max_steps`.
+    #[arg(skip)]
+    pub max_steps: Option<u64>,
 }
 
 fn parse_non_negative(s: &str) -> Result<f64, String> {
@@ -74,12 +79,21 @@ fn parse_non_negative(s: &str) -> Result<f64, String> {
 }
 
 impl Recipe {
-    /// Resolves the device and applies `--threads`.
+    /// Resolves the device and sets libtorch's threads for training.
     pub fn device(&self) -> Result<Device> {
-        if let Some(n) = self.threads {
-            tch::set_num_threads(n);
-        }
+        tch::set_num_threads(self.train_threads());
         self.device.resolve()
+    }
+
+    /// `--threads`, or its default for this batch size. At batch size 4 an
+    /// operator is a few microseconds of work, less than it costs to wake a
+    /// second thread, and OpenMP threads that spin-wait for each other turn
+    /// any other load on the machine into a many-fold slowdown.
+    pub fn train_threads(&self) -> i32 {
+        // Read the default before anything changes it.
+        let every_core = default_threads();
+        self.threads
+            .unwrap_or(if self.batch_size <= 16 { 1 } else { every_core })
     }
 
     /// The seed given, or a fresh one drawn from the clock and process id.
@@ -120,6 +134,10 @@ pub struct TrainArgs {
     /// Where to save the trained weights (safetensors, keyed like PyTorch's state_dict).
     #[arg(long, default_value = "cifar_net.safetensors", value_name = "FILE")]
     pub out: PathBuf,
+    /// Stop after N mini-batches in all, then save and evaluate as usual
+    /// (for quick runs and benchmarks).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_steps: Option<u64>,
     /// Print one JSON object per line instead of the tutorial's text.
     #[arg(long)]
     pub json: bool,
@@ -340,7 +358,7 @@ pub fn train(
     let mut at = start;
     control.interrupts.exit_now.store(false, Ordering::SeqCst);
     let mut epochs = || -> Result<()> {
-        for epoch in start.epoch..=recipe.epochs {
+        'epochs: for epoch in start.epoch..=recipe.epochs {
             bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
             let (done, mut running_loss) = if epoch == start.epoch {
                 (start.step, start.running_loss)
@@ -400,6 +418,9 @@ pub fn train(
                 if control.interrupts.stop.load(Ordering::Relaxed) {
                     return Err(control.interrupt(model, opt, at, reporter));
                 }
+                if recipe.max_steps.is_some_and(|m| stats.steps >= m) {
+                    break 'epochs;
+                }
             }
             if control.every_epoch {
                 control.saver.save(model, opt, at)?;
@@ -428,9 +449,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         epochs,
         mut recipe,
         out,
+        max_steps,
         json,
         checkpoints: ck,
     } = args;
+    recipe.max_steps = max_steps;
     let device = recipe.device()?;
     crate::fsutil::check_writable(&out)?;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
@@ -456,7 +479,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         momentum: recipe.momentum,
         epochs: recipe.epochs,
         train_images: 0,
-        threads: tch::get_num_threads() as i64,
+        threads: recipe.train_threads() as i64,
         device: device_name(device),
         position: Position::START,
     };
@@ -520,6 +543,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &mut reporter,
     )?;
     drop(train_set);
+    tch::set_num_threads(default_threads());
     reporter.emit(
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),

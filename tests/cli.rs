@@ -265,3 +265,17 @@ fn md5_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+#[test]
+fn max_steps_cuts_the_run_short_and_still_evaluates() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 200, 40, 8, None);
+    let weights = dir.path().join("net.safetensors");
+    let text = ok(&train(&data, &weights, &["--json", "--max-steps", "7"]));
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["steps"], 7);
+    assert_eq!(summary["total"], 40);
+    assert!(weights.is_file());
+}
