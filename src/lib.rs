@@ -4,6 +4,7 @@
 //! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
+//! * [`pth`]: PyTorch's `torch.save` format.
 
 pub mod data;
 pub mod device;
@@ -12,5 +13,6 @@ pub mod evaluate;
 pub mod fsutil;
 pub mod model;
 pub mod plot;
+pub mod pth;
 pub mod report;
 pub mod train;
