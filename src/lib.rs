@@ -4,12 +4,13 @@
 //! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
-//! * [`pth`]: PyTorch's `torch.save` format.
+//! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
 
 pub mod data;
 pub mod device;
 pub mod download;
 pub mod evaluate;
+pub mod export;
 pub mod fsutil;
 pub mod model;
 pub mod plot;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tch_cifar::{evaluate, train};
+use tch_cifar::{evaluate, export, train};
 use tracing_subscriber::EnvFilter;
 
 /// PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust, with tch.
@@ -21,6 +21,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Report the test accuracy of saved weights, overall and per class.
     Evaluate(evaluate::EvaluateArgs),
+    /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
+    Export(export::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
