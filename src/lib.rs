@@ -5,6 +5,7 @@
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
+//! * [`predict`]: classifying image files.
 
 pub mod data;
 pub mod device;
@@ -14,6 +15,7 @@ pub mod export;
 pub mod fsutil;
 pub mod model;
 pub mod plot;
+pub mod predict;
 pub mod pth;
 pub mod report;
 pub mod train;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tch_cifar::{evaluate, export, train};
+use tch_cifar::{evaluate, export, predict, train};
 use tracing_subscriber::EnvFilter;
 
 /// PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust, with tch.
@@ -23,6 +23,8 @@ enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
     Export(export::ExportArgs),
+    /// Classify PNG or JPEG files and print each class's probability.
+    Predict(predict::PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::Export(args) => export::run(args),
+        Command::Predict(args) => predict::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
