@@ -5,7 +5,7 @@
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
-//! * [`predict`]: classifying image files.
+//! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
 
 pub mod data;
 pub mod device;
@@ -18,4 +18,5 @@ pub mod plot;
 pub mod predict;
 pub mod pth;
 pub mod report;
+pub mod samples;
 pub mod train;

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tch_cifar::{evaluate, export, predict, train};
+use tch_cifar::{evaluate, export, predict, samples, train};
 use tracing_subscriber::EnvFilter;
 
 /// PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust, with tch.
@@ -25,6 +25,8 @@ enum Command {
     Export(export::ExportArgs),
     /// Classify PNG or JPEG files and print each class's probability.
     Predict(predict::PredictArgs),
+    /// Draw a labeled grid of random training images (the tutorial's "show some images").
+    Samples(samples::SamplesArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => evaluate::run(args),
         Command::Export(args) => export::run(args),
         Command::Predict(args) => predict::run(args),
+        Command::Samples(args) => samples::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
