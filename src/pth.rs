@@ -73,7 +73,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     let names: Vec<String> = zip.file_names().map(String::from).collect();
     let Some(pkl) = names
         .iter()
-        .filter(|n| n.ends_with("data.pkl"))
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
         .min_by_key(|n| n.len())
         .cloned()
     else {
@@ -960,6 +960,56 @@ mod tests {
         }
     }
 
+    /// `data.pkl` of a `to_bytes` archive.
+    fn pickle_of(bytes: &[u8]) -> Vec<u8> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+        let mut pkl = Vec::new();
+        zip.by_name("archive/data.pkl")
+            .unwrap()
+            .read_to_end(&mut pkl)
+            .unwrap();
+        pkl
+    }
+
+    /// An archive like `to_bytes`'s with `pkl` as its data.pkl.
+    fn with_pickle(bytes: &[u8], pkl: &[u8]) -> Vec<u8> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+        let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for i in 0..zip.len() {
+            let mut f = zip.by_index(i).unwrap();
+            let name = f.name().to_string();
+            let mut data = Vec::new();
+            f.read_to_end(&mut data).unwrap();
+            out.start_file(name.as_str(), zip::write::FileOptions::default())
+                .unwrap();
+            out.write_all(if name.ends_with("data.pkl") {
+                pkl
+            } else {
+                &data
+            })
+            .unwrap();
+        }
+        out.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn tensors_saved_from_cuda_load_on_the_cpu() {
+        let state = vec![(
+            "w".to_string(),
+            Tensor::randn([2, 3], (Kind::Float, Device::Cpu)),
+        )];
+        let bytes = to_bytes(&state).unwrap();
+        let pkl = pickle_of(&bytes);
+        let cpu = b"X\x03\x00\x00\x00cpu";
+        let at = pkl.windows(cpu.len()).position(|w| w == cpu).unwrap();
+        let mut cuda = pkl[..at].to_vec();
+        cuda.extend(b"X\x06\x00\x00\x00cuda:0");
+        cuda.extend(&pkl[at + cpu.len()..]);
+        let back = from_bytes(&with_pickle(&bytes, &cuda)).unwrap();
+        assert!(back[0].1.equal(&state[0].1));
+        assert_eq!(back[0].1.device(), Device::Cpu);
+    }
+
     #[test]
     fn storages_are_aligned_to_64_bytes() {
         let bytes = to_bytes(&sample()).unwrap();
@@ -1019,12 +1069,7 @@ mod tests {
             ("b".to_string(), Tensor::randn([4], opts)),
         ];
         let bytes = to_bytes(&small).unwrap();
-        let mut zip = zip::ZipArchive::new(Cursor::new(bytes.as_slice())).unwrap();
-        let mut pkl = Vec::new();
-        zip.by_name("archive/data.pkl")
-            .unwrap()
-            .read_to_end(&mut pkl)
-            .unwrap();
+        let pkl = pickle_of(&bytes);
         for cut in 0..pkl.len() {
             assert!(Unpickler::new(&pkl[..cut]).run().is_err(), "cut at {cut}");
         }
