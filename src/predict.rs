@@ -150,13 +150,16 @@ pub fn run(args: PredictArgs) -> Result<()> {
         .iter()
         .map(|p| load_image(p))
         .collect::<Result<Vec<Tensor>>>()?;
-    let batch = Tensor::stack(&images, 0).to_device(device);
     let k = args.top_k as usize;
-    for (path, p) in args.images.iter().zip(predict(&model.net, &batch)?) {
-        if args.json {
-            println!("{}", to_json(path, &p, k));
-        } else {
-            println!("{}", text(path, &p, k));
+    // A thousand images per forward pass bounds the memory for long lists.
+    for (paths, images) in args.images.chunks(1000).zip(images.chunks(1000)) {
+        let batch = Tensor::stack(images, 0).to_device(device);
+        for (path, p) in paths.iter().zip(predict(&model.net, &batch)?) {
+            if args.json {
+                println!("{}", to_json(path, &p, k));
+            } else {
+                println!("{}", text(path, &p, k));
+            }
         }
     }
     Ok(())
