@@ -33,9 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
-import torchvision.transforms as transforms
-from PIL import Image
 from safetensors.torch import load_file, save_file
+
+# torchvision and PIL are imported where they are used: importing them costs
+# most of a second, and the tests start this script many times.
 
 CLASSES = ('plane', 'car', 'bird', 'cat',
            'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -62,10 +63,13 @@ class Net(nn.Module):
         return x
 
 
-# The tutorial's preprocessing.
-transform = transforms.Compose(
-    [transforms.ToTensor(),
-     transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+def tutorial_transform():
+    """The tutorial's preprocessing."""
+    import torchvision.transforms as transforms
+    transform = transforms.Compose(
+        [transforms.ToTensor(),
+         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    return transform
 
 
 class CifarBinary(torch.utils.data.Dataset):
@@ -84,6 +88,7 @@ class CifarBinary(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, index):
+        from PIL import Image
         img = Image.fromarray(self.data[index])
         if self.transform is not None:
             img = self.transform(img)
@@ -132,7 +137,9 @@ def cmd_run_script(args):
 
 
 def cmd_preprocess(args):
-    resize = transforms.Compose([transforms.Resize((32, 32)), transform])
+    import torchvision.transforms as transforms
+    from PIL import Image
+    resize = transforms.Compose([transforms.Resize((32, 32)), tutorial_transform()])
     batch = torch.stack([resize(Image.open(p).convert("RGB")) for p in args.images])
     save_file({"input": batch}, args.out)
 
@@ -142,7 +149,7 @@ def cmd_accuracy(args):
         net = torch.jit.load(args.script)
     else:
         net = load_net(args.weights)
-    testset = CifarBinary(args.data_dir, train=False, transform=transform)
+    testset = CifarBinary(args.data_dir, train=False, transform=tutorial_transform())
     testloader = torch.utils.data.DataLoader(testset, batch_size=args.batch_size, shuffle=False)
     correct = 0
     total = 0
@@ -176,7 +183,7 @@ def cmd_train(args):
     if args.seed is not None:
         torch.manual_seed(args.seed)
     batch_size = 4
-    trainset = CifarBinary(args.data_dir, train=True, transform=transform)
+    trainset = CifarBinary(args.data_dir, train=True, transform=tutorial_transform())
     trainloader = torch.utils.data.DataLoader(trainset, batch_size=batch_size,
                                               shuffle=True, num_workers=args.workers)
     net = Net()
