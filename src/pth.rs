@@ -1087,6 +1087,24 @@ mod tests {
     }
 
     #[test]
+    fn corrupting_any_byte_of_an_archive_never_panics() {
+        let opts = (Kind::Float, Device::Cpu);
+        let small = [
+            ("w".to_string(), Tensor::randn([4, 3], opts)),
+            ("b".to_string(), Tensor::randn([4], opts)),
+        ];
+        let bytes = to_bytes(&small).unwrap();
+        for i in 0..bytes.len() {
+            for x in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] = x;
+                let outcome = std::panic::catch_unwind(|| from_bytes(&b).is_ok());
+                assert!(outcome.is_ok(), "panic with byte {i} set to {x:#x}");
+            }
+        }
+    }
+
+    #[test]
     fn code_running_pickles_are_refused_by_name() {
         // pickle.dumps(os.system, 2) style: GLOBAL 'posix system'.
         let evil = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.";
