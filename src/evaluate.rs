@@ -1,7 +1,7 @@
 //! The tutorial's test step: overall and per-class accuracy of a `Net` on
 //! the test set, and the `evaluate` command that runs it on saved weights.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -17,9 +17,13 @@ use crate::report::Reporter;
 /// Evaluate saved weights on the CIFAR-10 test set.
 #[derive(Debug, clap::Args)]
 pub struct EvaluateArgs {
-    /// Weights to evaluate: a safetensors file keyed like PyTorch's `state_dict`.
+    /// Weights to evaluate, keyed like PyTorch's `state_dict`: safetensors
+    /// (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
+    /// Also draw the 10x10 confusion matrix (true class by predicted class) into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    pub confusion: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
     /// Device to run on: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
@@ -127,6 +131,9 @@ pub fn evaluate(net: &impl Module, split: &Split, batch_size: i64) -> Evaluation
 /// `tch-cifar evaluate`.
 pub fn run(args: EvaluateArgs) -> Result<()> {
     let device = args.device.resolve()?;
+    if let Some(png) = &args.confusion {
+        crate::fsutil::check_writable(png)?;
+    }
     let model = Model::load(&args.weights, device)?;
     let batches = args.data.prepare()?;
     let test = crate::data::load_split(&[batches.join(crate::data::TEST_FILE)], device)?;
@@ -140,7 +147,108 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     summary.insert("device".into(), json!(device_name(device)));
     summary.insert("eval_seconds".into(), json!(eval_seconds));
     reporter.emit(|| eval.text(), summary.into());
+    if let Some(png) = &args.confusion {
+        draw_confusion(png, &eval)?;
+    }
     Ok(())
+}
+
+/// Draws `eval`'s confusion matrix: one row per true class, one column per
+/// predicted class, each cell its count, shaded by its share of the row.
+pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
+    use crate::plot::{png_canvas, present, FONT};
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+    let cell = 58;
+    let (left, top) = (120, 70);
+    let (width, height) = (left + 10 * cell + 20, top + 10 * cell + 70);
+    let root = png_canvas(path, width as u32, height as u32);
+    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
+    root.fill(&WHITE).map_err(err)?;
+    let centred = |size: i32, colour: &RGBColor| {
+        (FONT, size)
+            .into_font()
+            .color(colour)
+            .pos(Pos::new(HPos::Center, VPos::Center))
+    };
+    root.draw(&Text::new(
+        format!(
+            "Confusion matrix: {} test images, accuracy {:.2} %",
+            eval.total(),
+            eval.accuracy()
+        ),
+        (left + 5 * cell, 22),
+        centred(20, &BLACK),
+    ))
+    .map_err(err)?;
+    root.draw(&Text::new(
+        "predicted class",
+        (left + 5 * cell, top + 10 * cell + 50),
+        centred(18, &BLACK),
+    ))
+    .map_err(err)?;
+    root.draw(&Text::new(
+        "true class",
+        (18, top + 5 * cell),
+        centred(18, &BLACK).transform(FontTransform::Rotate270),
+    ))
+    .map_err(err)?;
+    let base = RGBColor(31, 119, 180);
+    for (t, row) in eval.confusion.iter().enumerate() {
+        let row_total = row.iter().sum::<i64>().max(1) as f64;
+        let y = top + t as i32 * cell;
+        root.draw(&Text::new(
+            CLASSES[t],
+            (left - 8, y + cell / 2),
+            (FONT, 16)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Right, VPos::Center)),
+        ))
+        .map_err(err)?;
+        for (p, &count) in row.iter().enumerate() {
+            let x = left + p as i32 * cell;
+            let share = count as f64 / row_total;
+            let mix = |c: u8| (255.0 - share * (255.0 - c as f64)).round() as u8;
+            let fill = RGBColor(mix(base.0), mix(base.1), mix(base.2));
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                fill.filled(),
+            ))
+            .map_err(err)?;
+            let ink = if share > 0.5 { WHITE } else { BLACK };
+            root.draw(&Text::new(
+                count.to_string(),
+                (x + cell / 2, y + cell / 2),
+                centred(15, &ink),
+            ))
+            .map_err(err)?;
+        }
+    }
+    for (p, name) in CLASSES.iter().enumerate() {
+        root.draw(&Text::new(
+            *name,
+            (left + p as i32 * cell + cell / 2, top + 10 * cell + 16),
+            centred(16, &BLACK),
+        ))
+        .map_err(err)?;
+    }
+    let grid = RGBColor(200, 200, 200);
+    for i in 0..=10 {
+        let d = i * cell;
+        root.draw(&PathElement::new(
+            vec![(left, top + d), (left + 10 * cell, top + d)],
+            grid,
+        ))
+        .map_err(err)?;
+        root.draw(&PathElement::new(
+            vec![(left + d, top), (left + d, top + 10 * cell)],
+            grid,
+        ))
+        .map_err(err)?;
+    }
+    present(&root, path)
 }
 
 #[cfg(test)]

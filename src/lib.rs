@@ -6,6 +6,8 @@
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`checkpoint`]: saving and resuming a training run.
 //! * [`compare`]: cross-entropy on logits against softmax + `nll_loss(log p)`.
+//! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
+//! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
 
 pub mod checkpoint;
 pub mod compare;
@@ -13,9 +15,13 @@ pub mod data;
 pub mod device;
 pub mod download;
 pub mod evaluate;
+pub mod export;
 pub mod fsutil;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod predict;
+pub mod pth;
 pub mod report;
+pub mod samples;
 pub mod train;

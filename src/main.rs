@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tch_cifar::{compare, evaluate, train};
+use tch_cifar::{compare, evaluate, export, predict, samples, train};
 use tracing_subscriber::EnvFilter;
 
 // jemalloc, unprefixed: it replaces malloc for the whole process, libtorch
@@ -30,6 +30,12 @@ enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// Train Net with cross-entropy on logits and with a softmax output + nll_loss(log p), side by side.
     CompareLosses(compare::CompareArgs),
+    /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
+    Export(export::ExportArgs),
+    /// Classify PNG or JPEG files and print each class's probability.
+    Predict(predict::PredictArgs),
+    /// Draw a labeled grid of random training images (the tutorial's "show some images").
+    Samples(samples::SamplesArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,9 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
         Command::CompareLosses(args) => compare::run(args),
+        Command::Export(args) => export::run(args),
+        Command::Predict(args) => predict::run(args),
+        Command::Samples(args) => samples::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

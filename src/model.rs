@@ -264,6 +264,12 @@ impl Model {
                 .with_context(|| format!("cannot write weights to {}", tmp.display()))
         })
     }
+
+    /// Writes the weights in `torch.save`'s format (an `OrderedDict`, like
+    /// `torch.save(net.state_dict(), PATH)`), atomically.
+    pub fn save_pth(&self, path: &Path) -> Result<()> {
+        crate::pth::write(path, &self.state_dict())
+    }
 }
 
 fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {
@@ -274,18 +280,60 @@ fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {
         .collect()
 }
 
-/// Reads a weights file into named tensors.
+/// Reads a weights file into named tensors. The format is told by the
+/// content, not the name: a zip archive is PyTorch's `torch.save` format
+/// (`.pth`, see [`crate::pth`]), anything else must be safetensors.
 pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
     if !path.is_file() {
         bail!("weights file {} does not exist", path.display());
     }
-    let tensors = Tensor::read_safetensors(path).with_context(|| {
-        format!(
-            "cannot read weights from {} (not a safetensors file?)",
+    match sniff(path)? {
+        Format::Pth => Ok(crate::pth::read(path)?.into_iter().collect()),
+        Format::LegacyPth => bail!(
+            "{} is in torch.save's legacy format (PyTorch < 1.6 or \
+             _use_new_zipfile_serialization=False), which is not supported; re-save it with \
+             torch.save(state_dict, PATH) in a current PyTorch",
             path.display()
-        )
-    })?;
-    Ok(tensors.into_iter().collect())
+        ),
+        Format::Safetensors => {
+            let tensors = Tensor::read_safetensors(path).with_context(|| {
+                format!(
+                    "cannot read weights from {} (neither a safetensors file nor a .pth \
+                     from torch.save)",
+                    path.display()
+                )
+            })?;
+            Ok(tensors.into_iter().collect())
+        }
+    }
+}
+
+/// A weights file's format, as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Pth,
+    LegacyPth,
+    Safetensors,
+}
+
+/// How the pre-1.6 `torch.save` layout starts: PROTO 2, then LONG1 of 10
+/// bytes (its magic number). As a safetensors header length it would be
+/// 177 MB, over safetensors' 100 MB limit, so the two can't be confused.
+const LEGACY_MAGIC: [u8; 4] = [0x80, 0x02, 0x8a, 0x0a];
+
+fn sniff(path: &Path) -> Result<Format> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(4);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(4).read_to_end(&mut head))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(if crate::pth::is_zip(&head) {
+        Format::Pth
+    } else if head == LEGACY_MAGIC {
+        Format::LegacyPth
+    } else {
+        Format::Safetensors
+    })
 }
 
 /// Parameter names and shapes, as a `BTreeMap` for comparisons in tests.

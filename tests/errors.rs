@@ -293,7 +293,7 @@ fn garbage_weights_file() {
     std::fs::write(s.path("w.safetensors"), b"not weights at all").unwrap();
     s.evaluate(
         "w.safetensors",
-        &["w.safetensors", "not a safetensors file"],
+        &["w.safetensors", "neither a safetensors file nor a .pth"],
     );
 }
 
@@ -430,4 +430,22 @@ fn negative_learning_rate() {
 fn non_finite_learning_rate() {
     bad_flag("--lr", "nan", "not a finite, non-negative number");
     bad_flag("--lr", "inf", "not a finite, non-negative number");
+}
+
+#[test]
+fn predict_an_image_that_cannot_be_decoded() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    std::fs::write(s.path("photo.jpg"), b"\xff\xd8\xff\xe0 not really a JPEG").unwrap();
+    s.refused(
+        &[
+            "predict",
+            "--device",
+            "cpu",
+            "--weights",
+            "w.safetensors",
+            "photo.jpg",
+        ],
+        &["photo.jpg"],
+    );
 }

@@ -1,0 +1,212 @@
+//! `tch-cifar predict`: classifies PNG and JPEG files with saved weights and
+//! prints each class's probability.
+//!
+//! `Net` ends in a linear layer, so its outputs are logits; the
+//! probabilities are their softmax (`CrossEntropyLoss` applies the same
+//! log-softmax during training). An image of any size is converted to RGB,
+//! resized to 32x32 with a bilinear, antialiased filter (like torchvision's
+//! `Resize((32, 32))` on a PIL image) and normalized exactly as the training
+//! data is (`ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+use image::imageops::FilterType;
+use serde_json::json;
+use tch::nn::Module;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::{normalize_into, CLASSES};
+use crate::device::DeviceArg;
+use crate::model::Model;
+
+/// Classify image files with saved weights.
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// Weights: safetensors (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
+    #[arg(long, value_name = "FILE")]
+    pub weights: PathBuf,
+    /// PNG or JPEG files, of any size.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+    /// How many of the most probable classes to print per image.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
+    pub top_k: u8,
+    /// Print one JSON object per image, with all ten probabilities and the logits.
+    #[arg(long)]
+    pub json: bool,
+    /// Device to run on: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    pub device: DeviceArg,
+}
+
+/// Reads a PNG or JPEG file (the format is told by its content) and turns
+/// it into the normalized `[3, 32, 32]` f32 tensor `Net` expects.
+pub fn load_image(path: &Path) -> Result<Tensor> {
+    let reader = image::io::Reader::open(path)
+        .with_context(|| format!("cannot read image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read image {}", path.display()))?;
+    let image = reader
+        .decode()
+        .with_context(|| format!("{} is not a readable PNG or JPEG image", path.display()))?;
+    ensure!(
+        image.width() > 0 && image.height() > 0,
+        "{} is an empty image ({}x{})",
+        path.display(),
+        image.width(),
+        image.height()
+    );
+    Ok(preprocess(&image))
+}
+
+/// RGB, resized to 32x32 if needed, then normalized like the training data.
+pub fn preprocess(image: &image::DynamicImage) -> Tensor {
+    let mut rgb = image.to_rgb8();
+    if rgb.dimensions() != (32, 32) {
+        rgb = image::imageops::resize(&rgb, 32, 32, FilterType::Triangle);
+    }
+    // HWC bytes -> CHW, as ToTensor() does.
+    let pixels = Tensor::from_slice(rgb.as_raw())
+        .view([32, 32, 3])
+        .permute([2, 0, 1]);
+    let mut out = Tensor::empty([3, 32, 32], (Kind::Float, Device::Cpu));
+    normalize_into(&mut out, &pixels);
+    out
+}
+
+/// One image's result.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub logits: Vec<f32>,
+    pub probabilities: Vec<f32>,
+}
+
+impl Prediction {
+    /// Class indices from most to least probable.
+    pub fn ranking(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.probabilities.len()).collect();
+        order.sort_by(|&a, &b| self.probabilities[b].total_cmp(&self.probabilities[a]));
+        order
+    }
+
+    /// The most probable class.
+    pub fn class(&self) -> usize {
+        self.ranking()[0]
+    }
+}
+
+/// Runs `net` on a `[N, 3, 32, 32]` batch: logits and their softmax.
+pub fn predict(net: &impl Module, images: &Tensor) -> Result<Vec<Prediction>> {
+    let logits = tch::no_grad(|| net.forward(images)).to_device(Device::Cpu);
+    let probs = logits.softmax(1, Kind::Float);
+    let rows = |t: &Tensor| -> Result<Vec<Vec<f32>>> { Ok(Vec::<Vec<f32>>::try_from(t)?) };
+    Ok(rows(&logits)?
+        .into_iter()
+        .zip(rows(&probs)?)
+        .map(|(logits, probabilities)| Prediction {
+            logits,
+            probabilities,
+        })
+        .collect())
+}
+
+/// The text lines for one image: its class, then the top `k` classes.
+pub fn text(path: &Path, p: &Prediction, k: usize) -> String {
+    let mut out = format!("{}: {}", path.display(), CLASSES[p.class()]);
+    for c in p.ranking().into_iter().take(k) {
+        out.push_str(&format!("\n  {:5} {:.4}", CLASSES[c], p.probabilities[c]));
+    }
+    out
+}
+
+/// The JSON object for one image.
+pub fn to_json(path: &Path, p: &Prediction, k: usize) -> serde_json::Value {
+    let class = p.class();
+    let top: Vec<serde_json::Value> = p
+        .ranking()
+        .into_iter()
+        .take(k)
+        .map(|c| json!({"class": CLASSES[c], "label": c, "probability": p.probabilities[c]}))
+        .collect();
+    json!({
+        "image": path,
+        "class": CLASSES[class],
+        "label": class,
+        "top_k": top,
+        "classes": CLASSES,
+        "probabilities": p.probabilities,
+        "logits": p.logits,
+    })
+}
+
+/// `tch-cifar predict`.
+pub fn run(args: PredictArgs) -> Result<()> {
+    let device = args.device.resolve()?;
+    let model = Model::load(&args.weights, device)?;
+    // Read every image first, so that a bad file fails before any output.
+    let images = args
+        .images
+        .iter()
+        .map(|p| load_image(p))
+        .collect::<Result<Vec<Tensor>>>()?;
+    let k = args.top_k as usize;
+    // A thousand images per forward pass bounds the memory for long lists.
+    for (paths, images) in args.images.chunks(1000).zip(images.chunks(1000)) {
+        let batch = Tensor::stack(images, 0).to_device(device);
+        for (path, p) in paths.iter().zip(predict(&model.net, &batch)?) {
+            if args.json {
+                println!("{}", to_json(path, &p, k));
+            } else {
+                println!("{}", text(path, &p, k));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_32x32_image_is_normalized_like_the_training_data() {
+        let mut img = image::RgbImage::new(32, 32);
+        img.put_pixel(0, 0, image::Rgb([255, 0, 51]));
+        let t = preprocess(&image::DynamicImage::ImageRgb8(img));
+        assert_eq!(t.size(), [3, 32, 32]);
+        assert_eq!(t.double_value(&[0, 0, 0]), 1.0);
+        assert_eq!(t.double_value(&[1, 0, 0]), -1.0);
+        assert!((t.double_value(&[2, 0, 0]) + 0.6).abs() < 1e-6);
+        assert_eq!(t.double_value(&[0, 31, 31]), -1.0);
+    }
+
+    #[test]
+    fn other_sizes_and_modes_become_3x32x32() {
+        for (w, h) in [(1, 1), (7, 300), (64, 48)] {
+            let gray = image::GrayAlphaImage::from_pixel(w, h, image::LumaA([128, 7]));
+            let t = preprocess(&image::DynamicImage::ImageLumaA8(gray));
+            assert_eq!(t.size(), [3, 32, 32], "{w}x{h}");
+            let v = t.double_value(&[2, 5, 5]);
+            assert!(
+                (v - (128.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6,
+                "{w}x{h}: {v}"
+            );
+        }
+    }
+
+    #[test]
+    fn ranking_and_text() {
+        let p = Prediction {
+            logits: vec![0.0; 10],
+            probabilities: vec![0.05, 0.5, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.15, 0.0],
+        };
+        assert_eq!(&p.ranking()[..3], [1, 3, 8]);
+        let t = text(Path::new("x.png"), &p, 2);
+        assert_eq!(t, "x.png: car\n  car   0.5000\n  cat   0.3000");
+        let j = to_json(Path::new("x.png"), &p, 3);
+        assert_eq!(j["class"], "car");
+        assert_eq!(j["top_k"].as_array().unwrap().len(), 3);
+        assert_eq!(j["probabilities"].as_array().unwrap().len(), 10);
+    }
+}

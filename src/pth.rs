@@ -1,0 +1,1152 @@
+//! PyTorch's `torch.save` file format, for `state_dict`s: reading the files
+//! that `torch.save(net.state_dict(), PATH)` writes, and writing files that
+//! `net.load_state_dict(torch.load(PATH, weights_only=True))` accepts.
+//!
+//! Since PyTorch 1.6 such a file is a zip archive (entries stored, not
+//! compressed) whose entries all sit under one folder, `<prefix>/`:
+//!
+//! * `data.pkl`: a pickle (protocol 2) of an `OrderedDict` mapping each key
+//!   to `torch._utils._rebuild_tensor_v2(storage, offset, size, stride,
+//!   requires_grad, backward_hooks)`, where `storage` is a persistent id
+//!   `('storage', torch.FloatStorage, '<n>', 'cpu', numel)`;
+//! * `data/<n>`: storage `<n>`'s elements, raw, in the byte order of
+//!   `byteorder` (`little`);
+//! * `version` (`3`), and in recent versions `.format_version`,
+//!   `.storage_alignment` and `.data/serialization_id`.
+//!
+//! libtorch can read these (`torch::pickle_load`), but tch does not expose
+//! it, so this module has its own small pickle machine. It understands the
+//! opcodes and the few globals that such files use (the same globals that
+//! `weights_only=True` allows) and refuses everything else with an error
+//! naming the opcode or the global: it never runs code, and no file content
+//! makes it panic. The writer emits only globals `weights_only=True`
+//! accepts.
+
+use std::collections::HashMap;
+use std::io::{Cursor, Read, Write};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tch::{Kind, Tensor};
+
+/// A zip archive's first four bytes (a local file header).
+pub const ZIP_MAGIC: &[u8; 4] = b"PK\x03\x04";
+
+/// The folder name the writer puts the entries under (PyTorch uses the
+/// file's stem; any name loads).
+const ARCHIVE_PREFIX: &str = "archive";
+
+/// Storage types by their name in `torch`, with the element kind and size.
+const STORAGE_TYPES: [(&str, Kind, usize); 10] = [
+    ("FloatStorage", Kind::Float, 4),
+    ("DoubleStorage", Kind::Double, 8),
+    ("HalfStorage", Kind::Half, 2),
+    ("BFloat16Storage", Kind::BFloat16, 2),
+    ("LongStorage", Kind::Int64, 8),
+    ("IntStorage", Kind::Int, 4),
+    ("ShortStorage", Kind::Int16, 2),
+    ("CharStorage", Kind::Int8, 1),
+    ("ByteStorage", Kind::Uint8, 1),
+    ("BoolStorage", Kind::Bool, 1),
+];
+
+/// Whether `bytes` start like a zip archive (and so possibly a `.pth`).
+pub fn is_zip(bytes: &[u8]) -> bool {
+    bytes.starts_with(ZIP_MAGIC)
+}
+
+/// Reads the `state_dict` in the `torch.save` file at `path`, in file order.
+pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    from_bytes(&bytes)
+        .with_context(|| format!("cannot read PyTorch weights from {}", path.display()))
+}
+
+/// Parses a `torch.save` archive holding a `state_dict`.
+pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
+    ensure!(
+        cfg!(target_endian = "little"),
+        "reading .pth files is only implemented on little-endian machines"
+    );
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .context("not a zip archive (a .pth from torch.save is one)")?;
+    let names: Vec<String> = zip.file_names().map(String::from).collect();
+    let Some(pkl) = names
+        .iter()
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .min_by_key(|n| n.len())
+        .cloned()
+    else {
+        bail!("the archive has no data.pkl, so it is not a torch.save file");
+    };
+    let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
+    if names
+        .iter()
+        .any(|n| n.starts_with(&format!("{prefix}code/")) || n == &format!("{prefix}constants.pkl"))
+    {
+        bail!(
+            "this is a TorchScript module (torch.jit.save or `tch-cifar export`), not a \
+             state_dict; save the weights with torch.save(net.state_dict(), PATH) instead"
+        );
+    }
+    if let Ok(order) = read_entry(&mut zip, &format!("{prefix}byteorder"), 16) {
+        ensure!(
+            order == b"little",
+            "the storages are stored {:?}-endian; only little-endian files are supported",
+            String::from_utf8_lossy(&order)
+        );
+    }
+    let pickle = read_entry(&mut zip, &pkl, 64 << 20)?;
+    let root = Unpickler::new(&pickle)
+        .run()
+        .with_context(|| format!("cannot unpickle {pkl}"))?;
+    let Value::Dict(items) = root else {
+        bail!(
+            "{pkl} holds {}, not a state_dict (a dict of tensors)",
+            root.describe()
+        );
+    };
+    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    let mut out = Vec::with_capacity(items.len());
+    for (key, value) in items {
+        let Value::Str(key) = key else {
+            bail!(
+                "the state_dict has a key that is {}, not a string",
+                key.describe()
+            );
+        };
+        let Value::Tensor(desc) = value else {
+            bail!(
+                "key `{key}` holds {}, not a tensor; is this a checkpoint dict \
+                 rather than a state_dict?",
+                value.describe()
+            );
+        };
+        let storage = match storages.get(&desc.storage.key) {
+            Some(t) => t.shallow_clone(),
+            None => {
+                let s = &desc.storage;
+                let name = format!("{prefix}data/{}", s.key);
+                let expected = s
+                    .numel
+                    .checked_mul(s.elem_size as u64)
+                    .ok_or_else(|| anyhow!("key `{key}`: storage {} is impossibly large", s.key))?;
+                let data = read_entry(&mut zip, &name, expected)
+                    .with_context(|| format!("key `{key}`"))?;
+                ensure!(
+                    data.len() as u64 == expected,
+                    "key `{key}`: {name} has {} bytes, but its storage holds {} elements of \
+                     {} bytes",
+                    data.len(),
+                    s.numel,
+                    s.elem_size
+                );
+                let t = Tensor::f_from_data_size(&data, &[s.numel as i64], s.kind)
+                    .with_context(|| format!("key `{key}`: cannot build its storage"))?;
+                storages.insert(s.key.clone(), t.shallow_clone());
+                t
+            }
+        };
+        let tensor = desc
+            .materialize(&storage)
+            .with_context(|| format!("key `{key}`"))?;
+        out.push((key, tensor));
+    }
+    Ok(out)
+}
+
+/// Reads one archive entry, refusing entries over `limit` bytes.
+fn read_entry(zip: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str, limit: u64) -> Result<Vec<u8>> {
+    let entry = zip
+        .by_name(name)
+        .with_context(|| format!("the archive has no entry {name}"))?;
+    ensure!(
+        entry.size() <= limit,
+        "entry {name} is {} bytes, more than the {limit} expected",
+        entry.size()
+    );
+    let mut data = Vec::with_capacity(entry.size() as usize);
+    entry
+        .take(limit + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("cannot read entry {name}"))?;
+    Ok(data)
+}
+
+/// Writes `tensors` as a `torch.save` file of an `OrderedDict`, atomically.
+pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let bytes = to_bytes(tensors)?;
+    crate::fsutil::write_atomically(path, |tmp| {
+        std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))
+    })
+}
+
+/// The bytes of a `torch.save` file holding `tensors` (f32, any shape) as
+/// an `OrderedDict`, laid out like PyTorch's own: stored entries, storages
+/// aligned to 64 bytes.
+pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut storages = Vec::with_capacity(tensors.len());
+    let mut pickle = Pickler::new();
+    pickle.begin_ordered_dict();
+    for (i, (key, tensor)) in tensors.iter().enumerate() {
+        ensure!(
+            tensor.kind() == Kind::Float,
+            "key `{key}` holds {:?} values; only f32 tensors can be written",
+            tensor.kind()
+        );
+        let values = Vec::<f32>::try_from(&tensor.flatten(0, -1).contiguous())
+            .with_context(|| format!("key `{key}`: cannot read its values"))?;
+        let size = tensor.size();
+        pickle.tensor_entry(key, &i.to_string(), values.len() as u64, &size);
+        storages.push(
+            values
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
+    }
+    pickle.end_ordered_dict();
+
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options =
+        zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let mut entry = |name: &str, data: &[u8]| -> Result<()> {
+        let name = format!("{ARCHIVE_PREFIX}/{name}");
+        zip.start_file_aligned(name.as_str(), options, 64)
+            .and_then(|_| zip.write_all(data).map_err(Into::into))
+            .with_context(|| format!("cannot add {name} to the archive"))
+    };
+    entry("data.pkl", &pickle.finish())?;
+    entry(".format_version", b"1")?;
+    entry(".storage_alignment", b"64")?;
+    entry("byteorder", b"little")?;
+    for (i, data) in storages.iter().enumerate() {
+        entry(&format!("data/{i}"), data)?;
+    }
+    entry("version", b"3\n")?;
+    let out = zip.finish().context("cannot finish the archive")?;
+    Ok(out.into_inner())
+}
+
+// ---------------------------------------------------------------------------
+// Unpickling
+
+/// A storage a tensor points into: archive entry `data/<key>`.
+#[derive(Debug, Clone, PartialEq)]
+struct StorageRef {
+    key: String,
+    kind: Kind,
+    elem_size: usize,
+    numel: u64,
+}
+
+/// What `_rebuild_tensor_v2` was asked to build.
+#[derive(Debug, Clone, PartialEq)]
+struct TensorDesc {
+    storage: StorageRef,
+    offset: i64,
+    size: Vec<i64>,
+    stride: Vec<i64>,
+}
+
+impl TensorDesc {
+    /// The tensor, as a contiguous copy of its view of `storage`, after
+    /// checking that the view stays inside the storage.
+    fn materialize(&self, storage: &Tensor) -> Result<Tensor> {
+        ensure!(
+            self.size.len() == self.stride.len(),
+            "size {:?} and stride {:?} differ in length",
+            self.size,
+            self.stride
+        );
+        ensure!(
+            self.offset >= 0
+                && self.size.iter().all(|&s| s >= 0)
+                && self.stride.iter().all(|&s| s >= 0),
+            "negative offset, size or stride (offset {}, size {:?}, stride {:?})",
+            self.offset,
+            self.size,
+            self.stride
+        );
+        let numel = self
+            .size
+            .iter()
+            .try_fold(1i64, |n, &s| n.checked_mul(s))
+            .ok_or_else(|| anyhow!("size {:?} overflows", self.size))?;
+        if numel > 0 {
+            let last = self
+                .size
+                .iter()
+                .zip(&self.stride)
+                .try_fold(self.offset, |acc, (&s, &st)| {
+                    (s - 1).checked_mul(st).and_then(|d| acc.checked_add(d))
+                })
+                .ok_or_else(|| anyhow!("size {:?} stride {:?} overflow", self.size, self.stride))?;
+            ensure!(
+                (last as u64) < self.storage.numel,
+                "size {:?}, stride {:?} and offset {} reach element {last}, past the end of \
+                 its storage of {} elements",
+                self.size,
+                self.stride,
+                self.offset,
+                self.storage.numel
+            );
+        }
+        Ok(storage
+            .f_as_strided(self.size.as_slice(), self.stride.as_slice(), self.offset)?
+            .f_contiguous()?)
+    }
+}
+
+/// The few globals a `state_dict` pickle may name.
+#[derive(Debug, Clone, PartialEq)]
+enum Global {
+    OrderedDict,
+    RebuildTensorV2,
+    RebuildParameter,
+    Storage(&'static str, Kind, usize),
+}
+
+impl Global {
+    fn resolve(module: &str, name: &str) -> Result<Global> {
+        match (module, name) {
+            ("collections", "OrderedDict") => Ok(Global::OrderedDict),
+            ("torch._utils", "_rebuild_tensor_v2") => Ok(Global::RebuildTensorV2),
+            ("torch._utils", "_rebuild_parameter") => Ok(Global::RebuildParameter),
+            ("torch", storage) => STORAGE_TYPES
+                .iter()
+                .find(|(n, _, _)| *n == storage)
+                .map(|&(n, k, s)| Global::Storage(n, k, s))
+                .ok_or_else(|| anyhow!("unsupported global `torch.{storage}`")),
+            _ => bail!(
+                "unsupported global `{module}.{name}`: a state_dict file only refers to \
+                 collections.OrderedDict, torch._utils._rebuild_tensor_v2 and torch storage types"
+            ),
+        }
+    }
+}
+
+/// A value on the pickle machine's stack.
+#[derive(Debug, Clone, PartialEq)]
+enum Value {
+    Mark,
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    Tuple(Vec<Value>),
+    List(Vec<Value>),
+    Dict(Vec<(Value, Value)>),
+    Global(Global),
+    Storage(StorageRef),
+    Tensor(TensorDesc),
+}
+
+impl Value {
+    /// A short description for error messages.
+    fn describe(&self) -> String {
+        match self {
+            Value::Mark => "a mark".into(),
+            Value::None => "None".into(),
+            Value::Bool(b) => format!("the bool {b}"),
+            Value::Int(i) => format!("the int {i}"),
+            Value::Float(f) => format!("the float {f}"),
+            Value::Str(s) => format!("the string {s:?}"),
+            Value::Bytes(b) => format!("{} bytes", b.len()),
+            Value::Tuple(t) => format!("a tuple of {}", t.len()),
+            Value::List(l) => format!("a list of {}", l.len()),
+            Value::Dict(d) => format!("a dict of {}", d.len()),
+            Value::Global(g) => format!("the global {g:?}"),
+            Value::Storage(_) => "a storage".into(),
+            Value::Tensor(_) => "a tensor".into(),
+        }
+    }
+
+    fn int(&self, what: &str) -> Result<i64> {
+        match self {
+            Value::Int(i) => Ok(*i),
+            other => bail!("{what} should be an int, got {}", other.describe()),
+        }
+    }
+
+    fn ints(&self, what: &str) -> Result<Vec<i64>> {
+        match self {
+            Value::Tuple(items) | Value::List(items) => items.iter().map(|v| v.int(what)).collect(),
+            other => bail!("{what} should be a tuple of ints, got {}", other.describe()),
+        }
+    }
+}
+
+/// A pickle machine for the protocol-2..5 opcodes a `state_dict` uses.
+///
+/// Memoized values are copies (not shared references); `torch.save` never
+/// fetches a container from the memo after changing it, so this is exact
+/// for the files it writes.
+struct Unpickler<'a> {
+    data: &'a [u8],
+    pos: usize,
+    stack: Vec<Value>,
+    memo: HashMap<u32, Value>,
+}
+
+/// The most values the stack and the memo may hold: far above what any
+/// state_dict needs, low enough that a hostile file can't exhaust memory.
+const MAX_VALUES: usize = 1 << 20;
+
+impl<'a> Unpickler<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Self {
+            data,
+            pos: 0,
+            stack: Vec::new(),
+            memo: HashMap::new(),
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| anyhow!("the pickle ends early, at byte {}", self.data.len()))?;
+        let bytes = &self.data[self.pos..end];
+        self.pos = end;
+        Ok(bytes)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        let b = self.take(8)?;
+        let mut a = [0; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    /// A newline-terminated line (for GLOBAL).
+    fn line(&mut self) -> Result<&'a str> {
+        let rest = &self.data[self.pos..];
+        let n = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| anyhow!("the pickle ends inside a GLOBAL name"))?;
+        let line = self.take(n + 1)?;
+        std::str::from_utf8(&line[..n]).context("a GLOBAL name is not UTF-8")
+    }
+
+    fn string(&mut self, n: usize) -> Result<Value> {
+        let bytes = self.take(n)?;
+        Ok(Value::Str(
+            std::str::from_utf8(bytes)
+                .context("a string is not UTF-8")?
+                .to_string(),
+        ))
+    }
+
+    fn push(&mut self, v: Value) -> Result<()> {
+        ensure!(
+            self.stack.len() < MAX_VALUES,
+            "the pickle stack grows past {MAX_VALUES} values"
+        );
+        self.stack.push(v);
+        Ok(())
+    }
+
+    fn pop(&mut self) -> Result<Value> {
+        match self.stack.pop() {
+            Some(Value::Mark) => bail!("an opcode found a mark where it expected a value"),
+            Some(v) => Ok(v),
+            None => bail!("an opcode pops from an empty stack"),
+        }
+    }
+
+    fn top(&mut self) -> Result<&mut Value> {
+        match self.stack.last_mut() {
+            Some(Value::Mark) | None => bail!("an opcode needs a value on the stack, found none"),
+            Some(v) => Ok(v),
+        }
+    }
+
+    /// Pops everything above the topmost mark, and the mark.
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let at = self
+            .stack
+            .iter()
+            .rposition(|v| matches!(v, Value::Mark))
+            .ok_or_else(|| anyhow!("an opcode needs a mark, but there is none"))?;
+        let items = self.stack.split_off(at + 1);
+        self.stack.pop();
+        Ok(items)
+    }
+
+    fn memo_put(&mut self, id: u32) -> Result<()> {
+        let v = self.top()?.clone();
+        ensure!(
+            self.memo.len() < MAX_VALUES || self.memo.contains_key(&id),
+            "the pickle memo grows past {MAX_VALUES} values"
+        );
+        self.memo.insert(id, v);
+        Ok(())
+    }
+
+    fn memo_get(&mut self, id: u32) -> Result<()> {
+        let v =
+            self.memo.get(&id).cloned().ok_or_else(|| {
+                anyhow!("the pickle refers to memo entry {id}, which was never set")
+            })?;
+        self.push(v)
+    }
+
+    fn run(mut self) -> Result<Value> {
+        loop {
+            let at = self.pos;
+            let op = self.u8()?;
+            self.step(op)
+                .with_context(|| format!("at byte {at} (opcode {:?})", op as char))?;
+            if op == b'.' {
+                let v = self.pop()?;
+                return Ok(v);
+            }
+        }
+    }
+
+    fn step(&mut self, op: u8) -> Result<()> {
+        match op {
+            0x80 => {
+                // PROTO
+                let p = self.u8()?;
+                ensure!(p <= 5, "pickle protocol {p} is newer than 5");
+            }
+            0x95 => {
+                // FRAME: a length hint only
+                self.u64()?;
+            }
+            b'.' => {} // STOP, handled by the caller
+            b'(' => self.push(Value::Mark)?,
+            b'0' => {
+                // POP
+                self.stack
+                    .pop()
+                    .ok_or_else(|| anyhow!("POP on an empty stack"))?;
+            }
+            b'1' => {
+                // POP_MARK
+                self.pop_mark()?;
+            }
+            b'2' => {
+                // DUP
+                let v = self.top()?.clone();
+                self.push(v)?;
+            }
+            b'N' => self.push(Value::None)?,
+            0x88 => self.push(Value::Bool(true))?,
+            0x89 => self.push(Value::Bool(false))?,
+            b'K' => {
+                let v = self.u8()?;
+                self.push(Value::Int(v.into()))?
+            }
+            b'M' => {
+                let v = self.u16()?;
+                self.push(Value::Int(v.into()))?
+            }
+            b'J' => {
+                let v = self.u32()? as i32;
+                self.push(Value::Int(v.into()))?
+            }
+            0x8a => {
+                // LONG1: little-endian two's complement of n bytes
+                let n = self.u8()? as usize;
+                let bytes = self.take(n)?;
+                ensure!(n <= 8, "an integer of {n} bytes does not fit in 64 bits");
+                let mut v: i64 = 0;
+                for (i, &b) in bytes.iter().enumerate() {
+                    v |= (b as i64) << (8 * i);
+                }
+                if n > 0 && n < 8 && bytes[n - 1] & 0x80 != 0 {
+                    v -= 1i64 << (8 * n);
+                }
+                self.push(Value::Int(v))?
+            }
+            b'G' => {
+                let v = f64::from_bits(u64::from_be_bytes(
+                    self.take(8)?.try_into().expect("8 bytes"),
+                ));
+                self.push(Value::Float(v))?
+            }
+            b'X' => {
+                let n = self.u32()? as usize;
+                let v = self.string(n)?;
+                self.push(v)?
+            }
+            0x8c => {
+                // SHORT_BINUNICODE
+                let n = self.u8()? as usize;
+                let v = self.string(n)?;
+                self.push(v)?
+            }
+            0x8d => {
+                // BINUNICODE8
+                let n = usize::try_from(self.u64()?).context("string length")?;
+                let v = self.string(n)?;
+                self.push(v)?
+            }
+            b'T' | b'U' | b'B' | b'C' | 0x8e => {
+                // BINSTRING, SHORT_BINSTRING, BINBYTES, SHORT_BINBYTES, BINBYTES8
+                let n = match op {
+                    b'T' | b'B' => self.u32()? as usize,
+                    b'U' | b'C' => self.u8()? as usize,
+                    _ => usize::try_from(self.u64()?).context("bytes length")?,
+                };
+                let v = Value::Bytes(self.take(n)?.to_vec());
+                self.push(v)?
+            }
+            b')' => self.push(Value::Tuple(Vec::new()))?,
+            b't' => {
+                let items = self.pop_mark()?;
+                self.push(Value::Tuple(items))?
+            }
+            0x85..=0x87 => {
+                // TUPLE1, TUPLE2, TUPLE3
+                let n = (op - 0x84) as usize;
+                let mut items = Vec::with_capacity(n);
+                for _ in 0..n {
+                    items.push(self.pop()?);
+                }
+                items.reverse();
+                self.push(Value::Tuple(items))?
+            }
+            b']' => self.push(Value::List(Vec::new()))?,
+            b'l' => {
+                let items = self.pop_mark()?;
+                self.push(Value::List(items))?
+            }
+            b'a' => {
+                let v = self.pop()?;
+                match self.top()? {
+                    Value::List(items) => items.push(v),
+                    other => bail!("APPEND to {}, not a list", other.describe()),
+                }
+            }
+            b'e' => {
+                let new = self.pop_mark()?;
+                match self.top()? {
+                    Value::List(items) => items.extend(new),
+                    other => bail!("APPENDS to {}, not a list", other.describe()),
+                }
+            }
+            b'}' => self.push(Value::Dict(Vec::new()))?,
+            b'd' => {
+                let items = self.pop_mark()?;
+                let v = Value::Dict(pairs(items)?);
+                self.push(v)?
+            }
+            b's' => {
+                let value = self.pop()?;
+                let key = self.pop()?;
+                dict_insert(self.top()?, vec![(key, value)])?;
+            }
+            b'u' => {
+                let items = pairs(self.pop_mark()?)?;
+                dict_insert(self.top()?, items)?;
+            }
+            b'q' => {
+                let id = self.u8()?.into();
+                self.memo_put(id)?
+            }
+            b'r' => {
+                let id = self.u32()?;
+                self.memo_put(id)?
+            }
+            0x94 => {
+                // MEMOIZE
+                let id = u32::try_from(self.memo.len()).context("memo size")?;
+                self.memo_put(id)?
+            }
+            b'h' => {
+                let id = self.u8()?.into();
+                self.memo_get(id)?
+            }
+            b'j' => {
+                let id = self.u32()?;
+                self.memo_get(id)?
+            }
+            b'c' => {
+                let module = self.line()?;
+                let name = self.line()?;
+                self.push(Value::Global(Global::resolve(module, name)?))?
+            }
+            0x93 => {
+                // STACK_GLOBAL
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
+                    bail!("STACK_GLOBAL needs two strings");
+                };
+                self.push(Value::Global(Global::resolve(module, name)?))?
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                let storage = persistent_load(pid)?;
+                self.push(Value::Storage(storage))?
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let callable = self.pop()?;
+                let v = reduce(callable, args)?;
+                self.push(v)?
+            }
+            b'b' => {
+                // BUILD: PyTorch sets `_metadata` on the OrderedDict; the
+                // weights don't depend on it.
+                let _state = self.pop()?;
+                match self.top()? {
+                    Value::Dict(_) => {}
+                    other => bail!("BUILD on {}, which takes no state", other.describe()),
+                }
+            }
+            other => bail!(
+                "unsupported pickle opcode 0x{other:02x}: this reader only knows what \
+                 torch.save uses for a state_dict"
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Key/value pairs from a flat run `[k0, v0, k1, v1, ...]`.
+fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
+    ensure!(
+        items.len().is_multiple_of(2),
+        "a dict needs keys and values in pairs, got {} items",
+        items.len()
+    );
+    let mut out = Vec::with_capacity(items.len() / 2);
+    let mut it = items.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// Inserts into a dict; a key seen before keeps its place and takes the new
+/// value, as in Python.
+fn dict_insert(dict: &mut Value, items: Vec<(Value, Value)>) -> Result<()> {
+    let Value::Dict(entries) = dict else {
+        bail!("SETITEM(S) on {}, not a dict", dict.describe());
+    };
+    for (k, v) in items {
+        match entries.iter_mut().find(|(ek, _)| *ek == k) {
+            Some(entry) => entry.1 = v,
+            None => entries.push((k, v)),
+        }
+    }
+    Ok(())
+}
+
+/// `torch.load`'s persistent_load: `('storage', StorageType, key, location, numel)`.
+fn persistent_load(pid: Value) -> Result<StorageRef> {
+    let Value::Tuple(items) = pid else {
+        bail!("a persistent id should be a tuple, got {}", pid.describe());
+    };
+    match items.as_slice() {
+        [Value::Str(tag), Value::Global(Global::Storage(_, kind, elem_size)), Value::Str(key), Value::Str(_location), numel]
+            if tag == "storage" =>
+        {
+            ensure!(
+                !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                "storage key {key:?} is not a plain name"
+            );
+            let numel = numel.int("a storage's element count")?;
+            ensure!(numel >= 0, "storage {key} has {numel} elements");
+            Ok(StorageRef {
+                key: key.clone(),
+                kind: *kind,
+                elem_size: *elem_size,
+                numel: numel as u64,
+            })
+        }
+        _ => bail!(
+            "unsupported persistent id {:?}: expected ('storage', torch.<Type>Storage, key, \
+             location, numel)",
+            items.iter().map(Value::describe).collect::<Vec<_>>()
+        ),
+    }
+}
+
+/// Applies one of the allowed callables (REDUCE).
+fn reduce(callable: Value, args: Value) -> Result<Value> {
+    let Value::Tuple(args) = args else {
+        bail!(
+            "REDUCE arguments should be a tuple, got {}",
+            args.describe()
+        );
+    };
+    let Value::Global(global) = callable else {
+        bail!(
+            "REDUCE calls {}, which is not callable",
+            callable.describe()
+        );
+    };
+    match global {
+        Global::OrderedDict => {
+            ensure!(
+                args.is_empty(),
+                "OrderedDict(...) with {} arguments is not supported",
+                args.len()
+            );
+            Ok(Value::Dict(Vec::new()))
+        }
+        Global::RebuildTensorV2 => match args.as_slice() {
+            [Value::Storage(storage), offset, size, stride, _requires_grad, _hooks, ..] => {
+                Ok(Value::Tensor(TensorDesc {
+                    storage: storage.clone(),
+                    offset: offset.int("a tensor's storage offset")?,
+                    size: size.ints("a tensor's size")?,
+                    stride: stride.ints("a tensor's stride")?,
+                }))
+            }
+            _ => bail!(
+                "_rebuild_tensor_v2 expects (storage, offset, size, stride, requires_grad, \
+                 hooks), got {} arguments",
+                args.len()
+            ),
+        },
+        Global::RebuildParameter => match args.into_iter().next() {
+            Some(t @ Value::Tensor(_)) => Ok(t),
+            _ => bail!("_rebuild_parameter expects a tensor first"),
+        },
+        Global::Storage(name, _, _) => bail!("torch.{name} cannot be called here"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Pickling
+
+/// Writes the pickle `torch.save` writes for an `OrderedDict` of tensors,
+/// with protocol 2 and only `weights_only`-safe globals.
+struct Pickler {
+    out: Vec<u8>,
+}
+
+impl Pickler {
+    fn new() -> Self {
+        Self {
+            out: vec![0x80, 2], // PROTO 2
+        }
+    }
+
+    fn global(&mut self, module: &str, name: &str) {
+        self.out.push(b'c');
+        self.out.extend(format!("{module}\n{name}\n").as_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.out.push(b'X');
+        self.out.extend((s.len() as u32).to_le_bytes());
+        self.out.extend(s.as_bytes());
+    }
+
+    fn int(&mut self, v: i64) {
+        if (0..256).contains(&v) {
+            self.out.extend([b'K', v as u8]);
+        } else if (0..65536).contains(&v) {
+            self.out.push(b'M');
+            self.out.extend((v as u16).to_le_bytes());
+        } else if i32::try_from(v).is_ok() {
+            self.out.push(b'J');
+            self.out.extend((v as i32).to_le_bytes());
+        } else {
+            self.out.extend([0x8a, 8]); // LONG1 of 8 bytes
+            self.out.extend(v.to_le_bytes());
+        }
+    }
+
+    fn int_tuple(&mut self, values: &[i64]) {
+        self.out.push(b'(');
+        for &v in values {
+            self.int(v);
+        }
+        self.out.push(b't');
+    }
+
+    fn empty_ordered_dict(&mut self) {
+        self.global("collections", "OrderedDict");
+        self.out.extend([b')', b'R']); // OrderedDict()
+    }
+
+    fn begin_ordered_dict(&mut self) {
+        self.empty_ordered_dict();
+        self.out.push(b'('); // MARK for SETITEMS
+    }
+
+    /// `key: _rebuild_tensor_v2(storage, 0, size, contiguous stride, False, OrderedDict())`.
+    fn tensor_entry(&mut self, key: &str, storage_key: &str, numel: u64, size: &[i64]) {
+        self.str(key);
+        self.global("torch._utils", "_rebuild_tensor_v2");
+        self.out.push(b'(');
+        // The persistent id.
+        self.out.push(b'(');
+        self.str("storage");
+        self.global("torch", "FloatStorage");
+        self.str(storage_key);
+        self.str("cpu");
+        self.int(numel as i64);
+        self.out.extend([b't', b'Q']);
+        self.int(0);
+        self.int_tuple(size);
+        let mut stride = vec![1i64; size.len()];
+        for i in (0..size.len().saturating_sub(1)).rev() {
+            stride[i] = stride[i + 1] * size[i + 1].max(1);
+        }
+        self.int_tuple(&stride);
+        self.out.push(0x89); // requires_grad=False
+        self.empty_ordered_dict(); // backward_hooks
+        self.out.extend([b't', b'R']);
+    }
+
+    fn end_ordered_dict(&mut self) {
+        self.out.push(b'u'); // SETITEMS
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.out.push(b'.');
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn sample() -> Vec<(String, Tensor)> {
+        let opts = (Kind::Float, Device::Cpu);
+        vec![
+            ("a.weight".into(), Tensor::randn([3, 2, 5], opts)),
+            ("a.bias".into(), Tensor::randn([70_000], opts)),
+            ("scalar".into(), Tensor::from(1.5f32)),
+            ("empty".into(), Tensor::zeros([0, 4], opts)),
+        ]
+    }
+
+    #[test]
+    fn write_then_read_round_trips_in_order() {
+        let state = sample();
+        let bytes = to_bytes(&state).unwrap();
+        assert!(is_zip(&bytes));
+        let back = from_bytes(&bytes).unwrap();
+        assert_eq!(back.len(), state.len());
+        for ((ka, a), (kb, b)) in state.iter().zip(&back) {
+            assert_eq!(ka, kb);
+            assert_eq!(a.size(), b.size(), "{ka}");
+            assert!(a.equal(b), "{ka} changed");
+        }
+    }
+
+    /// `data.pkl` of a `to_bytes` archive.
+    fn pickle_of(bytes: &[u8]) -> Vec<u8> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+        let mut pkl = Vec::new();
+        zip.by_name("archive/data.pkl")
+            .unwrap()
+            .read_to_end(&mut pkl)
+            .unwrap();
+        pkl
+    }
+
+    /// An archive like `to_bytes`'s with `pkl` as its data.pkl.
+    fn with_pickle(bytes: &[u8], pkl: &[u8]) -> Vec<u8> {
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
+        let mut out = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        for i in 0..zip.len() {
+            let mut f = zip.by_index(i).unwrap();
+            let name = f.name().to_string();
+            let mut data = Vec::new();
+            f.read_to_end(&mut data).unwrap();
+            out.start_file(name.as_str(), zip::write::FileOptions::default())
+                .unwrap();
+            out.write_all(if name.ends_with("data.pkl") {
+                pkl
+            } else {
+                &data
+            })
+            .unwrap();
+        }
+        out.finish().unwrap().into_inner()
+    }
+
+    #[test]
+    fn tensors_saved_from_cuda_load_on_the_cpu() {
+        let state = vec![(
+            "w".to_string(),
+            Tensor::randn([2, 3], (Kind::Float, Device::Cpu)),
+        )];
+        let bytes = to_bytes(&state).unwrap();
+        let pkl = pickle_of(&bytes);
+        let cpu = b"X\x03\x00\x00\x00cpu";
+        let at = pkl.windows(cpu.len()).position(|w| w == cpu).unwrap();
+        let mut cuda = pkl[..at].to_vec();
+        cuda.extend(b"X\x06\x00\x00\x00cuda:0");
+        cuda.extend(&pkl[at + cpu.len()..]);
+        let back = from_bytes(&with_pickle(&bytes, &cuda)).unwrap();
+        assert!(back[0].1.equal(&state[0].1));
+        assert_eq!(back[0].1.device(), Device::Cpu);
+    }
+
+    #[test]
+    fn storages_are_aligned_to_64_bytes() {
+        let bytes = to_bytes(&sample()).unwrap();
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes.as_slice())).unwrap();
+        for i in 0..zip.len() {
+            let f = zip.by_index(i).unwrap();
+            if f.name().contains("/data/") {
+                assert_eq!(f.data_start() % 64, 0, "{}", f.name());
+            }
+        }
+    }
+
+    #[test]
+    fn non_float_tensors_are_refused_when_writing() {
+        let err = to_bytes(&[("n".into(), Tensor::from_slice(&[1i64, 2]))]).unwrap_err();
+        assert!(err.to_string().contains("key `n`"), "{err}");
+    }
+
+    #[test]
+    fn views_into_shared_storages_are_rebuilt() {
+        // A transposed view: size [2, 3], stride [1, 2], offset 1 into 7 elements.
+        let storage = Tensor::arange(7, (Kind::Float, Device::Cpu));
+        let desc = TensorDesc {
+            storage: StorageRef {
+                key: "0".into(),
+                kind: Kind::Float,
+                elem_size: 4,
+                numel: 7,
+            },
+            offset: 1,
+            size: vec![2, 3],
+            stride: vec![1, 2],
+        };
+        let t = desc.materialize(&storage).unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap(),
+            [1.0, 3.0, 5.0, 2.0, 4.0, 6.0]
+        );
+        let past_end = TensorDesc {
+            offset: 2,
+            ..desc.clone()
+        };
+        let err = past_end.materialize(&storage).unwrap_err().to_string();
+        assert!(err.contains("past the end"), "{err}");
+        let negative = TensorDesc {
+            stride: vec![-1, 2],
+            ..desc
+        };
+        assert!(negative.materialize(&storage).is_err());
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        let opts = (Kind::Float, Device::Cpu);
+        let small = [
+            ("w".to_string(), Tensor::randn([4, 3], opts)),
+            ("b".to_string(), Tensor::randn([4], opts)),
+        ];
+        let bytes = to_bytes(&small).unwrap();
+        let pkl = pickle_of(&bytes);
+        for cut in 0..pkl.len() {
+            assert!(Unpickler::new(&pkl[..cut]).run().is_err(), "cut at {cut}");
+        }
+        // Flip each byte to a few values: errors or a (different) value, never a panic.
+        for i in 0..pkl.len() {
+            for x in [0x00, 0x28, 0x74, 0x80, 0xff] {
+                let mut p = pkl.clone();
+                p[i] = x;
+                let _ = Unpickler::new(&p).run();
+            }
+        }
+        for cut in 0..bytes.len() {
+            assert!(from_bytes(&bytes[..cut]).is_err(), "archive cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn corrupting_any_byte_of_an_archive_never_panics() {
+        let opts = (Kind::Float, Device::Cpu);
+        let small = [
+            ("w".to_string(), Tensor::randn([4, 3], opts)),
+            ("b".to_string(), Tensor::randn([4], opts)),
+        ];
+        let bytes = to_bytes(&small).unwrap();
+        for i in 0..bytes.len() {
+            for x in [0x00, 0x01, 0x7f, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] = x;
+                let outcome = std::panic::catch_unwind(|| from_bytes(&b).is_ok());
+                assert!(outcome.is_ok(), "panic with byte {i} set to {x:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn code_running_pickles_are_refused_by_name() {
+        // pickle.dumps(os.system, 2) style: GLOBAL 'posix system'.
+        let evil = b"\x80\x02cposix\nsystem\nq\x00X\x02\x00\x00\x00idq\x01\x85q\x02Rq\x03.";
+        let err = format!("{:#}", Unpickler::new(evil).run().unwrap_err());
+        assert!(err.contains("`posix.system`"), "{err}");
+        let err = format!("{:#}", Unpickler::new(b"\x80\x02\xff.").run().unwrap_err());
+        assert!(err.contains("0xff"), "{err}");
+    }
+
+    #[test]
+    fn checkpoints_and_non_dicts_say_what_they_hold() {
+        let mut pickle = Pickler::new();
+        pickle.out.push(b'}');
+        pickle.out.push(b'(');
+        pickle.str("epoch");
+        pickle.int(3);
+        pickle.out.push(b'u');
+        let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        zip.start_file("x/data.pkl", zip::write::FileOptions::default())
+            .unwrap();
+        zip.write_all(&pickle.finish()).unwrap();
+        let bytes = zip.finish().unwrap().into_inner();
+        let err = format!("{:#}", from_bytes(&bytes).unwrap_err());
+        assert!(err.contains("key `epoch` holds the int 3"), "{err}");
+    }
+
+    #[test]
+    fn ints_of_every_width_round_trip_through_the_unpickler() {
+        for v in [
+            0i64,
+            255,
+            256,
+            65535,
+            65536,
+            -1,
+            i32::MIN as i64,
+            1 << 40,
+            i64::MIN,
+        ] {
+            let mut p = Pickler::new();
+            p.int(v);
+            assert_eq!(Unpickler::new(&p.finish()).run().unwrap(), Value::Int(v));
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! Round trips with PyTorch: TorchScript export, state_dicts in both
+//! directions (`.pth` and safetensors), equal accuracy in both languages,
+//! and `predict`, `samples`, `evaluate --confusion` on generated files. The
+//! Python side is `scripts/interop.py`, run with the project's venv.
+
+mod util;
+
+use std::path::{Path, PathBuf};
+
+use tch::nn::Module;
+use tch::{Device, Kind, Tensor};
+use tch_cifar::model::Model;
+use util::*;
+
+/// Runs `scripts/interop.py ARGS` and returns its stdout.
+fn py(args: &[&str]) -> String {
+    let out = std::process::Command::new(python())
+        .arg(repo_path("scripts/interop.py"))
+        .args(args)
+        .output()
+        .expect("run scripts/interop.py");
+    assert!(
+        out.status.success(),
+        "interop.py {args:?} failed:\n{}",
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Runs a Python snippet (with torch imported) and asserts success.
+fn py_code(code: &str) {
+    let out = std::process::Command::new(python())
+        .args(["-c", &format!("import torch\n{code}")])
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "{code}\n{}", stderr(&out));
+}
+
+fn write_input(path: &Path, x: &Tensor) {
+    Tensor::write_safetensors(&[("input", x)], path).unwrap();
+}
+
+fn read_output(path: &Path) -> Tensor {
+    let mut tensors = Tensor::read_safetensors(path).unwrap();
+    assert_eq!(tensors.len(), 1);
+    tensors.remove(0).1
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+fn rust_logits(weights: &Path, x: &Tensor) -> Tensor {
+    let model = Model::load(weights, Device::Cpu).unwrap();
+    tch::no_grad(|| model.net.forward(x))
+}
+
+/// A normalized-looking random batch.
+fn batch(n: i64, seed: i64) -> Tensor {
+    tch::manual_seed(seed);
+    Tensor::rand([n, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0
+}
+
+#[test]
+fn exported_torchscript_gives_rust_outputs_in_python_and_in_tch() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    Model::new(Device::Cpu, Some(21))
+        .save(&p("w.safetensors"))
+        .unwrap();
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&p("w.safetensors")),
+        "--out",
+        s(&p("logits.pt")),
+    ]));
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&p("w.safetensors")),
+        "--out",
+        s(&p("probs.pt")),
+        "--head",
+        "probabilities",
+    ]));
+    let x = batch(7, 1);
+    write_input(&p("x.safetensors"), &x);
+    let logits = rust_logits(&p("w.safetensors"), &x);
+    let probs = logits.softmax(1, Kind::Float);
+
+    for (module, want) in [("logits.pt", &logits), ("probs.pt", &probs)] {
+        py(&[
+            "run-script",
+            "--model",
+            s(&p(module)),
+            "--input",
+            s(&p("x.safetensors")),
+            "--out",
+            s(&p("y.safetensors")),
+        ]);
+        let python = read_output(&p("y.safetensors"));
+        let diff = max_abs_diff(&python, want);
+        assert!(diff <= 1e-5, "{module} in Python differs by {diff}");
+        let tch_module = tch::CModule::load(p(module)).unwrap();
+        let reloaded = tch_module.forward_ts(&[&x]).unwrap();
+        let diff = max_abs_diff(&reloaded, want);
+        assert!(diff <= 1e-5, "{module} via CModule::load differs by {diff}");
+    }
+    let row_sums = read_output(&p("y.safetensors")).sum_dim_intlist(1, false, Kind::Float);
+    let off = (row_sums - 1.0).abs().max().double_value(&[]);
+    assert!(off < 1e-5, "probabilities sum to 1 within {off}");
+}
+
+#[test]
+fn python_state_dicts_load_in_rust_with_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    py(&[
+        "init",
+        "--seed",
+        "5",
+        "--pth",
+        s(&p("py.pth")),
+        "--safetensors",
+        s(&p("py.safetensors")),
+    ]);
+    let x = batch(5, 2);
+    write_input(&p("x.safetensors"), &x);
+    for weights in ["py.pth", "py.safetensors"] {
+        py(&[
+            "logits",
+            "--weights",
+            s(&p(weights)),
+            "--input",
+            s(&p("x.safetensors")),
+            "--out",
+            s(&p("y.safetensors")),
+        ]);
+        let python = read_output(&p("y.safetensors"));
+        let diff = max_abs_diff(&python, &rust_logits(&p(weights), &x));
+        assert!(
+            diff <= 1e-5,
+            "{weights}: Rust differs from Python by {diff}"
+        );
+    }
+    // The two files hold the same weights, and they are bit for bit those
+    // of Rust's Net under the same seed.
+    let a = Model::load(&p("py.pth"), Device::Cpu).unwrap().state_dict();
+    let b = Model::load(&p("py.safetensors"), Device::Cpu)
+        .unwrap()
+        .state_dict();
+    let rust = Model::new(Device::Cpu, Some(5)).state_dict();
+    for (((k, ta), (_, tb)), (_, tr)) in a.iter().zip(&b).zip(&rust) {
+        assert!(ta.equal(tb), "{k}");
+        assert!(
+            ta.equal(tr),
+            "{k}: Python's seed-5 init differs from Rust's"
+        );
+    }
+}
+
+#[test]
+fn rust_weights_load_in_pythons_net_with_the_same_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let model = Model::new(Device::Cpu, Some(9));
+    model.save(&p("rust.safetensors")).unwrap();
+    model.save_pth(&p("lib.pth")).unwrap();
+    // The command-line route: safetensors -> .pth.
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&p("rust.safetensors")),
+        "--pth",
+        s(&p("cli.pth")),
+    ]));
+    let x = batch(4, 3);
+    write_input(&p("x.safetensors"), &x);
+    let want = tch::no_grad(|| model.net.forward(&x));
+    // `logits` loads .pth files with the tutorial's
+    // net.load_state_dict(torch.load(PATH, weights_only=True)).
+    for weights in ["rust.safetensors", "lib.pth", "cli.pth"] {
+        py(&[
+            "logits",
+            "--weights",
+            s(&p(weights)),
+            "--input",
+            s(&p("x.safetensors")),
+            "--out",
+            s(&p("y.safetensors")),
+        ]);
+        let diff = max_abs_diff(&read_output(&p("y.safetensors")), &want);
+        assert!(
+            diff <= 1e-5,
+            "{weights}: Python differs from Rust by {diff}"
+        );
+    }
+    // And back: the .pth converts to safetensors with the same weights.
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&p("cli.pth")),
+        "--safetensors",
+        s(&p("back.safetensors")),
+    ]));
+    let back = Model::load(&p("back.safetensors"), Device::Cpu).unwrap();
+    for ((k, a), (_, b)) in model.state_dict().iter().zip(&back.state_dict()) {
+        assert!(a.equal(b), "{k} changed on the way through .pth");
+    }
+}
+
+#[test]
+fn seeded_init_is_bit_identical_to_pytorchs() {
+    // python_state_dicts_load_in_rust_with_the_same_logits checks seed 5 too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("init.safetensors");
+    py(&["init", "--seed", "1234", "--safetensors", s(&path)]);
+    let python = Model::load(&path, Device::Cpu).unwrap().state_dict();
+    let rust = Model::new(Device::Cpu, Some(1234)).state_dict();
+    for ((k, a), (_, b)) in rust.iter().zip(&python) {
+        assert!(
+            a.equal(b),
+            "{k} differs from torch.manual_seed(1234); Net()"
+        );
+    }
+}
+
+/// `evaluate --json` on `weights`: (correct, total).
+fn rust_accuracy(data: &Path, weights: &Path) -> (i64, i64) {
+    let out = ok(&run(&[
+        "evaluate",
+        "--json",
+        "--device",
+        "cpu",
+        "--weights",
+        s(weights),
+        "--data-dir",
+        s(data),
+    ]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    (v["correct"].as_i64().unwrap(), v["total"].as_i64().unwrap())
+}
+
+fn python_accuracy(data: &Path, flag: &str, file: &Path) -> (i64, i64) {
+    let out = py(&["accuracy", "--json", "--data-dir", s(data), flag, s(file)]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    (v["correct"].as_i64().unwrap(), v["total"].as_i64().unwrap())
+}
+
+#[test]
+fn trained_models_score_the_same_in_python_and_rust() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let data = p("data");
+    synthetic(&data, 400, 200, 11, None);
+
+    // Python tutorial -> cifar_net.pth -> Rust evaluate.
+    let log = py(&[
+        "train",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&p("cifar_net.pth")),
+        "--seed",
+        "1",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--lr",
+        "0.01",
+        "--log-every",
+        "50",
+    ]);
+    assert!(log.contains("Finished Training"), "{log}");
+    let python = python_accuracy(&data, "--weights", &p("cifar_net.pth"));
+    let rust = rust_accuracy(&data, &p("cifar_net.pth"));
+    assert_eq!(
+        rust, python,
+        "cifar_net.pth: Rust vs Python (correct, total)"
+    );
+    assert_eq!(rust.1, 200);
+    assert!(rust.0 > 40, "the Python model learned something: {rust:?}");
+
+    // Rust train -> export -> TorchScript in Python.
+    ok(&run(&[
+        "train",
+        "--device",
+        "cpu",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&p("rust.safetensors")),
+        "--seed",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "--log-every",
+        "50",
+    ]));
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&p("rust.safetensors")),
+        "--out",
+        s(&p("model.pt")),
+    ]));
+    let rust = rust_accuracy(&data, &p("rust.safetensors"));
+    let python = python_accuracy(&data, "--script", &p("model.pt"));
+    assert_eq!(
+        python, rust,
+        "exported model: Python vs Rust (correct, total)"
+    );
+    assert!(rust.0 > 40, "the Rust model learned something: {rust:?}");
+}
+
+/// Writes test images of several sizes and kinds; returns their paths.
+fn make_images(dir: &Path) -> Vec<PathBuf> {
+    let pattern = |w: u32, h: u32| {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 255 / w.max(2)) as u8,
+                (y * 255 / h.max(2)) as u8,
+                ((x * 7 + y * 13) % 256) as u8,
+            ])
+        })
+    };
+    let mut paths = Vec::new();
+    let mut save = |name: &str, img: image::DynamicImage| {
+        let path = dir.join(name);
+        img.save(&path).unwrap();
+        paths.push(path);
+    };
+    save("exact.png", image::DynamicImage::ImageRgb8(pattern(32, 32)));
+    save("wide.jpg", image::DynamicImage::ImageRgb8(pattern(100, 60)));
+    save(
+        "tiny-gray.png",
+        image::DynamicImage::ImageRgb8(pattern(7, 9)).grayscale(),
+    );
+    save(
+        "alpha.png",
+        image::DynamicImage::ImageRgba8(image::DynamicImage::ImageRgb8(pattern(50, 50)).to_rgba8()),
+    );
+    // A JPEG with a misleading extension: the content decides.
+    let big = dir.join("big.png.jpeg");
+    image::DynamicImage::ImageRgb8(pattern(640, 480))
+        .save_with_format(&big, image::ImageFormat::Jpeg)
+        .unwrap();
+    let renamed = dir.join("really-a-jpeg.png");
+    std::fs::rename(&big, &renamed).unwrap();
+    paths.push(renamed);
+    paths
+}
+
+#[test]
+fn predict_prints_probabilities_that_sum_to_one_and_match_python() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let weights = p("w.safetensors");
+    Model::new(Device::Cpu, Some(4)).save(&weights).unwrap();
+    let images = make_images(dir.path());
+    let mut args = vec![
+        "predict",
+        "--json",
+        "--device",
+        "cpu",
+        "--weights",
+        s(&weights),
+    ];
+    args.extend(images.iter().map(|i| s(i)));
+    let out = ok(&run(&args));
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), images.len(), "{out}");
+
+    // Python's preprocessing (PIL, torchvision) and Net on the same files.
+    let x_path = p("x.safetensors");
+    let mut pyargs = vec!["preprocess", "--out", s(&x_path)];
+    pyargs.extend(images.iter().map(|i| s(i)));
+    py(&pyargs);
+    py(&[
+        "logits",
+        "--weights",
+        s(&weights),
+        "--input",
+        s(&p("x.safetensors")),
+        "--out",
+        s(&p("y.safetensors")),
+    ]);
+    // The inputs themselves, in units of one pixel level (1/255 of [0, 1],
+    // so 2/255 after normalization).
+    let py_inputs = Tensor::read_safetensors(&x_path).unwrap().remove(0).1;
+    for (i, path) in images.iter().enumerate() {
+        let rust = tch_cifar::predict::load_image(path).unwrap();
+        let levels = max_abs_diff(&rust, &py_inputs.get(i as i64)) * 255.0 / 2.0;
+        // No resize: the same bytes. Resized: PIL rounds its bilinear
+        // filter's result differently, by one level at most.
+        let allowed = if path.ends_with("exact.png") {
+            1e-3
+        } else {
+            1.01
+        };
+        assert!(
+            levels <= allowed,
+            "{path:?}: input differs from PIL's by {levels} levels"
+        );
+    }
+    let python = read_output(&p("y.safetensors")).softmax(1, Kind::Float);
+    let python: Vec<Vec<f32>> = Vec::try_from(&python).unwrap();
+
+    for ((line, path), py_probs) in lines.iter().zip(&images).zip(&python) {
+        assert_eq!(line["image"], s(path));
+        let probs: Vec<f64> = line["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(probs.len(), 10);
+        let sum: f64 = probs.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-5, "{path:?}: sum {sum}");
+        let top = line["top_k"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "default --top-k is 3");
+        assert_eq!(top[0]["class"], line["class"]);
+        assert!(top[0]["probability"].as_f64() >= top[2]["probability"].as_f64());
+        // A 32x32 image needs no resize: the same numbers as Python.
+        let tolerance = if path.ends_with("exact.png") {
+            1e-5
+        } else {
+            1e-3
+        };
+        let diff = probs
+            .iter()
+            .zip(py_probs)
+            .map(|(a, b)| (a - *b as f64).abs())
+            .fold(0.0, f64::max);
+        assert!(diff <= tolerance, "{path:?}: differs from Python by {diff}");
+    }
+
+    // The text form: the class, then --top-k lines.
+    let out = ok(&run(&[
+        "predict",
+        "--device",
+        "cpu",
+        "--top-k",
+        "5",
+        "--weights",
+        s(&weights),
+        s(&images[0]),
+    ]));
+    let text: Vec<&str> = out.lines().collect();
+    assert_eq!(text.len(), 6, "{out}");
+    assert_eq!(
+        text[0],
+        format!("{}: {}", s(&images[0]), lines[0]["class"].as_str().unwrap())
+    );
+    assert!(
+        text[1].starts_with(&format!("  {:5} 0.", lines[0]["class"].as_str().unwrap())),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_images_and_bad_weights_give_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let weights = p("w.safetensors");
+    Model::new(Device::Cpu, Some(4)).save(&weights).unwrap();
+    let good = make_images(dir.path()).remove(0);
+    let predict = |image: &Path| {
+        run(&[
+            "predict",
+            "--device",
+            "cpu",
+            "--weights",
+            s(&weights),
+            s(&good),
+            s(image),
+        ])
+    };
+    fails_with(&predict(&p("missing.png")), &["missing.png"]);
+    std::fs::write(p("notes.png"), "not an image, just text\n").unwrap();
+    fails_with(
+        &predict(&p("notes.png")),
+        &["notes.png", "not a readable PNG or JPEG"],
+    );
+    let png = std::fs::read(&good).unwrap();
+    std::fs::write(p("cut.png"), &png[..png.len() / 2]).unwrap();
+    fails_with(&predict(&p("cut.png")), &["cut.png"]);
+    std::fs::write(p("empty.jpg"), b"").unwrap();
+    fails_with(&predict(&p("empty.jpg")), &["empty.jpg"]);
+    fails_with(&predict(dir.path()), &[s(dir.path())]);
+
+    // Weights made in Python with a key missing, an extra key, a wrong shape.
+    let pth = |name: &str| p(name).to_str().unwrap().to_string();
+    py_code(&format!(
+        r#"
+import sys
+sys.path.insert(0, {scripts:?})
+from interop import Net
+from safetensors.torch import save_file
+sd = Net().state_dict()
+missing = dict(sd); del missing["fc2.bias"]
+extra = dict(sd); extra["fc4.weight"] = torch.zeros(3)
+shape = dict(sd); shape["conv1.weight"] = torch.zeros(6, 1, 5, 5)
+ints = dict(sd); ints["fc3.bias"] = torch.arange(10)
+torch.save(missing, {missing:?})
+torch.save(extra, {extra:?})
+torch.save(shape, {shape:?})
+torch.save(ints, {ints:?})
+save_file(shape, {shape_st:?})
+torch.save({{"epoch": 3, "model_state_dict": sd}}, {checkpoint:?})
+torch.save(sd, {legacy:?}, _use_new_zipfile_serialization=False)
+torch.jit.save(torch.jit.script(Net()), {script:?})
+"#,
+        scripts = repo_path("scripts").to_str().unwrap(),
+        missing = pth("missing.pth"),
+        extra = pth("extra.pth"),
+        shape = pth("shape.pth"),
+        ints = pth("ints.pth"),
+        shape_st = pth("shape.safetensors"),
+        checkpoint = pth("checkpoint.pth"),
+        legacy = pth("legacy.pth"),
+        script = pth("script.pt"),
+    ));
+    let with_weights =
+        |w: &str| run(&["predict", "--device", "cpu", "--weights", &pth(w), s(&good)]);
+    fails_with(
+        &with_weights("missing.pth"),
+        &["missing.pth", "missing key `fc2.bias`"],
+    );
+    fails_with(
+        &with_weights("extra.pth"),
+        &["extra.pth", "unexpected key `fc4.weight`"],
+    );
+    fails_with(
+        &with_weights("shape.pth"),
+        &["shape.pth", "`conv1.weight` has shape [6, 1, 5, 5]"],
+    );
+    fails_with(
+        &with_weights("shape.safetensors"),
+        &["shape.safetensors", "`conv1.weight` has shape [6, 1, 5, 5]"],
+    );
+    fails_with(
+        &with_weights("ints.pth"),
+        &["ints.pth", "`fc3.bias`", "Int64"],
+    );
+    fails_with(
+        &with_weights("checkpoint.pth"),
+        &[
+            "checkpoint.pth",
+            "key `epoch` holds the int 3",
+            "checkpoint",
+        ],
+    );
+    fails_with(
+        &with_weights("legacy.pth"),
+        &["legacy.pth", "legacy format"],
+    );
+    fails_with(
+        &with_weights("script.pt"),
+        &["script.pt", "TorchScript module"],
+    );
+    // evaluate and export go through the same loader.
+    let data = p("data");
+    synthetic(&data, 10, 10, 1, None);
+    fails_with(
+        &run(&[
+            "evaluate",
+            "--device",
+            "cpu",
+            "--weights",
+            &pth("missing.pth"),
+            "--data-dir",
+            s(&data),
+        ]),
+        &["missing key `fc2.bias`"],
+    );
+    fails_with(
+        &run(&[
+            "export",
+            "--weights",
+            &pth("extra.pth"),
+            "--out",
+            &pth("m.pt"),
+        ]),
+        &["unexpected key `fc4.weight`"],
+    );
+    assert!(!p("m.pt").exists());
+}
+
+#[test]
+fn samples_draws_a_labeled_grid_and_prints_the_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let data = p("data");
+    synthetic(&data, 60, 10, 5, None);
+    let samples = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["samples", "--data-dir", s(&data), "--out", s(out)];
+        args.extend_from_slice(extra);
+        ok(&run(&args))
+    };
+    let a = samples(&p("a.png"), &["--count", "6", "--seed", "3"]);
+    let b = samples(&p("b.png"), &["--count", "6", "--seed", "3"]);
+    assert_eq!(a, b, "the same seed picks the same images");
+    let names: Vec<&str> = a.trim_end().split(' ').filter(|w| !w.is_empty()).collect();
+    assert_eq!(names.len(), 6, "{a:?}");
+    // The labels are those of the records the seeded shuffle picks.
+    let train = tch_cifar::data::load_train(&data, Device::Cpu).unwrap();
+    let labels = Vec::<i64>::try_from(&train.labels).unwrap();
+    let order = tch_cifar::data::epoch_order(3, 0, labels.len());
+    let want: Vec<&str> = order[..6]
+        .iter()
+        .map(|&i| tch_cifar::data::CLASSES[labels[i as usize] as usize])
+        .collect();
+    assert_eq!(names, want);
+    let (w, h) = image::image_dimensions(p("a.png")).unwrap();
+    assert_eq!(
+        (w, h),
+        (6 * 136 + 8, 128 + 22 + 16),
+        "6 images of 128 px in one row"
+    );
+
+    // The tutorial's default: 4 images.
+    let c = samples(&p("c.png"), &[]);
+    assert_eq!(
+        c.trim_end().split(' ').filter(|w| !w.is_empty()).count(),
+        4,
+        "{c:?}"
+    );
+}
+
+#[test]
+fn evaluate_draws_the_confusion_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let data = p("data");
+    synthetic(&data, 10, 50, 6, None);
+    Model::new(Device::Cpu, Some(1))
+        .save(&p("w.safetensors"))
+        .unwrap();
+    let out = ok(&run(&[
+        "evaluate",
+        "--device",
+        "cpu",
+        "--weights",
+        s(&p("w.safetensors")),
+        "--data-dir",
+        s(&data),
+        "--confusion",
+        s(&p("confusion.png")),
+    ]));
+    assert!(
+        out.starts_with("Accuracy of the network on the 50 test images"),
+        "{out}"
+    );
+    let (w, h) = image::image_dimensions(p("confusion.png")).unwrap();
+    assert!(w > 500 && h > 500, "{w}x{h}");
+    fails_with(
+        &run(&[
+            "evaluate",
+            "--device",
+            "cpu",
+            "--weights",
+            s(&p("w.safetensors")),
+            "--data-dir",
+            s(&data),
+            "--confusion",
+            s(&p("no/such/dir/c.png")),
+        ]),
+        &["no/such/dir/c.png"],
+    );
+}
