@@ -15,9 +15,9 @@
     interop.py accuracy --data-dir DIR (--weights FILE | --script model.pt) [--json]
         The tutorial's test loop on DIR/test_batch.bin, printing the same lines
         as `tch-cifar evaluate`.
-    interop.py train --data-dir DIR --out cifar_net.pth [--epochs 2] [--seed S] [--lr 0.001]
-        The tutorial's training, verbatim, on the CIFAR-10 binary batches in
-        DIR, saved with torch.save(net.state_dict(), PATH).
+
+The tutorial's own training (saved with torch.save(net.state_dict(), PATH))
+is scripts/pytorch_tutorial.py --save PATH.
 
 Tensors are exchanged as safetensors files with one tensor, keyed "input"
 or "output". CPU only. Needs the project's venv (torch, torchvision,
@@ -28,71 +28,16 @@ import json
 import os
 import sys
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torch.optim as optim
 from safetensors.torch import load_file, save_file
 
 # torchvision and PIL are imported where they are used: importing them costs
 # most of a second, and the tests start this script many times.
 
-CLASSES = ('plane', 'car', 'bird', 'cat',
-           'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-
-
-# The tutorial's network, exactly as the tutorial defines it.
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x):
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = torch.flatten(x, 1) # flatten all dimensions except batch
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        x = self.fc3(x)
-        return x
-
-
-def tutorial_transform():
-    """The tutorial's preprocessing."""
-    import torchvision.transforms as transforms
-    transform = transforms.Compose(
-        [transforms.ToTensor(),
-         transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    return transform
-
-
-class CifarBinary(torch.utils.data.Dataset):
-    """CIFAR-10 from the binary batches, served like torchvision's CIFAR10:
-    HWC uint8 arrays turned into PIL images, then `transform`."""
-
-    def __init__(self, data_dir, train, transform=None):
-        names = [f"data_batch_{i}.bin" for i in range(1, 6)] if train else ["test_batch.bin"]
-        raw = b"".join(open(os.path.join(data_dir, n), "rb").read() for n in names)
-        records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3073)
-        self.targets = records[:, 0].astype(np.int64).tolist()
-        self.data = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, index):
-        from PIL import Image
-        img = Image.fromarray(self.data[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The tutorial's Net (verbatim), its preprocessing and the binary-batch
+# Dataset live in pytorch_tutorial.py, which also trains the tutorial.
+from pytorch_tutorial import CLASSES, BinaryCIFAR10, Net, tutorial_transform  # noqa: E402
 
 
 def load_weights(path):
@@ -149,7 +94,7 @@ def cmd_accuracy(args):
         net = torch.jit.load(args.script)
     else:
         net = load_net(args.weights)
-    testset = CifarBinary(args.data_dir, train=False, transform=tutorial_transform())
+    testset = BinaryCIFAR10(args.data_dir, train=False, transform=tutorial_transform())
     testloader = torch.utils.data.DataLoader(testset, batch_size=args.batch_size, shuffle=False)
     correct = 0
     total = 0
@@ -177,45 +122,6 @@ def cmd_accuracy(args):
             continue
         accuracy = 100 * float(correct_count) / total_pred[classname]
         print(f'Accuracy for class: {classname:5s} is {accuracy:.1f} %')
-
-
-def cmd_train(args):
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    batch_size = 4
-    trainset = CifarBinary(args.data_dir, train=True, transform=tutorial_transform())
-    trainloader = torch.utils.data.DataLoader(trainset, batch_size=batch_size,
-                                              shuffle=True, num_workers=args.workers)
-    net = Net()
-    criterion = nn.CrossEntropyLoss()
-    optimizer = optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
-
-    for epoch in range(args.epochs):  # loop over the dataset multiple times
-
-        running_loss = 0.0
-        for i, data in enumerate(trainloader, 0):
-            # get the inputs; data is a list of [inputs, labels]
-            inputs, labels = data
-
-            # zero the parameter gradients
-            optimizer.zero_grad()
-
-            # forward + backward + optimize
-            outputs = net(inputs)
-            loss = criterion(outputs, labels)
-            loss.backward()
-            optimizer.step()
-
-            # print statistics
-            running_loss += loss.item()
-            if i % args.log_every == args.log_every - 1:    # print every 2000 mini-batches
-                print(f'[{epoch + 1}, {i + 1:5d}] loss: {running_loss / args.log_every:.3f}',
-                      flush=True)
-                running_loss = 0.0
-
-    print('Finished Training')
-    PATH = args.out
-    torch.save(net.state_dict(), PATH)
 
 
 def main():
@@ -255,16 +161,6 @@ def main():
                         "1000 is what `tch-cifar evaluate` uses)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_accuracy)
-
-    p = sub.add_parser("train", help="the tutorial's training, saved as a .pth")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--out", default="./cifar_net.pth")
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (the tutorial's 2)")
-    p.add_argument("--lr", type=float, default=0.001, help="SGD learning rate (the tutorial's 0.001)")
-    p.add_argument("--log-every", type=int, default=2000)
-    p.set_defaults(func=cmd_train)
 
     args = ap.parse_args()
     args.func(args)

@@ -4,7 +4,7 @@ the CIFAR-10 *binary* batches that tch-cifar reads, for side-by-side runs.
 
     pytorch_tutorial.py --data-dir DIR [--loader dataloader|preloaded]
                         [--epochs 2] [--steps N] [--device cpu] [--save cifar_net.pth]
-                        [--seed S] [--threads N] [--json]
+                        [--seed S] [--threads N] [--lr 0.001] [--workers 2] [--json]
 
 --loader dataloader (the default) is the tutorial as published: a Dataset that
 yields PIL images, transforms.Compose([ToTensor(), Normalize(...)]), and
@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
-import torchvision.transforms as transforms
-from PIL import Image
+
+# torchvision and PIL are imported where they are used: they cost most of a
+# second, and scripts/interop.py (which imports this file) starts often.
 
 CLASSES = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
@@ -69,7 +70,7 @@ def read_batches(data_dir, files):
 class BinaryCIFAR10(torch.utils.data.Dataset):
     """What torchvision.datasets.CIFAR10 does, on the binary batches."""
 
-    def __init__(self, data_dir, train, transform):
+    def __init__(self, data_dir, train, transform=None):
         self.data, self.targets = read_batches(data_dir, TRAIN_FILES if train else [TEST_FILE])
         self.transform = transform
 
@@ -77,11 +78,19 @@ class BinaryCIFAR10(torch.utils.data.Dataset):
         return len(self.data)
 
     def __getitem__(self, index):
+        from PIL import Image
         img, target = Image.fromarray(self.data[index]), int(self.targets[index])
-        return self.transform(img), target
+        return self.transform(img) if self.transform else img, target
+
+
+def tutorial_transform():
+    """The tutorial's preprocessing: ToTensor() then Normalize to [-1, 1]."""
+    import torchvision.transforms as transforms
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
 
 
 def preloaded(data_dir, files, device):
+    import torchvision.transforms as transforms
     images, labels = read_batches(data_dir, files)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
     x = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(x)
@@ -95,6 +104,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None, help="stop after this many mini-batches in all")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=0.001, help="SGD learning rate (the tutorial's 0.001)")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (the tutorial's 2)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -110,13 +121,15 @@ def main():
     def emit(text, event):
         print(json.dumps(event) if args.json else text, flush=True)
 
-    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    transform = tutorial_transform()
     batch_size = args.batch_size
     if args.loader == "dataloader":
         trainset = BinaryCIFAR10(args.data_dir, train=True, transform=transform)
-        trainloader = torch.utils.data.DataLoader(trainset, batch_size=batch_size, shuffle=True, num_workers=2)
+        trainloader = torch.utils.data.DataLoader(trainset, batch_size=batch_size, shuffle=True,
+                                                  num_workers=args.workers)
         testset = BinaryCIFAR10(args.data_dir, train=False, transform=transform)
-        testloader = torch.utils.data.DataLoader(testset, batch_size=batch_size, shuffle=False, num_workers=2)
+        testloader = torch.utils.data.DataLoader(testset, batch_size=batch_size, shuffle=False,
+                                                 num_workers=args.workers)
         n_train = len(trainset)
     else:
         train_x, train_y = preloaded(args.data_dir, TRAIN_FILES, device)
@@ -130,7 +143,7 @@ def main():
 
     net = Net().to(device)
     criterion = nn.CrossEntropyLoss()
-    optimizer = optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    optimizer = optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
 
     steps = images = 0
     start = time.perf_counter()

@@ -14,14 +14,19 @@ use util::*;
 
 /// Runs `scripts/interop.py ARGS` and returns its stdout.
 fn py(args: &[&str]) -> String {
+    script("interop.py", args)
+}
+
+/// Runs `scripts/NAME ARGS` with the venv's Python and returns its stdout.
+fn script(name: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(python())
-        .arg(repo_path("scripts/interop.py"))
+        .arg(repo_path(&format!("scripts/{name}")))
         .args(args)
         .output()
-        .expect("run scripts/interop.py");
+        .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"));
     assert!(
         out.status.success(),
-        "interop.py {args:?} failed:\n{}",
+        "{name} {args:?} failed:\n{}",
         stderr(&out)
     );
     stdout(&out)
@@ -257,23 +262,23 @@ fn trained_models_score_the_same_in_python_and_rust() {
     synthetic(&data, 400, 200, 11, None);
 
     // Python tutorial -> cifar_net.pth -> Rust evaluate.
-    let log = py(&[
-        "train",
-        "--data-dir",
-        s(&data),
-        "--out",
-        s(&p("cifar_net.pth")),
-        "--seed",
-        "1",
-        "--epochs",
-        "2",
-        "--workers",
-        "0",
-        "--lr",
-        "0.01",
-        "--log-every",
-        "50",
-    ]);
+    let log = script(
+        "pytorch_tutorial.py",
+        &[
+            "--data-dir",
+            s(&data),
+            "--save",
+            s(&p("cifar_net.pth")),
+            "--seed",
+            "1",
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--lr",
+            "0.01",
+        ],
+    );
     assert!(log.contains("Finished Training"), "{log}");
     let python = python_accuracy(&data, "--weights", &p("cifar_net.pth"));
     let rust = rust_accuracy(&data, &p("cifar_net.pth"));
