@@ -39,6 +39,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Like other Unix tools, stop quietly when the reader of stdout (`head`,
+    // say) goes away, instead of panicking on the next line. Sockets are not
+    // affected: Rust sends with MSG_NOSIGNAL.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

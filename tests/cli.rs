@@ -279,3 +279,35 @@ fn max_steps_cuts_the_run_short_and_still_evaluates() {
     assert_eq!(summary["total"], 40);
     assert!(weights.is_file());
 }
+
+#[test]
+fn a_closed_stdout_pipe_ends_the_run_quietly() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 100, 20, 9, None);
+    let weights = dir.path().join("w.safetensors");
+    ok(&train(&data, &weights, &["--epochs", "1"]));
+    // Like `tch-cifar evaluate ... | head -1`: the reader leaves at once.
+    let mut child = tch_cifar()
+        .args([
+            "evaluate",
+            "--device",
+            "cpu",
+            "--weights",
+            s(&weights),
+            "--data-dir",
+            s(&data),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
