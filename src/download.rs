@@ -120,37 +120,34 @@ pub fn download(url: &str, dest: &Path, md5: &str) -> Result<()> {
         .and_then(|v| v.parse::<u64>().ok());
     let bar = crate::report::byte_bar(total, "downloading CIFAR-10");
     let mut body = response.into_body().into_reader();
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".cifar-10-download")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot write in {}", dir.display()))?;
-    let mut hasher = Md5::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = body
-            .read(&mut buf)
-            .with_context(|| format!("download of {url} broke off"))?;
-        if n == 0 {
-            break;
+    // Written like every output: a temporary file, renamed onto `dest` only
+    // once the whole archive has arrived and its md5 matched.
+    crate::fsutil::write_atomically(dest, |tmp| {
+        let mut file =
+            File::create(tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut hasher = Md5::new();
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = body
+                .read(&mut buf)
+                .with_context(|| format!("download of {url} broke off"))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            file.write_all(&buf[..n])
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
+            bar.inc(n as u64);
         }
-        hasher.update(&buf[..n]);
-        tmp.write_all(&buf[..n])
-            .with_context(|| format!("cannot write {}", tmp.path().display()))?;
-        bar.inc(n as u64);
-    }
-    bar.finish_and_clear();
-    let got = hex(&hasher.finalize());
-    ensure!(
-        got.eq_ignore_ascii_case(md5),
-        "download of {url} has md5 {got}, expected {md5}: the file is corrupt or not the \
-         CIFAR-10 binary archive"
-    );
-    tmp.as_file()
-        .sync_all()
-        .with_context(|| format!("cannot write {}", dest.display()))?;
-    tmp.persist(dest)
-        .with_context(|| format!("cannot write {}", dest.display()))?;
-    Ok(())
+        bar.finish_and_clear();
+        let got = hex(&hasher.finalize());
+        ensure!(
+            got.eq_ignore_ascii_case(md5),
+            "download of {url} has md5 {got}, expected {md5}: the file is corrupt or not the \
+             CIFAR-10 binary archive"
+        );
+        Ok(())
+    })
 }
 
 /// Errors unless the file's md5 is `expected`.

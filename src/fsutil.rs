@@ -42,9 +42,7 @@ pub fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) ->
         .persist(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
     // Make the rename itself durable.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
+    sync_dir(dir);
     Ok(())
 }
 
@@ -93,7 +91,16 @@ fn make_readable(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn parent_dir(path: &Path) -> &Path {
+/// Best-effort fsync of a directory, so that entries just created or
+/// renamed in it survive a power cut.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The folder `path` is in (`.` for a bare file name).
+pub fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -258,14 +258,6 @@ fn downloads_from_a_local_server_and_checks_md5() {
     server.join().unwrap();
 }
 
-fn md5_hex(bytes: &[u8]) -> String {
-    use md5::{Digest, Md5};
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[test]
 fn max_steps_cuts_the_run_short_and_still_evaluates() {
     let dir = tempfile::tempdir().unwrap();

@@ -190,14 +190,6 @@ fn label_byte_of_ten_or_more() {
 
 // Bad archives: none may leave a half-unpacked dataset or a staging folder.
 
-fn md5_hex(bytes: &[u8]) -> String {
-    use md5::{Digest, Md5};
-    Md5::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A scratch folder with `cifar-10-binary.tar.gz` and no unpacked data.
 fn with_archive() -> Scratch {
     let s = Scratch::empty();

@@ -130,3 +130,12 @@ pub fn tree(dir: &Path) -> std::collections::BTreeSet<PathBuf> {
     }
     paths
 }
+
+/// The md5 of `bytes` in lowercase hex, as `--md5` takes it.
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
