@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 use tch_cifar::compare::{Contender, Head};
 use tch_cifar::data;
+use tch_cifar::device::{CpuConv, CpuSettings};
 use tch_cifar::evaluate::predict_classes;
 use tch_cifar::train::epoch_batches;
 
@@ -29,7 +30,13 @@ fn main() -> Result<()> {
         Some(s) => s.parse().with_context(|| format!("seed `{s}`"))?,
         None => 1,
     };
-    tch::set_num_threads(1);
+    // compare-losses' settings for this recipe: one thread and the
+    // convolution kernel that `--cpu-conv auto` picks; evaluation as there.
+    let training = CpuSettings {
+        threads: 1,
+        conv: CpuConv::Auto.resolve(4, 1),
+    }
+    .apply();
     let dir = data::locate(dir.as_ref()).context("no CIFAR-10 batch files there")?;
     let train = data::load_train(&dir, Device::Cpu)?;
     let new = || Contender::new(Head::Logits, Device::Cpu, seed, 0.001, 0.9);
@@ -51,6 +58,7 @@ fn main() -> Result<()> {
         }
     }
     drop(train);
+    drop(training);
     let test = data::load_test(&dir, Device::Cpu)?;
     let pa = predict_classes(&a.net, &test.images, 1000);
     let pr = predict_classes(&reversed.net, &test.images, 1000);

@@ -1,8 +1,9 @@
 //! Where a training step's time goes, piece by piece, at a given thread
 //! count and batch size: the measurements behind the choices in `optim.rs`
-//! (one flat SGD update), `main.rs` (jemalloc) and `train::Recipe::train_threads`.
+//! (one flat SGD update), `main.rs` (jemalloc), `train::Recipe::train_threads`
+//! and `device::CpuConv::resolve`.
 //!
-//!     cargo run --release --example step_profile -- [THREADS] [BATCH_SIZE]
+//!     cargo run --release --example step_profile -- [THREADS] [BATCH_SIZE] [onednn|im2col]
 //!
 //! Random data of CIFAR-10's shape; each line is the mean of 3000 steps
 //! after 200 warm-up steps.
@@ -10,8 +11,10 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use clap::ValueEnum;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
+use tch_cifar::device::{CpuConv, CpuSettings};
 use tch_cifar::model::Model;
 use tch_cifar::optim::Sgd;
 
@@ -29,7 +32,13 @@ fn arg(n: usize, default: i64) -> Result<i64> {
 fn main() -> Result<()> {
     let threads = arg(1, 1)? as i32;
     let bs = arg(2, 4)?;
-    tch::set_num_threads(threads);
+    let conv = match std::env::args().nth(3) {
+        None => CpuConv::Auto.resolve(bs as u64, threads),
+        Some(s) => CpuConv::from_str(&s, false)
+            .map_err(|e| anyhow::anyhow!("argument 3: {e}"))?
+            .resolve(bs as u64, threads),
+    };
+    let _settings = CpuSettings { threads, conv }.apply();
     let n_images = 50_000;
     let model = Model::new(Device::Cpu, Some(1));
     let mut sgd = Sgd::new(&model, 0.001, 0.9);
@@ -51,7 +60,7 @@ fn main() -> Result<()> {
         let us = start.elapsed().as_secs_f64() * 1e6 / steps as f64;
         println!("{name:32} {us:8.1} us/step");
     };
-    println!("threads {threads}, batch size {bs}");
+    println!("threads {threads}, batch size {bs}, {conv} convolutions");
     time("select a mini-batch", &mut |i| drop(batch(i)));
     let (x, y) = batch(0);
     time("forward, no_grad", &mut |_| {

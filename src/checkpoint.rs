@@ -23,9 +23,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use clap::ValueEnum;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{Device, Kind, Tensor};
 
+use crate::device::CpuConv;
 use crate::fsutil;
 use crate::model::{Model, PARAMETERS};
 use crate::optim::Sgd;
@@ -89,6 +91,8 @@ pub struct Meta {
     pub train_images: u64,
     /// libtorch's CPU threads; another count changes float sums in the last bits.
     pub threads: i64,
+    /// The CPU convolution kernel (resolved); another one rounds differently.
+    pub cpu_conv: CpuConv,
     /// Informational: the device the saving run trained on.
     pub device: String,
     pub position: Position,
@@ -115,6 +119,7 @@ impl Meta {
             ("epochs", self.epochs.to_string()),
             ("train_images", self.train_images.to_string()),
             ("threads", self.threads.to_string()),
+            ("cpu_conv", self.cpu_conv.name().to_string()),
             ("device", self.device.clone()),
             ("epoch", p.epoch.to_string()),
             ("step", p.step.to_string()),
@@ -167,6 +172,16 @@ impl Meta {
             epochs: field(map, "epochs", path)?,
             train_images: field(map, "train_images", path)?,
             threads: field(map, "threads", path)?,
+            // Checkpoints from before --cpu-conv existed were trained with oneDNN.
+            cpu_conv: match map.get("cpu_conv") {
+                None => CpuConv::Onednn,
+                Some(name) => match CpuConv::from_str(name, false) {
+                    Ok(CpuConv::Auto) | Err(_) => {
+                        bail!("{origin}: the checkpoint field `cpu_conv` is `{name}`, not onednn or im2col")
+                    }
+                    Ok(conv) => conv,
+                },
+            },
             device: text("device")?.to_string(),
             position: Position {
                 epoch: field(map, "epoch", path)?,
@@ -618,6 +633,7 @@ mod tests {
             epochs: 2,
             train_images: 40,
             threads: 1,
+            cpu_conv: CpuConv::Im2col,
             device: "cpu".into(),
             position,
         }
@@ -749,7 +765,7 @@ mod tests {
         let (model, opt) = trained();
         let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
         let path = saver.save(&model, &opt, at(1, 1)).unwrap();
-        let rewrite = |key: &str, value: Option<&str>| {
+        let edited = |key: &str, value: Option<&str>| {
             let bytes = std::fs::read(&path).unwrap();
             let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
             let mut map = header.metadata().clone().unwrap();
@@ -763,6 +779,10 @@ mod tests {
                 .map(|b| std::fs::write(&out, b))
                 .unwrap()
                 .unwrap();
+            out
+        };
+        let rewrite = |key: &str, value: Option<&str>| {
+            let out = edited(key, value);
             format!("{:#}", load(&out).err().expect("must be refused"))
         };
         let err = rewrite("lr", None);
@@ -778,6 +798,11 @@ mod tests {
         assert!(err.contains("version 2"), "{err}");
         let err = rewrite("global_step", Some("7"));
         assert!(err.contains("inconsistent position"), "{err}");
+        let err = rewrite("cpu_conv", Some("auto"));
+        assert!(err.contains("field `cpu_conv` is `auto`"), "{err}");
+        // Checkpoints from before --cpu-conv: trained with oneDNN.
+        let old = load(&edited("cpu_conv", None)).unwrap();
+        assert_eq!(old.meta.cpu_conv, CpuConv::Onednn);
     }
 
     #[test]

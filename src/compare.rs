@@ -883,6 +883,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
         ..args.recipe.clone()
     };
     let device = recipe.device()?;
+    // Until the test set is evaluated.
+    let training = recipe.cpu_settings().apply();
     for path in args.csv.iter().chain(&args.plot) {
         crate::fsutil::check_writable(path)?;
     }
@@ -895,7 +897,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let mut reporter = Reporter::new(args.json);
     eprintln!(
         "comparing losses on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
-        device_name(device),
+        recipe.describe_device(device),
         train_set.len()
     );
     let steps_per_epoch = train_set.len().div_ceil(recipe.batch_size as usize) as u64;
@@ -903,6 +905,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         "device": device_name(device), "seed": seed, "epochs": recipe.epochs,
         "batch_size": recipe.batch_size, "lr": recipe.lr, "momentum": recipe.momentum,
         "train_images": train_set.len(), "steps": recipe.epochs * steps_per_epoch,
+        "threads": recipe.cpu_settings().threads, "cpu_conv": recipe.cpu_settings().conv.name(),
     });
     let mut start = setup.clone();
     start["event"] = json!("start");
@@ -944,10 +947,10 @@ pub fn run(args: CompareArgs) -> Result<()> {
 
     let mut trio = contenders(device, seed, recipe.lr, recipe.momentum)?;
     let history = side_by_side(&mut trio, &train_set, recipe, seed, &mut reporter)?;
+    drop(training);
     drop(train_set);
 
     let test = data::load_test(&batches, device)?;
-    tch::set_num_threads(crate::device::default_threads());
     let evals: Vec<Evaluation> = trio.iter().map(|c| evaluate(&c.net, &test, 1000)).collect();
     let preds: Vec<Tensor> = trio[..2]
         .iter()

@@ -20,7 +20,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, Checkpoint, Meta, Position, Saver};
 use crate::data::{self, DataArgs, Split, CLASSES};
-use crate::device::{default_threads, device_name, DeviceArg};
+use crate::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceArg};
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
@@ -62,6 +62,9 @@ pub struct Recipe {
     /// out; else one per core]. Evaluation always uses every core.
     #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
     pub threads: Option<i32>,
+    /// Kernel for CPU convolutions while training. Evaluation always uses onednn.
+    #[arg(long, value_enum, default_value_t = CpuConv::Auto, value_name = "KERNEL")]
+    pub cpu_conv: CpuConv,
     /// Print the running loss every N mini-batches (the tutorial uses 2000).
     #[arg(long, default_value_t = DEFAULT_LOG_EVERY, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub log_every: u64,
@@ -79,10 +82,17 @@ fn parse_non_negative(s: &str) -> Result<f64, String> {
 }
 
 impl Recipe {
-    /// Resolves the device and sets libtorch's threads for training.
     pub fn device(&self) -> Result<Device> {
-        tch::set_num_threads(self.train_threads());
         self.device.resolve()
+    }
+
+    /// libtorch's CPU settings while training with this recipe.
+    pub fn cpu_settings(&self) -> CpuSettings {
+        let threads = self.train_threads();
+        CpuSettings {
+            threads,
+            conv: self.cpu_conv.resolve(self.batch_size, threads),
+        }
     }
 
     /// `--threads`, or its default for this batch size. At batch size 4 an
@@ -113,10 +123,26 @@ impl Recipe {
     }
 
     fn json(&self, device: Device, seed: u64) -> serde_json::Value {
+        let cpu = self.cpu_settings();
         json!({
             "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
             "momentum": self.momentum, "seed": seed, "device": device_name(device),
+            "threads": cpu.threads, "cpu_conv": cpu.conv.name(),
         })
+    }
+
+    /// `cpu (1 thread, im2col convolutions)`, or the CUDA device's name.
+    pub fn describe_device(&self, device: Device) -> String {
+        if device != Device::Cpu {
+            return device_name(device);
+        }
+        let cpu = self.cpu_settings();
+        format!(
+            "cpu ({} thread{}, {} convolutions)",
+            cpu.threads,
+            if cpu.threads == 1 { "" } else { "s" },
+            cpu.conv
+        )
     }
 }
 
@@ -455,6 +481,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } = args;
     recipe.max_steps = max_steps;
     let device = recipe.device()?;
+    let cpu = recipe.cpu_settings();
+    // Until the test set is evaluated.
+    let training = cpu.apply();
     crate::fsutil::check_writable(&out)?;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
@@ -479,7 +508,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         momentum: recipe.momentum,
         epochs: recipe.epochs,
         train_images: 0,
-        threads: recipe.train_threads() as i64,
+        threads: cpu.threads as i64,
+        cpu_conv: cpu.conv,
         device: device_name(device),
         position: Position::START,
     };
@@ -497,7 +527,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut reporter = Reporter::new(json);
     eprintln!(
         "training on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
-        device_name(device),
+        recipe.describe_device(device),
         train_set.len()
     );
     let mut start_event = recipe.json(device, seed);
@@ -543,7 +573,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &mut reporter,
     )?;
     drop(train_set);
-    tch::set_num_threads(default_threads());
+    drop(training);
     reporter.emit(
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
@@ -595,6 +625,16 @@ fn resume(
             c.meta.threads,
             run.threads,
             c.meta.threads
+        );
+    }
+    if c.meta.cpu_conv != run.cpu_conv {
+        eprintln!(
+            "note: {} was saved by a run with --cpu-conv {}, this run has {}; the results will \
+             differ in the last bits from an uninterrupted run (--cpu-conv {} avoids that)",
+            c.path.display(),
+            c.meta.cpu_conv,
+            run.cpu_conv,
+            c.meta.cpu_conv
         );
     }
     let at = c.meta.position;
@@ -684,6 +724,9 @@ fn resume_command(
     }
     if let Some(n) = recipe.threads {
         flag("--threads", &n.to_string());
+    }
+    if recipe.cpu_conv != CpuConv::Auto {
+        flag("--cpu-conv", recipe.cpu_conv.name());
     }
     if recipe.log_every != DEFAULT_LOG_EVERY {
         flag("--log-every", &recipe.log_every.to_string());

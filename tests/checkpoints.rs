@@ -493,6 +493,27 @@ fn a_failing_save_is_reported_and_keeps_the_previous_checkpoint() {
 }
 
 #[test]
+fn resume_with_another_kernel_or_thread_count_goes_on_with_a_note() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    // Saved at batch size 4 on one thread, so `--cpu-conv auto` was im2col.
+    let args = with(
+        train_args("net.safetensors", &["--epochs", "2", "--resume", "ck"]),
+        &["--threads", "2", "--cpu-conv", "onednn"],
+    );
+    let out = run_in(dir.path(), &args);
+    ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("was saved with 1 CPU threads, this run has 2")
+            && err.contains("--threads 1 avoids that")
+            && err.contains("with --cpu-conv im2col, this run has onednn")
+            && err.contains("--cpu-conv im2col avoids that"),
+        "{err}"
+    );
+}
+
+#[test]
 fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
     let dir = scratch();
     checkpointed(dir.path(), "2");

@@ -358,18 +358,22 @@ fn output_in_a_directory_that_cannot_be_written() {
 
 #[test]
 fn cuda_device_that_does_not_exist() {
-    if tch::Cuda::device_count() > 7 {
-        return; // cuda:7 exists here.
+    if cuda_device_exists(7) {
+        return;
     }
     let s = Scratch::new();
     s.train(&["--device", "cuda:7"], &["--device cuda:7"]);
     s.evaluate_on_device("cuda:7");
-    if !tch::Cuda::is_available() {
+    if !cuda_device_exists(0) {
         // No GPU at all: plain `cuda` is refused too, never a silent CPU run.
-        s.train(
-            &["--device", "cuda"],
-            &["--device cuda:0", "CUDA is not available"],
-        );
+        // Where libtorch has CUDA support, the message says the GPU is what
+        // is missing: libtorch_cuda.so was found, loaded and hooked in.
+        let why = if repo_path(".libtorch/lib/libtorch_cuda.so").exists() {
+            "CUDA is not available here (no NVIDIA GPU or driver found)"
+        } else {
+            "this libtorch cannot use CUDA"
+        };
+        s.train(&["--device", "cuda"], &["--device cuda:0: ", why]);
     }
 }
 

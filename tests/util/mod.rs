@@ -139,3 +139,24 @@ pub fn md5_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Whether the binary finds CUDA device `n`. Asked of the binary, not of
+/// libtorch in this process: whether CUDA works here depends on which test
+/// touched libtorch first (`device::cuda_support`). `train` resolves the
+/// device before it looks at the data, so with no data it fails on one or
+/// the other.
+pub fn cuda_device_exists(n: usize) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let device = format!("cuda:{n}");
+    let out = run(&[
+        "train",
+        "--device",
+        &device,
+        "--data-dir",
+        s(&dir.path().join("missing")),
+        "--out",
+        s(&dir.path().join("w.safetensors")),
+    ]);
+    assert!(!out.status.success());
+    !stderr(&out).contains(&format!("--device {device}:"))
+}
