@@ -5,6 +5,8 @@ Runs, one after another (never in parallel, so they don't share the cores):
   1. `tch-cifar train` with the tutorial's recipe;
   2. the official tutorial in Python (DataLoader, num_workers=2);
   3. the same Python loop with the data preloaded in memory (no DataLoader);
+  4. on CPU, `tch-cifar train --cpu-conv onednn`: libtorch's default
+     convolution kernel, for the effect of `--cpu-conv auto`'s choice;
 and then tch-cifar alone at batch sizes 4, 32, 128 and 512 (throughput only).
 Each run's training wall time, images/s, test accuracy, evaluation time and
 peak resident memory (from wait4's ru_maxrss) are printed as a table.
@@ -71,13 +73,14 @@ def main():
     out = os.path.join(ROOT, "target", "bench-weights.safetensors")
     runs = []
 
-    def rust(batch_size, label):
+    def rust(batch_size, label, extra=()):
         cmd = [BINARY, "train", "--data-dir", args.data_dir, "--seed", str(args.seed), "--json",
-               "--out", out, "--batch-size", str(batch_size), *common, *steps]
+               "--out", out, "--batch-size", str(batch_size), *common, *steps, *extra]
         s, wall, rss = run_measured(cmd)
         return {"name": label, "train_seconds": s["train_seconds"], "images_per_second": s["images_per_second"],
                 "accuracy": s["accuracy"], "eval_seconds": s["eval_seconds"], "wall_seconds": wall,
-                "peak_rss_mib": rss, "steps": s["steps"], "batch_size": batch_size}
+                "peak_rss_mib": rss, "steps": s["steps"], "batch_size": batch_size,
+                "threads": s["threads"], "cpu_conv": s["cpu_conv"]}
 
     def python(loader, label):
         cmd = [sys.executable, os.path.join(ROOT, "scripts", "pytorch_tutorial.py"), "--data-dir", args.data_dir,
@@ -99,6 +102,9 @@ def main():
         print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
         runs.append(python("preloaded", "PyTorch, data preloaded"))
         print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
+    if args.device == "cpu":
+        runs.append(rust(4, "tch-cifar, --cpu-conv onednn", ["--cpu-conv", "onednn"]))
+        print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
 
     header = f"{'run':32} {'train s':>8} {'images/s':>9} {'test acc':>9} {'eval s':>7} {'peak RSS':>9}"
     print(header)
@@ -108,7 +114,7 @@ def main():
               f"{r['eval_seconds']:7.2f} {r['peak_rss_mib']:6.0f} MiB")
     if not args.skip_python:
         rust_run = runs[0]
-        for r in runs[1:]:
+        for r in runs[1:3]:
             print(f"tch-cifar vs {r['name']}: {r['train_seconds'] / rust_run['train_seconds']:.2f}x faster "
                   f"training, accuracy {rust_run['accuracy'] - r['accuracy']:+.2f} points")
 
@@ -118,10 +124,10 @@ def main():
         throughput.append(rust(b, f"tch-cifar batch {b}"))
         print(f"  done: batch {b}", file=sys.stderr, flush=True)
     if throughput:
-        print(f"\n{'batch size':>10} {'steps':>7} {'train s':>8} {'images/s':>9} {'test acc':>9}")
+        print(f"\n{'batch size':>10} {'steps':>7} {'train s':>8} {'images/s':>9} {'test acc':>9}  threads, conv")
         for r in throughput:
             print(f"{r['batch_size']:10} {r['steps']:7} {r['train_seconds']:8.2f} {r['images_per_second']:9.0f} "
-                  f"{r['accuracy']:8.2f}%")
+                  f"{r['accuracy']:8.2f}%  {r['threads']}, {r['cpu_conv']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(args.device), "device": args.device, "epochs": args.epochs,
