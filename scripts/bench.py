@@ -13,6 +13,7 @@ peak resident memory (from wait4's ru_maxrss) are printed as a table.
 
     scripts/bench --data-dir DIR [--device cpu|cuda] [--epochs 2] [--steps N]
                   [--skip-python] [--batch-sizes 4,32,128,512] [--json FILE]
+                  [--binary PATH]
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARY = os.path.join(ROOT, "target", "release", "tch-cifar")
+DEFAULT_BINARY = os.path.join(ROOT, "target", "release", "tch-cifar")
 
 
 def run_measured(cmd):
@@ -66,6 +67,8 @@ def main():
     ap.add_argument("--skip-python", action="store_true", help="time tch-cifar only")
     ap.add_argument("--batch-sizes", default="4,32,128,512", help="throughput table ('' to skip)")
     ap.add_argument("--json", help="also write all results to this file")
+    ap.add_argument("--binary", default=DEFAULT_BINARY,
+                    help="the tch-cifar to time (default: the release build; scripts/device-bench passes its copy)")
     args = ap.parse_args()
 
     common = ["--epochs", str(args.epochs), "--device", args.device]
@@ -74,7 +77,7 @@ def main():
     runs = []
 
     def rust(batch_size, label, extra=()):
-        cmd = [BINARY, "train", "--data-dir", args.data_dir, "--seed", str(args.seed), "--json",
+        cmd = [args.binary, "train", "--data-dir", args.data_dir, "--seed", str(args.seed), "--json",
                "--out", out, "--batch-size", str(batch_size), *common, *steps, *extra]
         s, wall, rss = run_measured(cmd)
         return {"name": label, "train_seconds": s["train_seconds"], "images_per_second": s["images_per_second"],
