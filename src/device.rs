@@ -253,7 +253,6 @@ pub fn device_name(device: Device) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Tensor;
 
     #[test]
     fn parses_every_form() {
@@ -294,31 +293,5 @@ mod tests {
         assert_eq!(CpuConv::Auto.resolve(4, 2), CpuConv::Onednn);
         assert_eq!(CpuConv::Onednn.resolve(4, 1), CpuConv::Onednn);
         assert_eq!(CpuConv::Im2col.resolve(512, 2), CpuConv::Im2col);
-    }
-
-    // The only test that touches the process-wide settings, so the other
-    // tests in this binary never see them changed.
-    #[test]
-    fn settings_guard_switches_the_kernel_and_restores_the_defaults() {
-        let x = Tensor::randn([4, 3, 32, 32], (tch::Kind::Float, Device::Cpu));
-        let w = Tensor::randn([6, 3, 5, 5], (tch::Kind::Float, Device::Cpu));
-        let conv = || x.conv2d(&w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
-        let onednn = conv();
-        let threads = default_threads();
-        assert!(mkldnn_enabled());
-        let guard = CpuSettings {
-            threads: 1,
-            conv: CpuConv::Im2col,
-        }
-        .apply();
-        assert!(!mkldnn_enabled());
-        assert_eq!(tch::get_num_threads(), 1);
-        let im2col = conv();
-        drop(guard);
-        assert!(mkldnn_enabled());
-        assert_eq!(tch::get_num_threads(), threads);
-        // The same convolution by another kernel: equal up to rounding.
-        let diff = (&onednn - &im2col).abs().max().double_value(&[]);
-        assert!(diff < 1e-4, "kernels differ by {diff}");
     }
 }
