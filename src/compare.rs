@@ -883,8 +883,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
         ..args.recipe.clone()
     };
     let device = recipe.device()?;
+    let cpu = recipe.cpu_settings();
     // Until the test set is evaluated.
-    let training = recipe.cpu_settings().apply();
+    let training = cpu.apply();
     for path in args.csv.iter().chain(&args.plot) {
         crate::fsutil::check_writable(path)?;
     }
@@ -905,7 +906,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         "device": device_name(device), "seed": seed, "epochs": recipe.epochs,
         "batch_size": recipe.batch_size, "lr": recipe.lr, "momentum": recipe.momentum,
         "train_images": train_set.len(), "steps": recipe.epochs * steps_per_epoch,
-        "threads": recipe.cpu_settings().threads, "cpu_conv": recipe.cpu_settings().conv.name(),
+        "threads": cpu.threads, "cpu_conv": cpu.conv.name(),
     });
     let mut start = setup.clone();
     start["event"] = json!("start");

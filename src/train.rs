@@ -617,24 +617,26 @@ fn resume(
             run.train_images
         );
     }
-    if c.meta.threads != run.threads {
+    // Settings that only change float rounding: the run goes on, with a note.
+    let rounding = |saved: String, now: String, fix: String| {
         eprintln!(
-            "note: {} was saved with {} CPU threads, this run has {}; the results will differ \
-             in the last bits from an uninterrupted run (--threads {} avoids that)",
-            c.path.display(),
-            c.meta.threads,
-            run.threads,
-            c.meta.threads
+            "note: {} was saved with {saved}, this run has {now}; the results will differ in \
+             the last bits from an uninterrupted run ({fix} avoids that)",
+            c.path.display()
+        );
+    };
+    if c.meta.threads != run.threads {
+        rounding(
+            format!("{} CPU threads", c.meta.threads),
+            run.threads.to_string(),
+            format!("--threads {}", c.meta.threads),
         );
     }
     if c.meta.cpu_conv != run.cpu_conv {
-        eprintln!(
-            "note: {} was saved by a run with --cpu-conv {}, this run has {}; the results will \
-             differ in the last bits from an uninterrupted run (--cpu-conv {} avoids that)",
-            c.path.display(),
-            c.meta.cpu_conv,
-            run.cpu_conv,
-            c.meta.cpu_conv
+        rounding(
+            format!("--cpu-conv {}", c.meta.cpu_conv),
+            run.cpu_conv.to_string(),
+            format!("--cpu-conv {}", c.meta.cpu_conv),
         );
     }
     let at = c.meta.position;
