@@ -51,6 +51,28 @@ fn read_output(path: &Path) -> Tensor {
     tensors.remove(0).1
 }
 
+/// interop.py's `logits` (`--weights`, a state_dict) or `run-script`
+/// (`--model`, TorchScript) on the batch in `input`; its output goes to
+/// `y.safetensors` beside it and is returned.
+fn python_forward(command: &str, file: &Path, input: &Path) -> Tensor {
+    let flag = match command {
+        "logits" => "--weights",
+        "run-script" => "--model",
+        other => panic!("interop.py has no forward command `{other}`"),
+    };
+    let out = input.with_file_name("y.safetensors");
+    py(&[
+        command,
+        flag,
+        s(file),
+        "--input",
+        s(input),
+        "--out",
+        s(&out),
+    ]);
+    read_output(&out)
+}
+
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
     (a - b).abs().max().double_value(&[])
@@ -96,26 +118,19 @@ fn exported_torchscript_gives_rust_outputs_in_python_and_in_tch() {
     let probs = logits.softmax(1, Kind::Float);
 
     for (module, want) in [("logits.pt", &logits), ("probs.pt", &probs)] {
-        py(&[
-            "run-script",
-            "--model",
-            s(&p(module)),
-            "--input",
-            s(&p("x.safetensors")),
-            "--out",
-            s(&p("y.safetensors")),
-        ]);
-        let python = read_output(&p("y.safetensors"));
+        let python = python_forward("run-script", &p(module), &p("x.safetensors"));
         let diff = max_abs_diff(&python, want);
         assert!(diff <= 1e-5, "{module} in Python differs by {diff}");
         let tch_module = tch::CModule::load(p(module)).unwrap();
         let reloaded = tch_module.forward_ts(&[&x]).unwrap();
         let diff = max_abs_diff(&reloaded, want);
         assert!(diff <= 1e-5, "{module} via CModule::load differs by {diff}");
+        if module == "probs.pt" {
+            let row_sums = python.sum_dim_intlist(1, false, Kind::Float);
+            let off = (row_sums - 1.0).abs().max().double_value(&[]);
+            assert!(off < 1e-5, "probabilities sum to 1 within {off}");
+        }
     }
-    let row_sums = read_output(&p("y.safetensors")).sum_dim_intlist(1, false, Kind::Float);
-    let off = (row_sums - 1.0).abs().max().double_value(&[]);
-    assert!(off < 1e-5, "probabilities sum to 1 within {off}");
 }
 
 #[test]
@@ -134,16 +149,7 @@ fn python_state_dicts_load_in_rust_with_the_same_logits() {
     let x = batch(5, 2);
     write_input(&p("x.safetensors"), &x);
     for weights in ["py.pth", "py.safetensors"] {
-        py(&[
-            "logits",
-            "--weights",
-            s(&p(weights)),
-            "--input",
-            s(&p("x.safetensors")),
-            "--out",
-            s(&p("y.safetensors")),
-        ]);
-        let python = read_output(&p("y.safetensors"));
+        let python = python_forward("logits", &p(weights), &p("x.safetensors"));
         let diff = max_abs_diff(&python, &rust_logits(&p(weights), &x));
         assert!(
             diff <= 1e-5,
@@ -187,16 +193,8 @@ fn rust_weights_load_in_pythons_net_with_the_same_logits() {
     // `logits` loads .pth files with the tutorial's
     // net.load_state_dict(torch.load(PATH, weights_only=True)).
     for weights in ["rust.safetensors", "lib.pth", "cli.pth"] {
-        py(&[
-            "logits",
-            "--weights",
-            s(&p(weights)),
-            "--input",
-            s(&p("x.safetensors")),
-            "--out",
-            s(&p("y.safetensors")),
-        ]);
-        let diff = max_abs_diff(&read_output(&p("y.safetensors")), &want);
+        let python = python_forward("logits", &p(weights), &p("x.safetensors"));
+        let diff = max_abs_diff(&python, &want);
         assert!(
             diff <= 1e-5,
             "{weights}: Python differs from Rust by {diff}"
@@ -389,15 +387,7 @@ fn predict_prints_probabilities_that_sum_to_one_and_match_python() {
     let mut pyargs = vec!["preprocess", "--out", s(&x_path)];
     pyargs.extend(images.iter().map(|i| s(i)));
     py(&pyargs);
-    py(&[
-        "logits",
-        "--weights",
-        s(&weights),
-        "--input",
-        s(&p("x.safetensors")),
-        "--out",
-        s(&p("y.safetensors")),
-    ]);
+    let py_logits = python_forward("logits", &weights, &x_path);
     // The inputs themselves, in units of one pixel level (1/255 of [0, 1],
     // so 2/255 after normalization).
     let py_inputs = Tensor::read_safetensors(&x_path).unwrap().remove(0).1;
@@ -416,7 +406,7 @@ fn predict_prints_probabilities_that_sum_to_one_and_match_python() {
             "{path:?}: input differs from PIL's by {levels} levels"
         );
     }
-    let python = read_output(&p("y.safetensors")).softmax(1, Kind::Float);
+    let python = py_logits.softmax(1, Kind::Float);
     let python: Vec<Vec<f32>> = Vec::try_from(&python).unwrap();
 
     for ((line, path), py_probs) in lines.iter().zip(&images).zip(&python) {
