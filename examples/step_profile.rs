@@ -33,11 +33,10 @@ fn main() -> Result<()> {
     let threads = arg(1, 1)? as i32;
     let bs = arg(2, 4)?;
     let conv = match std::env::args().nth(3) {
-        None => CpuConv::Auto.resolve(bs as u64, threads),
-        Some(s) => CpuConv::from_str(&s, false)
-            .map_err(|e| anyhow::anyhow!("argument 3: {e}"))?
-            .resolve(bs as u64, threads),
-    };
+        None => CpuConv::Auto,
+        Some(s) => CpuConv::from_str(&s, false).map_err(|e| anyhow::anyhow!("argument 3: {e}"))?,
+    }
+    .resolve(bs as u64, threads);
     let _settings = CpuSettings { threads, conv }.apply();
     let n_images = 50_000;
     let model = Model::new(Device::Cpu, Some(1));
