@@ -297,6 +297,8 @@ pub struct Control<'a> {
     /// Also save every N global steps.
     pub every: Option<u64>,
     pub interrupts: &'a Interrupts,
+    /// Read the losses on the host every N steps: [`read_losses_every`].
+    pub read_losses_every: usize,
     /// `tch-cifar train --resume DIR …`, for the interrupt message.
     pub resume_command: String,
 }
@@ -333,6 +335,79 @@ impl Control<'_> {
             resume: self.resume_command.clone(),
         }
         .into()
+    }
+}
+
+/// How many steps' losses [`train`] gathers before it reads them on the
+/// host: 1 on the CPU, a few hundred on a GPU.
+///
+/// Reading a loss (PyTorch's `loss.item()`) makes the host wait until the
+/// device has finished the step. On the CPU the step is already finished.
+/// On a GPU the host would stop queueing work on every step and wait for the
+/// device instead, so the losses stay in a buffer on the device and come back
+/// in one copy. A non-finite loss still stops the run at the step it names,
+/// a few hundred steps later at most and before anything is saved.
+pub fn read_losses_every(device: Device) -> usize {
+    match device {
+        Device::Cpu => 1,
+        _ => 256,
+    }
+}
+
+/// The losses of the steps not yet read on the host. Whatever the batching,
+/// each loss reads as the same float, in step order.
+struct PendingLosses {
+    /// One slot per step, on the device; `None` reads each loss at once.
+    buffer: Option<Tensor>,
+    capacity: usize,
+    /// `(epoch, step)` of each pending loss.
+    steps: Vec<(u64, u64)>,
+    /// The losses read at once (without a buffer).
+    values: Vec<f64>,
+}
+
+impl PendingLosses {
+    fn new(device: Device, capacity: usize) -> PendingLosses {
+        let capacity = capacity.max(1);
+        PendingLosses {
+            buffer: (capacity > 1)
+                .then(|| Tensor::zeros([capacity as i64], (tch::Kind::Float, device))),
+            capacity,
+            steps: Vec::with_capacity(capacity),
+            values: Vec::with_capacity(capacity),
+        }
+    }
+
+    fn push(&mut self, loss: &Tensor, epoch: u64, step: u64) {
+        match &self.buffer {
+            None => self.values.push(loss.double_value(&[])),
+            Some(buffer) => tch::no_grad(|| {
+                let mut slot = buffer.get(self.steps.len() as i64);
+                slot.copy_(loss);
+            }),
+        }
+        self.steps.push((epoch, step));
+    }
+
+    fn is_full(&self) -> bool {
+        self.steps.len() >= self.capacity
+    }
+
+    /// `(epoch, step, loss)` of each pending step, oldest first, and empties.
+    fn read(&mut self) -> Result<Vec<(u64, u64, f64)>> {
+        if let Some(buffer) = &self.buffer {
+            let pending = buffer.narrow(0, 0, self.steps.len() as i64);
+            let read = Vec::<f32>::try_from(pending.to_device(Device::Cpu))
+                .context("cannot read the losses back from the device")?;
+            self.values.extend(read.into_iter().map(f64::from));
+        }
+        let values = std::mem::take(&mut self.values);
+        Ok(self
+            .steps
+            .drain(..)
+            .zip(values)
+            .map(|((epoch, step), loss)| (epoch, step, loss))
+            .collect())
     }
 }
 
@@ -382,6 +457,7 @@ pub fn train(
     };
     let began = Instant::now();
     let mut at = start;
+    let mut losses = PendingLosses::new(device, control.read_losses_every);
     control.interrupts.exit_now.store(false, Ordering::SeqCst);
     let mut epochs = || -> Result<()> {
         'epochs: for epoch in start.epoch..=recipe.epochs {
@@ -397,35 +473,52 @@ pub fn train(
                 let (images, labels) = train.select(&index);
                 let loss = model.net.forward(&images).cross_entropy_for_logits(&labels);
                 opt.step(&loss);
-                let loss = loss.double_value(&[]);
-                if !loss.is_finite() {
-                    bail!(
-                        "the loss became {loss} at epoch {epoch}, step {step}: training diverged. \
-                         Try a lower learning rate (--lr {} now). {}",
-                        recipe.lr,
-                        match control.saver.last() {
-                            Some(p) => format!(
-                                "The weights were not saved; the last good checkpoint is {}",
-                                p.display()
-                            ),
-                            None => "The weights were not saved".to_string(),
-                        }
-                    );
-                }
-                running_loss += loss;
+                losses.push(&loss, epoch, step);
                 stats.steps += 1;
                 stats.images += index.size()[0] as u64;
-                if step.is_multiple_of(recipe.log_every) {
-                    let mean = running_loss / recipe.log_every as f64;
-                    stats.running_losses.push((epoch, step, mean));
-                    reporter.emit(
-                        || format!("[{epoch}, {step:5}] loss: {mean:.3}"),
-                        json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
-                    );
-                    running_loss = 0.0;
-                }
                 bar.inc(1);
-                if step.is_multiple_of(256) {
+                let stop = control.interrupts.stop.load(Ordering::Relaxed);
+                let save = control.every.is_some_and(|k| stats.steps.is_multiple_of(k));
+                let last = recipe.max_steps.is_some_and(|m| stats.steps >= m);
+                let show = step.is_multiple_of(256);
+                // What follows needs the running loss, so the losses are read first.
+                if !(losses.is_full()
+                    || show
+                    || save
+                    || stop
+                    || last
+                    || step == steps_per_epoch
+                    || step.is_multiple_of(recipe.log_every))
+                {
+                    continue;
+                }
+                for (epoch, step, loss) in losses.read()? {
+                    if !loss.is_finite() {
+                        bail!(
+                            "the loss became {loss} at epoch {epoch}, step {step}: training \
+                             diverged. Try a lower learning rate (--lr {} now). {}",
+                            recipe.lr,
+                            match control.saver.last() {
+                                Some(p) => format!(
+                                    "The weights were not saved; the last good checkpoint is {}",
+                                    p.display()
+                                ),
+                                None => "The weights were not saved".to_string(),
+                            }
+                        );
+                    }
+                    running_loss += loss;
+                    if step.is_multiple_of(recipe.log_every) {
+                        let mean = running_loss / recipe.log_every as f64;
+                        stats.running_losses.push((epoch, step, mean));
+                        reporter.emit(
+                            || format!("[{epoch}, {step:5}] loss: {mean:.3}"),
+                            json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
+                        );
+                        running_loss = 0.0;
+                    }
+                }
+                if show {
                     let rate = stats.images as f64 / began.elapsed().as_secs_f64();
                     bar.set_message(format!(
                         "loss {:.3} {rate:.0} img/s",
@@ -438,13 +531,13 @@ pub fn train(
                     global_step: stats.steps,
                     running_loss,
                 };
-                if control.every.is_some_and(|k| stats.steps.is_multiple_of(k)) {
+                if save {
                     control.saver.save(model, opt, at)?;
                 }
-                if control.interrupts.stop.load(Ordering::Relaxed) {
+                if stop {
                     return Err(control.interrupt(model, opt, at, reporter));
                 }
-                if recipe.max_steps.is_some_and(|m| stats.steps >= m) {
+                if last {
                     break 'epochs;
                 }
             }
@@ -560,6 +653,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         every_epoch,
         every: ck.checkpoint_every,
         interrupts: &INTERRUPTS,
+        read_losses_every: read_losses_every(device),
         resume_command: resume_command(&dir, &data_args, &recipe, &out, json, &ck),
         saver: Saver::new(dir, keep, meta, last),
     };

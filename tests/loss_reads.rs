@@ -1,0 +1,116 @@
+//! `train::train` reading its losses in batches, as it does on a GPU, on the
+//! CPU. It runs in a process of its own (its own file) with one test,
+//! because libtorch's CPU settings are process-wide and runs compared bit for
+//! bit must not see them change.
+
+use tch::{Device, Kind, Tensor};
+use tch_cifar::checkpoint::{Meta, Position, Saver};
+use tch_cifar::data::Split;
+use tch_cifar::device::{CpuConv, DeviceArg};
+use tch_cifar::model::Model;
+use tch_cifar::optim::Sgd;
+use tch_cifar::report::Reporter;
+use tch_cifar::train::{train, Control, Interrupts, Recipe, TrainStats};
+
+struct Run {
+    /// The error's text has the checkpoint folder replaced by `DIR`.
+    result: Result<TrainStats, String>,
+    weights: Tensor,
+    checkpoints: Vec<String>,
+}
+
+/// Trains 2 epochs of 10 steps on 40 random images from seed 3, reading the
+/// losses every `read_every` steps, logging every 3 steps and saving a
+/// checkpoint every 4 and after each epoch.
+fn run(read_every: usize, lr: f64) -> Run {
+    tch::manual_seed(5);
+    let train_set = Split {
+        images: Tensor::randn([40, 3, 32, 32], (Kind::Float, Device::Cpu)),
+        labels: Tensor::randint(10, [40], (Kind::Int64, Device::Cpu)),
+    };
+    let recipe = Recipe {
+        epochs: 2,
+        batch_size: 4,
+        lr,
+        momentum: 0.9,
+        seed: Some(3),
+        device: DeviceArg::Cpu,
+        threads: None,
+        cpu_conv: CpuConv::Auto,
+        log_every: 3,
+        max_steps: None,
+    };
+    let cpu = recipe.cpu_settings();
+    let meta = Meta {
+        seed: 3,
+        batch_size: 4,
+        lr,
+        momentum: 0.9,
+        epochs: 2,
+        train_images: 40,
+        threads: cpu.threads as i64,
+        cpu_conv: cpu.conv,
+        device: "cpu".into(),
+        position: Position::START,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let interrupts = Interrupts::new();
+    let mut control = Control {
+        start: Position::START,
+        saver: Saver::new(dir.path().to_path_buf(), 100, meta, None),
+        every_epoch: true,
+        every: Some(4),
+        interrupts: &interrupts,
+        read_losses_every: read_every,
+        resume_command: String::new(),
+    };
+    let _training = cpu.apply();
+    let model = Model::new(Device::Cpu, Some(3));
+    let mut opt = Sgd::new(&model, lr, 0.9);
+    let result = train(
+        &model,
+        &mut opt,
+        &train_set,
+        &recipe,
+        3,
+        &mut control,
+        &mut Reporter::new(true),
+    );
+    let mut checkpoints: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    checkpoints.sort();
+    let folder = dir.path().to_string_lossy().into_owned();
+    Run {
+        result: result.map_err(|e| format!("{e:#}").replace(&folder, "DIR")),
+        weights: model.flat.copy(),
+        checkpoints,
+    }
+}
+
+#[test]
+fn losses_read_in_batches_change_nothing() {
+    // Batches of 7 steps straddle the log, checkpoint and epoch marks.
+    let each = run(1, 0.01);
+    let batched = run(7, 0.01);
+    let (a, b) = (each.result.unwrap(), batched.result.unwrap());
+    assert_eq!(a.steps, 20);
+    assert_eq!(a.running_losses.len(), 6, "{:?}", a.running_losses);
+    assert_eq!(a.running_losses, b.running_losses);
+    assert!(each.weights.equal(&batched.weights));
+    // Steps 4, 8, 10 (epoch 1's end), 12, 16 and 20.
+    assert_eq!(each.checkpoints.len(), 6, "{:?}", each.checkpoints);
+    assert_eq!(each.checkpoints, batched.checkpoints);
+
+    // A diverging run stops at its first non-finite loss, named the same
+    // way, with the same checkpoints behind it, however the losses are read.
+    // At lr 300 that is step 5, just after the first checkpoint.
+    let each = run(1, 300.0);
+    let batched = run(7, 300.0);
+    let (a, b) = (each.result.unwrap_err(), batched.result.unwrap_err());
+    assert!(a.contains("training diverged"), "{a}");
+    assert!(a.contains("the last good checkpoint is DIR/"), "{a}");
+    assert_eq!(a, b);
+    assert_eq!(each.checkpoints, batched.checkpoints);
+}
