@@ -170,9 +170,13 @@ impl Model {
         if let Some(seed) = seed {
             tch::manual_seed(seed as i64);
         }
-        let vs = nn::VarStore::new(device);
+        // The weights are drawn on the CPU, as `Net()` in Python draws them
+        // before `.to(device)`: a CUDA generator would give other numbers
+        // for the same seed.
+        let mut vs = nn::VarStore::new(Device::Cpu);
         let net = Net::new(&vs.root());
         drop(_guard);
+        vs.set_device(device);
         let mut params = parameters(&vs);
         let flat =
             tch::no_grad(|| Tensor::cat(&params.iter().map(|p| p.view(-1)).collect::<Vec<_>>(), 0));
@@ -253,6 +257,11 @@ impl Model {
             tch::no_grad(|| var.copy_(&src.to_kind(Kind::Float)));
         }
         Ok(())
+    }
+
+    /// Whether every weight is finite (no NaN, no infinity).
+    pub fn is_finite(&self) -> bool {
+        tch::no_grad(|| self.flat.isfinite().all().int64_value(&[])) != 0
     }
 
     /// Writes the weights as safetensors, atomically: a temporary file in the
