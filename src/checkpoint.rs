@@ -482,8 +482,7 @@ impl Saver {
         }
         let began = std::time::Instant::now();
         let path = self.dir.join(file_name(&position));
-        let finite = tch::no_grad(|| model.flat.isfinite().all().int64_value(&[])) != 0;
-        if !finite {
+        if !model.is_finite() {
             bail!(
                 "the weights became non-finite at epoch {}, step {}: training diverged. Try a \
                  lower learning rate (--lr {} now). No checkpoint written{}",

@@ -75,8 +75,15 @@ pub struct Recipe {
 
 fn parse_non_negative(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
-        Ok(v) => Err(format!("{v} is not a finite, non-negative number")),
+        Ok(v) if !(v.is_finite() && v >= 0.0) => {
+            Err(format!("`{s}` is not a finite, non-negative number"))
+        }
+        // The weights are float32, where a larger value acts as infinity.
+        Ok(v) if v > f32::MAX as f64 => Err(format!(
+            "`{s}` is too large: the weights are float32, whose largest value is {:e}",
+            f32::MAX
+        )),
+        Ok(v) => Ok(v),
         Err(e) => Err(format!("`{s}`: {e}")),
     }
 }
@@ -498,13 +505,7 @@ pub fn train(
                             "the loss became {loss} at epoch {epoch}, step {step}: training \
                              diverged. Try a lower learning rate (--lr {} now). {}",
                             recipe.lr,
-                            match control.saver.last() {
-                                Some(p) => format!(
-                                    "The weights were not saved; the last good checkpoint is {}",
-                                    p.display()
-                                ),
-                                None => "The weights were not saved".to_string(),
-                            }
+                            not_saved(control.saver.last())
                         );
                     }
                     running_loss += loss;
@@ -545,6 +546,18 @@ pub fn train(
                 control.saver.save(model, opt, at)?;
             }
         }
+        // A loss is computed before its step's update, so the last update
+        // is checked here: --out must not get weights that diverged.
+        if !model.is_finite() {
+            bail!(
+                "the weights became non-finite in the last step (epoch {}, step {}): training \
+                 diverged. Try a lower learning rate (--lr {} now). {}",
+                at.epoch,
+                at.step,
+                recipe.lr,
+                not_saved(control.saver.last())
+            );
+        }
         // Training is over: from here a signal exits at once. One that came
         // during the last saves still stops the run, resumably.
         control.interrupts.exit_now.store(true, Ordering::SeqCst);
@@ -558,6 +571,17 @@ pub fn train(
     stats.train_seconds = began.elapsed().as_secs_f64();
     reporter.finish_bar();
     result.map(|()| stats)
+}
+
+/// The end of a divergence message: nothing saved, and the checkpoint to go back to.
+fn not_saved(last_checkpoint: Option<&Path>) -> String {
+    match last_checkpoint {
+        Some(p) => format!(
+            "The weights were not saved; the last good checkpoint is {}",
+            p.display()
+        ),
+        None => "The weights were not saved".to_string(),
+    }
 }
 
 /// `tch-cifar train`.
@@ -869,4 +893,76 @@ fn report_test(reporter: &Reporter, model: &Model, test: &Split) -> Result<()> {
         json!({"event": "sample_predictions", "ground_truth": names(&truth), "predicted": names(&preds)}),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    /// An update that overflows on the last step leaves finite losses behind
+    /// it; the run must still fail rather than write non-finite weights.
+    #[test]
+    fn weights_that_overflow_on_the_last_step_are_an_error() {
+        // Huge pixels give huge but finite logits and gradients; a huge rate
+        // then overflows the first update.
+        let train_set = Split {
+            images: Tensor::full([4, 3, 32, 32], 1e15, (Kind::Float, Device::Cpu)),
+            labels: Tensor::from_slice(&[0i64, 1, 2, 3]),
+        };
+        let recipe = Recipe {
+            epochs: 1,
+            batch_size: 4,
+            lr: 1e30,
+            momentum: 0.9,
+            seed: Some(1),
+            device: DeviceArg::Cpu,
+            threads: None,
+            cpu_conv: CpuConv::Auto,
+            log_every: 1,
+            max_steps: None,
+        };
+        let meta = Meta {
+            seed: 1,
+            batch_size: 4,
+            lr: recipe.lr,
+            momentum: 0.9,
+            epochs: 1,
+            train_images: 4,
+            threads: 1,
+            cpu_conv: CpuConv::Onednn,
+            device: "cpu".into(),
+            position: Position::START,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let interrupts = Interrupts::new();
+        let mut control = Control {
+            start: Position::START,
+            saver: Saver::new(dir.path().to_path_buf(), 2, meta, None),
+            every_epoch: false,
+            every: None,
+            interrupts: &interrupts,
+            read_losses_every: 1,
+            resume_command: String::new(),
+        };
+        let model = Model::new(Device::Cpu, Some(1));
+        let mut opt = Sgd::new(&model, recipe.lr, recipe.momentum);
+        let mut reporter = Reporter::new(true);
+        let err = train(
+            &model,
+            &mut opt,
+            &train_set,
+            &recipe,
+            1,
+            &mut control,
+            &mut reporter,
+        )
+        .expect_err("training must fail");
+        let message = err.to_string();
+        assert!(
+            message.starts_with("the weights became non-finite in the last step (epoch 1, step 1)"),
+            "{message}"
+        );
+        assert!(!model.is_finite());
+    }
 }

@@ -428,6 +428,13 @@ fn non_finite_learning_rate() {
     bad_flag("--lr", "inf", "not a finite, non-negative number");
 }
 
+/// Past float32's range, the rate would turn the first update into infinity.
+#[test]
+fn learning_rate_beyond_float32() {
+    bad_flag("--lr", "1e39", "too large: the weights are float32");
+    bad_flag("--momentum", "4e38", "too large: the weights are float32");
+}
+
 #[test]
 fn predict_an_image_that_cannot_be_decoded() {
     let s = Scratch::empty();
