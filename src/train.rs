@@ -608,8 +608,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let resumed = ck.resume.as_deref().map(checkpoint::newest).transpose()?;
     // Checkpoints go to --checkpoint-dir, else to the folder resumed from.
     let checkpoint_dir = ck.checkpoint_dir.clone().or_else(|| ck.resume.clone());
-    if let Some(dir) = &checkpoint_dir {
-        prepare_checkpoint_dir(dir, ck.resume.as_deref())?;
+    match &checkpoint_dir {
+        Some(dir) => prepare_checkpoint_dir(dir, ck.resume.as_deref())?,
+        // An interrupt would save there and delete what is there already.
+        None => check_no_interrupted_run(&interrupt_dir(&out))?,
     }
     let seed = match (&resumed, recipe.seed) {
         (Some(c), None) => c.meta.seed,
@@ -789,6 +791,24 @@ fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
         bail!(
             "{} already holds checkpoints ({}): continue that run with --resume {}, or save \
              into an empty directory",
+            dir.display(),
+            file.file_name().unwrap_or_default().to_string_lossy(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Refuses to start a run whose interrupt folder holds another interrupted
+/// run's checkpoint: it is that run's only copy.
+fn check_no_interrupted_run(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    if let Some((_, file)) = checkpoint::list(dir)?.last() {
+        bail!(
+            "{} holds the checkpoint of an interrupted run ({}): continue it with --resume {}, \
+             or delete that folder to start a new run",
             dir.display(),
             file.file_name().unwrap_or_default().to_string_lossy(),
             dir.display()

@@ -358,6 +358,19 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     );
     let ck = dir.path().join("net.safetensors.checkpoint");
     assert_eq!(assert_all_loadable(&ck), 1);
+    // A new run on the same --out would save its own interrupt there and
+    // delete this one, so it is refused until the folder is dealt with.
+    let again = run_in(dir.path(), &args);
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains(
+            "net.safetensors.checkpoint holds the checkpoint of an interrupted run \
+             (checkpoint-e"
+        ) && stderr(&again).contains("continue it with --resume net.safetensors.checkpoint"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(assert_all_loadable(&ck), 1);
     let resume = resume_command(&err);
     assert_eq!(
         resume[..3],
