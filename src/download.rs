@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use md5::{Digest, Md5};
@@ -16,6 +17,10 @@ pub const OFFICIAL_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary
 /// The official archive's md5, as the home page lists it.
 pub const OFFICIAL_MD5: &str = "c32a1d4ab5d03f1284b67883e8d87530";
 const ARCHIVE_NAME: &str = "cifar-10-binary.tar.gz";
+/// How long the server may stay silent (connecting, answering, or in the
+/// middle of the archive) before the download is given up, rather than
+/// hanging forever on a stalled connection.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// Entries the archive may hold besides the six batch files; anything else
 /// inside `cifar-10-batches-bin/` is skipped.
 const EXTRA_FILES: [&str; 2] = ["batches.meta.txt", "readme.html"];
@@ -107,8 +112,20 @@ fn check_not_partial(data_dir: &Path) -> Result<()> {
 /// Downloads `url` to `dest`, checking its md5 on the way; `dest` appears
 /// only once the whole file has arrived and matched.
 pub fn download(url: &str, dest: &Path, md5: &str) -> Result<()> {
+    download_within(url, dest, md5, SILENCE_LIMIT)
+}
+
+/// [`download`], giving up after `silence` without a byte from the server.
+fn download_within(url: &str, dest: &Path, md5: &str, silence: Duration) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
-    let response = ureq::get(url)
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(silence))
+        .timeout_recv_response(Some(silence))
+        .timeout_per_read(Some(silence))
+        .build()
+        .into();
+    let response = agent
+        .get(url)
         .call()
         .with_context(|| format!("cannot download {url}"))?;
     // Said only once the server answers, so that a failure is one line.
@@ -128,9 +145,12 @@ pub fn download(url: &str, dest: &Path, md5: &str) -> Result<()> {
         let mut hasher = Md5::new();
         let mut buf = vec![0u8; 1 << 16];
         loop {
-            let n = body
-                .read(&mut buf)
-                .with_context(|| format!("download of {url} broke off"))?;
+            let n = body.read(&mut buf).with_context(|| {
+                format!(
+                    "download of {url} broke off (the server sends nothing for {} s at most)",
+                    silence.as_secs_f64()
+                )
+            })?;
             if n == 0 {
                 break;
             }
@@ -291,6 +311,42 @@ mod tests {
             expected_name(Path::new("elsewhere/test_batch.bin"), a).unwrap(),
             None
         );
+    }
+
+    /// A server that sends the headers and part of the body, then goes
+    /// silent with the connection open, fails the download instead of
+    /// hanging it, and leaves no file behind.
+    #[test]
+    fn a_stalled_download_gives_up() {
+        use std::io::BufRead;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/{ARCHIVE_NAME}", listener.local_addr().unwrap());
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap() > 2 {
+                line.clear();
+            }
+            let mut stream = stream;
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial")
+                .unwrap();
+            // Silent, with the connection open, until the test is over.
+            let _ = wait.recv();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join(ARCHIVE_NAME);
+        let err = download_within(&url, &dest, OFFICIAL_MD5, Duration::from_millis(300))
+            .expect_err("a stalled download must fail");
+        assert!(
+            format!("{err:#}").contains("broke off (the server sends nothing for 0.3 s at most)"),
+            "{err:#}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        done.send(()).unwrap();
+        server.join().unwrap();
     }
 
     #[test]
