@@ -156,99 +156,101 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
 /// Draws `eval`'s confusion matrix: one row per true class, one column per
 /// predicted class, each cell its count, shaded by its share of the row.
 pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
-    use crate::plot::{png_canvas, present, FONT};
+    use crate::plot::{write_png, FONT};
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
 
     let cell = 58;
     let (left, top) = (120, 70);
     let (width, height) = (left + 10 * cell + 20, top + 10 * cell + 70);
-    let root = png_canvas(path, width as u32, height as u32);
-    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
-    root.fill(&WHITE).map_err(err)?;
-    let centred = |size: i32, colour: &RGBColor| {
-        (FONT, size)
-            .into_font()
-            .color(colour)
-            .pos(Pos::new(HPos::Center, VPos::Center))
-    };
-    root.draw(&Text::new(
-        format!(
-            "Confusion matrix: {} test images, accuracy {:.2} %",
-            eval.total(),
-            eval.accuracy()
-        ),
-        (left + 5 * cell, 22),
-        centred(20, &BLACK),
-    ))
-    .map_err(err)?;
-    root.draw(&Text::new(
-        "predicted class",
-        (left + 5 * cell, top + 10 * cell + 50),
-        centred(18, &BLACK),
-    ))
-    .map_err(err)?;
-    root.draw(&Text::new(
-        "true class",
-        (18, top + 5 * cell),
-        centred(18, &BLACK).transform(FontTransform::Rotate270),
-    ))
-    .map_err(err)?;
-    let base = RGBColor(31, 119, 180);
-    for (t, row) in eval.confusion.iter().enumerate() {
-        let row_total = row.iter().sum::<i64>().max(1) as f64;
-        let y = top + t as i32 * cell;
-        root.draw(&Text::new(
-            CLASSES[t],
-            (left - 8, y + cell / 2),
-            (FONT, 16)
+    write_png(path, width as u32, height as u32, |root| {
+        let err =
+            |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
+        root.fill(&WHITE).map_err(err)?;
+        let centred = |size: i32, colour: &RGBColor| {
+            (FONT, size)
                 .into_font()
-                .color(&BLACK)
-                .pos(Pos::new(HPos::Right, VPos::Center)),
+                .color(colour)
+                .pos(Pos::new(HPos::Center, VPos::Center))
+        };
+        root.draw(&Text::new(
+            format!(
+                "Confusion matrix: {} test images, accuracy {:.2} %",
+                eval.total(),
+                eval.accuracy()
+            ),
+            (left + 5 * cell, 22),
+            centred(20, &BLACK),
         ))
         .map_err(err)?;
-        for (p, &count) in row.iter().enumerate() {
-            let x = left + p as i32 * cell;
-            let share = count as f64 / row_total;
-            let mix = |c: u8| (255.0 - share * (255.0 - c as f64)).round() as u8;
-            let fill = RGBColor(mix(base.0), mix(base.1), mix(base.2));
-            root.draw(&Rectangle::new(
-                [(x, y), (x + cell, y + cell)],
-                fill.filled(),
+        root.draw(&Text::new(
+            "predicted class",
+            (left + 5 * cell, top + 10 * cell + 50),
+            centred(18, &BLACK),
+        ))
+        .map_err(err)?;
+        root.draw(&Text::new(
+            "true class",
+            (18, top + 5 * cell),
+            centred(18, &BLACK).transform(FontTransform::Rotate270),
+        ))
+        .map_err(err)?;
+        let base = RGBColor(31, 119, 180);
+        for (t, row) in eval.confusion.iter().enumerate() {
+            let row_total = row.iter().sum::<i64>().max(1) as f64;
+            let y = top + t as i32 * cell;
+            root.draw(&Text::new(
+                CLASSES[t],
+                (left - 8, y + cell / 2),
+                (FONT, 16)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Right, VPos::Center)),
             ))
             .map_err(err)?;
-            let ink = if share > 0.5 { WHITE } else { BLACK };
+            for (p, &count) in row.iter().enumerate() {
+                let x = left + p as i32 * cell;
+                let share = count as f64 / row_total;
+                let mix = |c: u8| (255.0 - share * (255.0 - c as f64)).round() as u8;
+                let fill = RGBColor(mix(base.0), mix(base.1), mix(base.2));
+                root.draw(&Rectangle::new(
+                    [(x, y), (x + cell, y + cell)],
+                    fill.filled(),
+                ))
+                .map_err(err)?;
+                let ink = if share > 0.5 { WHITE } else { BLACK };
+                root.draw(&Text::new(
+                    count.to_string(),
+                    (x + cell / 2, y + cell / 2),
+                    centred(15, &ink),
+                ))
+                .map_err(err)?;
+            }
+        }
+        for (p, name) in CLASSES.iter().enumerate() {
             root.draw(&Text::new(
-                count.to_string(),
-                (x + cell / 2, y + cell / 2),
-                centred(15, &ink),
+                *name,
+                (left + p as i32 * cell + cell / 2, top + 10 * cell + 16),
+                centred(16, &BLACK),
             ))
             .map_err(err)?;
         }
-    }
-    for (p, name) in CLASSES.iter().enumerate() {
-        root.draw(&Text::new(
-            *name,
-            (left + p as i32 * cell + cell / 2, top + 10 * cell + 16),
-            centred(16, &BLACK),
-        ))
-        .map_err(err)?;
-    }
-    let grid = RGBColor(200, 200, 200);
-    for i in 0..=10 {
-        let d = i * cell;
-        root.draw(&PathElement::new(
-            vec![(left, top + d), (left + 10 * cell, top + d)],
-            grid,
-        ))
-        .map_err(err)?;
-        root.draw(&PathElement::new(
-            vec![(left + d, top), (left + d, top + 10 * cell)],
-            grid,
-        ))
-        .map_err(err)?;
-    }
-    present(&root, path)
+        let grid = RGBColor(200, 200, 200);
+        for i in 0..=10 {
+            let d = i * cell;
+            root.draw(&PathElement::new(
+                vec![(left, top + d), (left + 10 * cell, top + d)],
+                grid,
+            ))
+            .map_err(err)?;
+            root.draw(&PathElement::new(
+                vec![(left + d, top), (left + d, top + 10 * cell)],
+                grid,
+            ))
+            .map_err(err)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -29,26 +29,26 @@ pub fn register_font() {
     });
 }
 
-/// A `width`x`height` PNG canvas at `path`; call `present()` on it when done
-/// (through [`present`], which names the file in errors).
-pub fn png_canvas(
+/// The surface [`write_png`] hands to its drawing function.
+pub type Canvas<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
+
+/// Draws a `width`x`height` PNG with `draw` and writes it to `path`
+/// atomically, like every output: an existing file is replaced only by a
+/// complete picture.
+pub fn write_png(
     path: &Path,
     width: u32,
     height: u32,
-) -> DrawingArea<BitMapBackend<'_>, plotters::coord::Shift> {
-    register_font();
-    let root = BitMapBackend::new(path, (width, height)).into_drawing_area();
-    root
-}
-
-/// Writes the canvas to its file.
-pub fn present(
-    root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    path: &Path,
+    draw: impl FnOnce(&Canvas<'_>) -> Result<()>,
 ) -> Result<()> {
-    root.present()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("cannot write {}", path.display()))
+    crate::fsutil::write_atomically(path, |tmp| {
+        register_font();
+        let root = BitMapBackend::new(tmp, (width, height)).into_drawing_area();
+        draw(&root)?;
+        root.present()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("cannot write {}", path.display()))
+    })
 }
 
 /// One curve of a [`LineChart`].
@@ -81,19 +81,14 @@ impl LineChart {
     /// rendered into a temporary file next to `path` and renamed onto it
     /// once complete, so a failure never leaves a torn PNG.
     pub fn save(&self, path: &Path, width: u32, height: u32) -> Result<()> {
-        crate::fsutil::write_atomically(path, |tmp| {
-            let root = png_canvas(tmp, width, height);
-            self.draw(&root)
+        write_png(path, width, height, |root| {
+            self.draw(root)
                 .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("cannot draw {}", path.display()))?;
-            present(&root, path)
+                .with_context(|| format!("cannot draw {}", path.display()))
         })
     }
 
-    fn draw(
-        &self,
-        root: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
-    ) -> Result<(), Box<dyn std::error::Error + '_>> {
+    fn draw(&self, root: &Canvas<'_>) -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
         let finite = |l: &Line| {
             l.points
@@ -183,21 +178,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn draws_text_to_a_png() {
+    fn draws_text_to_a_png_and_keeps_the_old_file_when_drawing_fails() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.png");
-        let root = png_canvas(&path, 120, 40);
-        root.fill(&WHITE).unwrap();
-        root.draw(&Text::new(
-            "hello",
-            (5, 5),
-            (FONT, 20).into_font().color(&BLACK),
-        ))
+        write_png(&path, 120, 40, |root| {
+            root.fill(&WHITE)?;
+            root.draw(&Text::new(
+                "hello",
+                (5, 5),
+                (FONT, 20).into_font().color(&BLACK),
+            ))?;
+            Ok(())
+        })
         .unwrap();
-        present(&root, &path).unwrap();
-        drop(root);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
+        let err = write_png(&path, 120, 40, |_| anyhow::bail!("no pen")).unwrap_err();
+        assert_eq!(err.to_string(), "no pen");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::data::{self, DataArgs, CLASSES, IMAGE_BYTES, RECORD_BYTES, TRAIN_FILES};
-use crate::plot::{png_canvas, present, FONT};
+use crate::plot::{write_png, FONT};
 
 /// Draw a grid of random training images with their labels.
 #[derive(Debug, clap::Args)]
@@ -118,40 +118,42 @@ pub fn draw_grid(path: &Path, samples: &[Sample], columns: u32, scale: u32) -> R
     let (cell_w, cell_h) = (side.max(60) + pad, side + label_h + pad);
     let width = columns * cell_w + pad;
     let height = rows * cell_h + pad;
-    let root = png_canvas(path, width, height);
-    let err = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
-    root.fill(&WHITE).map_err(err)?;
-    let label_style = (FONT, 16)
-        .into_font()
-        .color(&BLACK)
-        .pos(Pos::new(HPos::Center, VPos::Top));
-    for (n, sample) in samples.iter().enumerate() {
-        let (col, row) = (n as u32 % columns, n as u32 / columns);
-        let x0 = (pad + col * cell_w + (cell_w - pad - side) / 2) as i32;
-        let y0 = (pad + row * cell_h) as i32;
-        for y in 0..32 {
-            for x in 0..32 {
-                let at = |c: usize| sample.pixels[c * 1024 + y * 32 + x];
-                let colour = RGBColor(at(0), at(1), at(2));
-                let (px, py) = (
-                    x0 + (x as u32 * scale) as i32,
-                    y0 + (y as u32 * scale) as i32,
-                );
-                root.draw(&Rectangle::new(
-                    [(px, py), (px + scale as i32, py + scale as i32)],
-                    colour.filled(),
-                ))
-                .map_err(err)?;
+    write_png(path, width, height, |root| {
+        let err =
+            |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
+        root.fill(&WHITE).map_err(err)?;
+        let label_style = (FONT, 16)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Top));
+        for (n, sample) in samples.iter().enumerate() {
+            let (col, row) = (n as u32 % columns, n as u32 / columns);
+            let x0 = (pad + col * cell_w + (cell_w - pad - side) / 2) as i32;
+            let y0 = (pad + row * cell_h) as i32;
+            for y in 0..32 {
+                for x in 0..32 {
+                    let at = |c: usize| sample.pixels[c * 1024 + y * 32 + x];
+                    let colour = RGBColor(at(0), at(1), at(2));
+                    let (px, py) = (
+                        x0 + (x as u32 * scale) as i32,
+                        y0 + (y as u32 * scale) as i32,
+                    );
+                    root.draw(&Rectangle::new(
+                        [(px, py), (px + scale as i32, py + scale as i32)],
+                        colour.filled(),
+                    ))
+                    .map_err(err)?;
+                }
             }
+            root.draw(&Text::new(
+                CLASSES[sample.label as usize],
+                (x0 + side as i32 / 2, y0 + side as i32 + 3),
+                label_style.clone(),
+            ))
+            .map_err(err)?;
         }
-        root.draw(&Text::new(
-            CLASSES[sample.label as usize],
-            (x0 + side as i32 / 2, y0 + side as i32 + 3),
-            label_style.clone(),
-        ))
-        .map_err(err)?;
-    }
-    present(&root, path)
+        Ok(())
+    })
 }
 
 /// A seed from the clock when none is given.
