@@ -89,6 +89,9 @@ pub struct Meta {
     pub epochs: u64,
     /// Images in the training set: the data order depends on it.
     pub train_images: u64,
+    /// The training set's [`crate::data::Split::md5`]; `None` in checkpoints
+    /// saved before it was recorded.
+    pub train_md5: Option<String>,
     /// libtorch's CPU threads; another count changes float sums in the last bits.
     pub threads: i64,
     /// The CPU convolution kernel (resolved); another one rounds differently.
@@ -131,6 +134,7 @@ impl Meta {
             ),
         ]
         .into_iter()
+        .chain(self.train_md5.clone().map(|m| ("train_md5", m)))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -171,6 +175,7 @@ impl Meta {
             momentum: field(map, "momentum", path)?,
             epochs: field(map, "epochs", path)?,
             train_images: field(map, "train_images", path)?,
+            train_md5: map.get("train_md5").cloned(),
             threads: field(map, "threads", path)?,
             // Checkpoints from before --cpu-conv existed were trained with oneDNN.
             cpu_conv: match map.get("cpu_conv") {
@@ -631,6 +636,7 @@ mod tests {
             momentum: 0.9,
             epochs: 2,
             train_images: 40,
+            train_md5: Some("0123456789abcdef0123456789abcdef".into()),
             threads: 1,
             cpu_conv: CpuConv::Im2col,
             device: "cpu".into(),

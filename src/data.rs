@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
+use md5::{Digest, Md5};
 use tch::{Device, Kind, Tensor};
 
 use crate::download;
@@ -34,6 +35,9 @@ pub const BATCHES_DIR: &str = "cifar-10-batches-bin";
 pub struct Split {
     pub images: Tensor,
     pub labels: Tensor,
+    /// The md5 of the batch files' bytes, in order, when read from files:
+    /// what tells one training set from another with as many images.
+    pub md5: Option<String>,
 }
 
 impl Split {
@@ -133,8 +137,10 @@ pub fn load_split(paths: &[PathBuf], device: Device) -> Result<Split> {
     let images = Tensor::empty([total, 3, 32, 32], (Kind::Float, device));
     let mut labels = Vec::with_capacity(total as usize);
     let mut offset = 0;
+    let mut md5 = Md5::new();
     for (path, n) in paths.iter().zip(counts) {
         let bytes = read_batch_file(path)?;
+        md5.update(&bytes);
         ensure!(
             bytes.len() as i64 == n * RECORD_BYTES as i64,
             "{} changed size while being read",
@@ -155,6 +161,7 @@ pub fn load_split(paths: &[PathBuf], device: Device) -> Result<Split> {
     Ok(Split {
         images,
         labels: Tensor::from_slice(&labels).to_device(device),
+        md5: Some(download::hex(&md5.finalize())),
     })
 }
 

@@ -303,6 +303,7 @@ mod tests {
         let split = Split {
             images: Tensor::zeros([5, 3, 32, 32], (Kind::Float, Device::Cpu)),
             labels: Tensor::from_slice(&[2i64, 2, 1, 0, 2]),
+            md5: None,
         };
         let e = evaluate(&Always2, &split, 2);
         assert_eq!(e.correct(), 3);

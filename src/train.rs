@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Tensor};
@@ -627,6 +627,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         momentum: recipe.momentum,
         epochs: recipe.epochs,
         train_images: 0,
+        train_md5: None,
         threads: cpu.threads as i64,
         cpu_conv: cpu.conv,
         device: device_name(device),
@@ -643,6 +644,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     data::read_batch_file(&batches.join(data::TEST_FILE))?;
     let train_set = data::load_train(&batches, device)?;
     meta.train_images = train_set.len() as u64;
+    meta.train_md5 = train_set.md5.clone();
     let mut reporter = Reporter::new(json);
     eprintln!(
         "training on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
@@ -735,6 +737,14 @@ fn resume(
             c.path.display(),
             c.meta.train_images,
             run.train_images
+        );
+    }
+    if let (Some(saved), Some(now)) = (&c.meta.train_md5, &run.train_md5) {
+        ensure!(
+            saved == now,
+            "cannot resume from {}: it was trained on another training set (its batch files \
+             have md5 {saved}, these have {now})",
+            c.path.display()
         );
     }
     // Settings that only change float rounding: the run goes on, with a note.
@@ -929,6 +939,7 @@ mod tests {
         let train_set = Split {
             images: Tensor::full([4, 3, 32, 32], 1e15, (Kind::Float, Device::Cpu)),
             labels: Tensor::from_slice(&[0i64, 1, 2, 3]),
+            md5: None,
         };
         let recipe = Recipe {
             epochs: 1,
@@ -949,6 +960,7 @@ mod tests {
             momentum: 0.9,
             epochs: 1,
             train_images: 4,
+            train_md5: None,
             threads: 1,
             cpu_conv: CpuConv::Onednn,
             device: "cpu".into(),

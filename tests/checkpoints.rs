@@ -579,4 +579,18 @@ fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
     );
     assert!(!line.is_empty());
     assert_eq!(tree(&ck), files);
+    // Another training set of the same size (other images, other labels).
+    synthetic(&dir.path().join("data"), 200, 20, 9, None);
+    let out = run_in(
+        dir.path(),
+        &train_args("other.safetensors", &["--resume", "ck"]),
+    );
+    fails_with(
+        &out,
+        &[
+            &newest,
+            "trained on another training set (its batch files have md5 ",
+        ],
+    );
+    assert_eq!(tree(&ck), files);
 }

@@ -27,6 +27,7 @@ fn run(read_every: usize, lr: f64) -> Run {
     let train_set = Split {
         images: Tensor::randn([40, 3, 32, 32], (Kind::Float, Device::Cpu)),
         labels: Tensor::randint(10, [40], (Kind::Int64, Device::Cpu)),
+        md5: None,
     };
     let recipe = Recipe {
         epochs: 2,
@@ -48,6 +49,7 @@ fn run(read_every: usize, lr: f64) -> Run {
         momentum: 0.9,
         epochs: 2,
         train_images: 40,
+        train_md5: None,
         threads: cpu.threads as i64,
         cpu_conv: cpu.conv,
         device: "cpu".into(),
