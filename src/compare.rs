@@ -41,7 +41,7 @@ use crate::evaluate::{evaluate, predict_classes, Evaluation};
 use crate::model::{Model, PARAMETERS};
 use crate::optim::Sgd;
 use crate::plot::{Line, LineChart};
-use crate::report::{step_bar, Reporter};
+use crate::report::{optional_path_json, step_bar, Reporter};
 use crate::train::{epoch_batches, Recipe};
 
 /// Train Net with cross-entropy on logits, with softmax + nll_loss(log p)
@@ -1081,8 +1081,8 @@ pub fn run(args: CompareArgs) -> Result<()> {
     );
     fields.insert("train_seconds".into(), json!(history.train_seconds));
     fields.insert("seconds".into(), json!(seconds));
-    fields.insert("csv".into(), json!(args.csv));
-    fields.insert("plot".into(), json!(args.plot));
+    fields.insert("csv".into(), optional_path_json(args.csv.as_deref()));
+    fields.insert("plot".into(), optional_path_json(args.plot.as_deref()));
     reporter.emit(
         || {
             let mut out = format!(

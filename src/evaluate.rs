@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::data::{DataArgs, Split, CLASSES};
 use crate::device::{device_name, DeviceArg};
 use crate::model::Model;
-use crate::report::Reporter;
+use crate::report::{path_json, Reporter};
 
 /// Evaluate saved weights on the CIFAR-10 test set.
 #[derive(Debug, clap::Args)]
@@ -143,7 +143,7 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     let reporter = Reporter::new(args.json);
     let mut summary = eval.json_fields();
     summary.insert("event".into(), json!("summary"));
-    summary.insert("weights".into(), json!(args.weights));
+    summary.insert("weights".into(), path_json(&args.weights));
     summary.insert("device".into(), json!(device_name(device)));
     summary.insert("eval_seconds".into(), json!(eval_seconds));
     reporter.emit(|| eval.text(), summary.into());

@@ -130,7 +130,7 @@ pub fn to_json(path: &Path, p: &Prediction, k: usize) -> serde_json::Value {
         .map(|c| json!({"class": CLASSES[c], "label": c, "probability": p.probabilities[c]}))
         .collect();
     json!({
-        "image": path,
+        "image": crate::report::path_json(path),
         "class": CLASSES[class],
         "label": class,
         "top_k": top,

@@ -2,10 +2,22 @@
 //! one JSON object per event (`--json`), and progress bars on stderr that
 //! only show on a terminal.
 
+use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
+
+/// A path as a JSON string. serde_json refuses paths that are not UTF-8 (a
+/// Linux file name may be any bytes); those bytes show as U+FFFD instead.
+pub fn path_json(path: &Path) -> Value {
+    Value::String(path.to_string_lossy().into_owned())
+}
+
+/// [`path_json`], or `null`.
+pub fn optional_path_json(path: Option<&Path>) -> Value {
+    path.map_or(Value::Null, path_json)
+}
 
 /// Prints each event either as text or as a JSON line.
 pub struct Reporter {

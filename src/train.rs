@@ -24,7 +24,7 @@ use crate::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceAr
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
-use crate::report::{step_bar, Reporter};
+use crate::report::{optional_path_json, path_json, step_bar, Reporter};
 
 pub const DEFAULT_EPOCHS: u64 = 2;
 pub const DEFAULT_BATCH_SIZE: u64 = 4;
@@ -332,7 +332,7 @@ impl Control<'_> {
             reporter.emit(
                 String::new,
                 json!({"event": "interrupted", "epoch": at.epoch, "step": at.step,
-                       "global_step": at.global_step, "checkpoint": checkpoint,
+                       "global_step": at.global_step, "checkpoint": path_json(&checkpoint),
                        "resume": self.resume_command}),
             );
         }
@@ -716,8 +716,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     fields.insert("train_seconds".into(), json!(stats.train_seconds));
     fields.insert("images_per_second".into(), json!(stats.images_per_second()));
     fields.insert("eval_seconds".into(), json!(eval_seconds));
-    fields.insert("weights".into(), json!(out));
-    fields.insert("checkpoint".into(), json!(control.saver.last()));
+    fields.insert("weights".into(), path_json(&out));
+    fields.insert(
+        "checkpoint".into(),
+        optional_path_json(control.saver.last()),
+    );
     reporter.emit(|| eval.text(), summary);
     Ok(())
 }
@@ -779,7 +782,7 @@ fn resume(
         run.epochs
     );
     start_event["resumed_from"] = json!({
-        "checkpoint": c.path, "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
+        "checkpoint": path_json(&c.path), "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
     });
     c.apply(model, opt)?;
     Ok(at)

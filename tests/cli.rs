@@ -298,3 +298,28 @@ fn a_closed_stdout_pipe_ends_the_run_quietly() {
         "{err}"
     );
 }
+
+/// A Linux file name may be any bytes. JSON strings must be UTF-8, so such
+/// a name is reported with U+FFFD in place of the bad byte, not a panic.
+#[test]
+fn paths_that_are_not_utf8_are_reported_lossily() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 40, 20, 2, None);
+    let out = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"net\xff.safetensors"));
+    let text = ok(&tch_cifar()
+        .args(["train", "--json", "--device", "cpu", "--epochs", "1"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap());
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    let weights = summary["weights"].as_str().unwrap();
+    assert!(weights.ends_with("net\u{FFFD}.safetensors"), "{weights}");
+    assert!(out.is_file());
+}
