@@ -22,7 +22,7 @@ pub struct EvaluateArgs {
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
     /// Also draw the 10x10 confusion matrix (true class by predicted class) into this PNG.
-    #[arg(long, value_name = "FILE.png")]
+    #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png)]
     pub confusion: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,

@@ -44,8 +44,8 @@ pub struct ExportArgs {
     /// batch on the CPU.
     #[arg(long, value_name = "FILE")]
     pub out: Option<PathBuf>,
-    /// What the TorchScript module returns.
-    #[arg(long, value_enum, default_value_t = Head::Logits)]
+    /// What the TorchScript module returns (with --out).
+    #[arg(long, value_enum, default_value_t = Head::Logits, requires = "out")]
     pub head: Head,
     /// Also write the weights in `torch.save` format, for the tutorial's
     /// `net.load_state_dict(torch.load(PATH, weights_only=True))`.
@@ -93,13 +93,26 @@ pub fn trace(model: &mut Model, head: Head) -> Result<CModule> {
 
 /// `tch-cifar export`.
 pub fn run(args: ExportArgs) -> Result<()> {
+    // Every output is checked first, so that none is written if one can't be.
+    for path in [&args.out, &args.pth, &args.safetensors]
+        .into_iter()
+        .flatten()
+    {
+        crate::fsutil::check_writable(path)?;
+    }
     let mut model = Model::load(&args.weights, Device::Cpu)?;
+    ensure!(
+        model.is_finite(),
+        "{} holds NaN or infinite weights (from a run that diverged?), which would export a \
+         model whose every output is NaN",
+        args.weights.display()
+    );
     if let Some(out) = &args.out {
         let module = trace(&mut model, args.head)?;
         crate::fsutil::write_atomically(out, |tmp| {
             module
                 .save(tmp)
-                .with_context(|| format!("cannot write {}", tmp.display()))
+                .with_context(|| format!("cannot write {}", out.display()))
         })?;
         println!(
             "wrote {} (TorchScript, returns {})",

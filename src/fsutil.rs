@@ -54,28 +54,25 @@ pub fn is_temp_name(name: &str) -> bool {
 
 /// Fails early, before hours of training, when `path` cannot be written.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let dir = parent_dir(path);
-    if dir.exists() && !dir.is_dir() {
+    // A trailing slash names a directory, whether or not it exists yet.
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
         anyhow::bail!(
-            "cannot write {}: {} is not a directory",
-            path.display(),
-            dir.display()
+            "cannot write {}: that is a directory; give a file name",
+            path.display()
         );
+    }
+    check_dir_writable(parent_dir(path)).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Fails unless files can be created in the existing directory `dir`.
+pub fn check_dir_writable(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!("{} is not a directory", dir.display());
     }
     if !dir.is_dir() {
-        anyhow::bail!(
-            "cannot write {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
+        anyhow::bail!("directory {} does not exist", dir.display());
     }
-    tempfile::tempfile_in(dir).with_context(|| {
-        format!(
-            "cannot write {}: {} is not writable",
-            path.display(),
-            dir.display()
-        )
-    })?;
+    tempfile::tempfile_in(dir).with_context(|| format!("{} is not writable", dir.display()))?;
     Ok(())
 }
 
@@ -136,7 +133,11 @@ mod tests {
     fn unwritable_destinations_are_caught_early() {
         let dir = tempfile::tempdir().unwrap();
         let err = check_writable(&dir.path().join("no/such/dir/w.safetensors")).unwrap_err();
-        assert!(err.to_string().contains("does not exist"), "{err}");
+        assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
         check_writable(&dir.path().join("w.safetensors")).unwrap();
+        for name in [".", "new/"] {
+            let err = check_writable(&dir.path().join(name)).unwrap_err();
+            assert!(err.to_string().contains("that is a directory"), "{err}");
+        }
     }
 }

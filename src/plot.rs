@@ -2,7 +2,7 @@
 //! DejaVu Sans font embedded so that text renders on any machine, with or
 //! without system fonts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use anyhow::{Context, Result};
@@ -27,6 +27,18 @@ pub fn register_font() {
             }
         }
     });
+}
+
+/// clap's parser for a flag naming a PNG to write: the encoder picks the
+/// format from the extension, so any other name would fail after the work.
+pub fn parse_png(s: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(s);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) if ext.eq_ignore_ascii_case("png") => Ok(path),
+        _ => Err(format!(
+            "`{s}`: the picture is a PNG, so the name must end in .png"
+        )),
+    }
 }
 
 /// The surface [`write_png`] hands to its drawing function.
@@ -197,6 +209,14 @@ mod tests {
         assert_eq!(err.to_string(), "no pen");
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn png_flags_want_a_png_name() {
+        assert!(parse_png("a/b.png").is_ok());
+        assert!(parse_png("B.PNG").is_ok());
+        assert!(parse_png("b.jpg").unwrap_err().contains("b.jpg"));
+        assert!(parse_png("png").is_err());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::plot::{write_png, FONT};
 #[derive(Debug, clap::Args)]
 pub struct SamplesArgs {
     /// Where to write the PNG grid.
-    #[arg(long, default_value = "samples.png", value_name = "FILE")]
+    #[arg(long, default_value = "samples.png", value_name = "FILE.png", value_parser = crate::plot::parse_png)]
     pub out: PathBuf,
     /// How many images (the tutorial shows one mini-batch of 4).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]

@@ -796,7 +796,8 @@ fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
         bail!("checkpoint directory {} is not a directory", dir.display());
     }
     checkpoint::create_dir(dir)?;
-    crate::fsutil::check_writable(&dir.join("checkpoint"))?;
+    crate::fsutil::check_dir_writable(dir)
+        .with_context(|| format!("cannot save checkpoints into {}", dir.display()))?;
     if resume.is_some_and(|r| same_dir(r, dir)) {
         return Ok(());
     }

@@ -2,9 +2,6 @@
 //! non-zero with one `error:` line on stderr that names the offending path
 //! or value, with no panic or backtrace, and with nothing left behind in
 //! the folder it ran in (no partial weights, dataset or download).
-//!
-//! `predict` with an image that can't be decoded is not here: `predict`
-//! lives on another branch.
 
 mod util;
 
@@ -352,6 +349,67 @@ fn output_in_a_directory_that_cannot_be_written() {
         &["--out", "plain-file/w.safetensors"],
         &["plain-file/w.safetensors", "plain-file is not a directory"],
     );
+}
+
+#[test]
+fn output_that_is_a_directory() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("outdir")).unwrap();
+    s.train(
+        &["--out", "outdir"],
+        &["cannot write outdir: that is a directory"],
+    );
+    s.train(
+        &["--out", "new/"],
+        &["cannot write new/: that is a directory"],
+    );
+}
+
+/// `export` checks all its outputs before writing any of them.
+#[test]
+fn export_writes_nothing_when_one_output_cannot_be_written() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    s.refused(
+        &[
+            "export",
+            "--weights",
+            "w.safetensors",
+            "--out",
+            "m.pt",
+            "--pth",
+            "no/dir/w.pth",
+        ],
+        &[
+            "cannot write no/dir/w.pth",
+            "directory no/dir does not exist",
+        ],
+    );
+}
+
+#[test]
+fn export_of_non_finite_weights() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |st| {
+        let _ = st[0].1.get(0).fill_(f64::NAN);
+    });
+    s.refused(
+        &["export", "--weights", "w.safetensors", "--out", "m.pt"],
+        &["w.safetensors holds NaN or infinite weights"],
+    );
+}
+
+#[test]
+fn picture_outputs_must_be_png() {
+    let s = Scratch::new();
+    let (code, _) = s.refused(
+        &["samples", "--data-dir", "data", "--out", "grid.jpg"],
+        &[
+            "grid.jpg",
+            "the picture is a PNG, so the name must end in .png",
+        ],
+    );
+    assert_eq!(code, Some(2));
 }
 
 // Flags.
