@@ -53,7 +53,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub recipe: Recipe,
     /// Passes over the training set.
-    #[arg(long, default_value_t = crate::train::DEFAULT_EPOCHS, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = crate::train::DEFAULT_EPOCHS, value_parser = clap::value_parser!(u64).range(1..=crate::train::MAX_EPOCHS))]
     pub epochs: u64,
     /// Write the loss of A, B and C at every mini-batch to this CSV file.
     #[arg(long, value_name = "FILE")]

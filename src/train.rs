@@ -32,6 +32,10 @@ pub const DEFAULT_LR: f64 = 0.001;
 pub const DEFAULT_MOMENTUM: f64 = 0.9;
 pub const DEFAULT_LOG_EVERY: u64 = 2000;
 pub const DEFAULT_KEEP_CHECKPOINTS: u64 = 2;
+/// More would only wait on each other; libtorch hangs on absurd counts.
+pub const MAX_THREADS: i64 = 1024;
+/// Keeps epochs times steps per epoch far inside u64.
+pub const MAX_EPOCHS: u64 = 1_000_000;
 
 /// The training recipe; the defaults are the tutorial's.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,7 +45,7 @@ pub struct Recipe {
     #[arg(skip = DEFAULT_EPOCHS)]
     pub epochs: u64,
     /// Images per mini-batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
     pub batch_size: u64,
     /// SGD learning rate.
     #[arg(long, default_value_t = DEFAULT_LR, value_parser = parse_non_negative, allow_negative_numbers = true)]
@@ -60,7 +64,7 @@ pub struct Recipe {
     /// CPU threads for libtorch's operators while training [default: 1 for
     /// batches of up to 16 images, whose operators are too small to share
     /// out; else one per core]. Evaluation always uses every core.
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=MAX_THREADS))]
     pub threads: Option<i32>,
     /// Kernel for CPU convolutions while training. Evaluation always uses onednn.
     #[arg(long, value_enum, default_value_t = CpuConv::Auto, value_name = "KERNEL")]
@@ -160,7 +164,7 @@ pub struct TrainArgs {
     pub data: DataArgs,
     /// Passes over the training set [default: 2; with --resume, the
     /// checkpoint's]. A resumed run may be given more epochs than it started with.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_EPOCHS))]
     pub epochs: Option<u64>,
     #[command(flatten)]
     pub recipe: Recipe,
@@ -884,6 +888,10 @@ fn resume_command(
     }
     if recipe.log_every != DEFAULT_LOG_EVERY {
         flag("--log-every", &recipe.log_every.to_string());
+    }
+    // The checkpoint does not keep it, and it counts steps from the start.
+    if let Some(n) = recipe.max_steps {
+        flag("--max-steps", &n.to_string());
     }
     if let Some(n) = ck.checkpoint_every {
         flag("--checkpoint-every", &n.to_string());

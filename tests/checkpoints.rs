@@ -346,7 +346,7 @@ fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
 #[test]
 fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     let dir = scratch();
-    let args = train_args("net.safetensors", &["--epochs", "20"]);
+    let args = train_args("net.safetensors", &["--epochs", "20", "--max-steps", "990"]);
     let run = Running::start(dir.path(), &args);
     let first = run.wait_for_training();
     run.signal(libc::SIGTERM);
@@ -375,6 +375,12 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     assert_eq!(
         resume[..3],
         ["train", "--resume", "net.safetensors.checkpoint"]
+    );
+    let max_steps = resume.iter().position(|w| w == "--max-steps");
+    assert_eq!(
+        max_steps.map(|i| resume[i + 1].as_str()),
+        Some("990"),
+        "{resume:?}"
     );
     // Resuming works (stopped again at once: the run is long).
     let run = Running::start(dir.path(), &resume);

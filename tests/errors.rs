@@ -414,6 +414,19 @@ fn picture_outputs_must_be_png() {
 
 // Flags.
 
+/// Values past these bounds used to panic (a batch size beyond i64), hang
+/// (100,000 threads) or overflow the step count (epochs near 2^64).
+#[test]
+fn absurd_sizes_are_refused() {
+    bad_flag(
+        "--batch-size",
+        "9223372036854775808",
+        "not in 1..=9223372036854775807",
+    );
+    bad_flag("--threads", "100000", "not in 1..=1024");
+    bad_flag("--epochs", "18446744073709551615", "not in 1..=1000000");
+}
+
 #[test]
 fn cuda_device_that_does_not_exist() {
     if cuda_device_exists(7) {
