@@ -750,7 +750,8 @@ pub fn inference_check(net: &impl Module, images: &Tensor) -> (i64, i64, f64) {
                 .abs()
                 .max()
                 .double_value(&[]);
-            max_err = max_err.max(err);
+            // f64::max would drop a NaN, the very sign of a diverged model.
+            max_err = if err.is_nan() { err } else { max_err.max(err) };
         }
         (same, n, max_err)
     })
@@ -1011,11 +1012,21 @@ pub fn run(args: CompareArgs) -> Result<()> {
     );
 
     let (same, n, sum_err) = inference_check(&trio[0].net, &test.images);
-    let inference = format!(
-        "At inference, the class is the argmax of the logits (softmax keeps their order: \
-         argmax(softmax(logits)) picked the same class on {same} of {n} test images), and the \
-         class probabilities are softmax(logits) (here each row sums to 1 within {sum_err:.0e})."
-    );
+    let inference = if sum_err.is_finite() {
+        format!(
+            "At inference, the class is the argmax of the logits (softmax keeps their order: \
+             argmax(softmax(logits)) picked the same class on {same} of {n} test images), and \
+             the class probabilities are softmax(logits) (here each row sums to 1 within \
+             {sum_err:.0e})."
+        )
+    } else {
+        format!(
+            "At inference, the class is the argmax of the logits and the class probabilities \
+             are softmax(logits), but this run cannot show it: A's logits overflow on some test \
+             images (its training diverged; try a lower --lr), so their softmax is NaN there \
+             (argmax(softmax(logits)) and argmax(logits) agreed on {same} of {n} test images)."
+        )
+    };
     text_only(&reporter, format!("\n{inference}"));
 
     if let Some(path) = &args.csv {

@@ -279,3 +279,30 @@ fn bad_output_paths_fail_before_training() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("chart.jpg"), "{}", stderr(&out));
 }
+
+/// When A diverges its softmax is NaN, and the closing lines must say so
+/// instead of claiming that softmax kept the logits' order.
+#[test]
+fn a_diverged_run_does_not_claim_the_inference_facts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 40, 20, 1, None);
+    let text = ok(&run(&[
+        "compare-losses",
+        "--device",
+        "cpu",
+        "--data-dir",
+        s(&data),
+        "--seed",
+        "1",
+        "--epochs",
+        "1",
+        "--lr",
+        "100000",
+    ]));
+    assert!(
+        text.contains("but this run cannot show it: A's logits overflow"),
+        "{text}"
+    );
+    assert!(!text.contains("softmax keeps their order"), "{text}");
+}
