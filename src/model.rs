@@ -194,10 +194,12 @@ impl Model {
         parameters(&self.vs)
     }
 
-    /// A `Net` on `device` holding the weights in `path`.
+    /// A `Net` on `device` holding the weights in `path`: a `state_dict`
+    /// file, or a training checkpoint (whose SGD momentum is left out).
     pub fn load(path: &Path, device: Device) -> Result<Model> {
         let mut model = Model::new(device, None);
-        let tensors = read_state_dict(path)?;
+        let mut tensors = read_state_dict(path)?;
+        tensors.remove(crate::checkpoint::MOMENTUM_KEY);
         model.set_state_dict(tensors, path)?;
         Ok(model)
     }

@@ -600,3 +600,33 @@ fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
     );
     assert_eq!(tree(&ck), files);
 }
+
+/// A checkpoint holds the weights under `state_dict` keys, so `evaluate`
+/// takes it like a weights file: the last one of a run scores what `--out`
+/// scores.
+#[test]
+fn evaluate_takes_a_checkpoint_as_weights() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    let evaluate = |weights: &str| {
+        ok(&run_in(
+            dir.path(),
+            &[
+                "evaluate",
+                "--device",
+                "cpu",
+                "--data-dir",
+                "data",
+                "--weights",
+                weights,
+            ]
+            .map(String::from),
+        ))
+    };
+    let from_checkpoint = evaluate("ck/checkpoint-e0001-s0000050.safetensors");
+    assert!(
+        from_checkpoint.contains("Accuracy of the network"),
+        "{from_checkpoint}"
+    );
+    assert_eq!(from_checkpoint, evaluate("net.safetensors"));
+}
