@@ -418,6 +418,13 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
 /// that fail (torn, garbage, another format) are skipped with a warning.
 pub fn newest(dir: &Path) -> Result<Checkpoint> {
     ensure!(
+        !dir.is_file(),
+        "{} is a file: --resume takes the folder of checkpoints ({}), and goes on from the \
+         newest valid one in it",
+        dir.display(),
+        crate::fsutil::parent_dir(dir).display()
+    );
+    ensure!(
         dir.is_dir(),
         "checkpoint directory {} does not exist",
         dir.display()

@@ -48,6 +48,11 @@ pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<Pat
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .map(Path::to_path_buf)
         .collect();
+    ensure!(
+        !data_dir.is_file(),
+        "the data directory {} is a file: --data-dir takes the folder of batch files",
+        data_dir.display()
+    );
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
     let fetched = fetch(data_dir, source, md5);

@@ -295,6 +295,9 @@ fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {
 /// content, not the name: a zip archive is PyTorch's `torch.save` format
 /// (`.pth`, see [`crate::pth`]), anything else must be safetensors.
 pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if path.is_dir() {
+        bail!("{} is a directory, not a weights file", path.display());
+    }
     if !path.is_file() {
         bail!("weights file {} does not exist", path.display());
     }

@@ -351,6 +351,23 @@ fn output_in_a_directory_that_cannot_be_written() {
     );
 }
 
+/// A file where a folder is expected, or the other way round, says which
+/// one the flag takes.
+#[test]
+fn a_file_for_a_folder_and_a_folder_for_a_file() {
+    let s = Scratch::new();
+    s.evaluate("data", &["data is a directory, not a weights file"]);
+    s.train(
+        &["--data-dir", "data/data_batch_1.bin"],
+        &["data/data_batch_1.bin is a file: --data-dir takes the folder of batch files"],
+    );
+    std::fs::write(s.path("ck.safetensors"), b"").unwrap();
+    s.train(
+        &["--resume", "ck.safetensors"],
+        &["ck.safetensors is a file: --resume takes the folder of checkpoints"],
+    );
+}
+
 #[test]
 fn output_that_is_a_directory() {
     let s = Scratch::new();
