@@ -496,11 +496,11 @@ impl Saver {
         let path = self.dir.join(file_name(&position));
         if !model.is_finite() {
             bail!(
-                "the weights became non-finite at epoch {}, step {}: training diverged. Try a \
-                 lower learning rate (--lr {} now). No checkpoint written{}",
+                "the weights became non-finite at epoch {}, step {}: training diverged. {}. No \
+                 checkpoint written{}",
                 position.epoch,
                 position.step,
-                self.meta.lr,
+                crate::train::diverged_hint(self.meta.lr, self.meta.momentum),
                 match self.last() {
                     Some(p) => format!("; the last good one is {}", p.display()),
                     None => String::new(),

@@ -74,8 +74,8 @@ impl Evaluation {
             100 * self.correct() / self.total().max(1)
         );
         for (name, acc) in CLASSES.iter().zip(self.per_class()) {
-            let acc = acc.map_or("n/a".to_string(), |a| format!("{a:.1}"));
-            out.push_str(&format!("\nAccuracy for class: {name:5} is {acc} %"));
+            let acc = acc.map_or("n/a (no test images)".to_string(), |a| format!("{a:.1} %"));
+            out.push_str(&format!("\nAccuracy for class: {name:5} is {acc}"));
         }
         out
     }
@@ -276,7 +276,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("\nAccuracy for class: car   is n/a %"),
+            text.contains("\nAccuracy for class: car   is n/a (no test images)\n"),
             "{text}"
         );
         assert!(

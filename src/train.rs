@@ -507,8 +507,8 @@ pub fn train(
                     if !loss.is_finite() {
                         bail!(
                             "the loss became {loss} at epoch {epoch}, step {step}: training \
-                             diverged. Try a lower learning rate (--lr {} now). {}",
-                            recipe.lr,
+                             diverged. {}. {}",
+                            diverged_hint(recipe.lr, recipe.momentum),
                             not_saved(control.saver.last())
                         );
                     }
@@ -555,10 +555,10 @@ pub fn train(
         if !model.is_finite() {
             bail!(
                 "the weights became non-finite in the last step (epoch {}, step {}): training \
-                 diverged. Try a lower learning rate (--lr {} now). {}",
+                 diverged. {}. {}",
                 at.epoch,
                 at.step,
-                recipe.lr,
+                diverged_hint(recipe.lr, recipe.momentum),
                 not_saved(control.saver.last())
             );
         }
@@ -575,6 +575,16 @@ pub fn train(
     stats.train_seconds = began.elapsed().as_secs_f64();
     reporter.finish_bar();
     result.map(|()| stats)
+}
+
+/// What to try after a divergence: SGD's momentum must stay below 1, and
+/// within that, a smaller step.
+pub fn diverged_hint(lr: f64, momentum: f64) -> String {
+    if momentum >= 1.0 {
+        format!("Try a momentum below 1 (--momentum {momentum} now)")
+    } else {
+        format!("Try a lower learning rate (--lr {lr} now)")
+    }
 }
 
 /// The end of a divergence message: nothing saved, and the checkpoint to go back to.
@@ -941,6 +951,18 @@ fn report_test(reporter: &Reporter, model: &Model, test: &Split) -> Result<()> {
 mod tests {
     use super::*;
     use tch::Kind;
+
+    #[test]
+    fn divergence_hint_names_the_flag_to_change() {
+        assert_eq!(
+            diverged_hint(0.5, 0.9),
+            "Try a lower learning rate (--lr 0.5 now)"
+        );
+        assert_eq!(
+            diverged_hint(0.001, 1.5),
+            "Try a momentum below 1 (--momentum 1.5 now)"
+        );
+    }
 
     /// An update that overflows on the last step leaves finite losses behind
     /// it; the run must still fail rather than write non-finite weights.
