@@ -142,6 +142,25 @@ impl Recipe {
         })
     }
 
+    /// What a checkpoint of a run with this recipe records, before the
+    /// training set (its size and md5) and the position are known.
+    pub fn checkpoint_meta(&self, seed: u64, device: Device) -> Meta {
+        let cpu = self.cpu_settings();
+        Meta {
+            seed,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            epochs: self.epochs,
+            train_images: 0,
+            train_md5: None,
+            threads: cpu.threads as i64,
+            cpu_conv: cpu.conv,
+            device: device_name(device),
+            position: Position::START,
+        }
+    }
+
     /// `cpu (1 thread, im2col convolutions)`, or the CUDA device's name.
     pub fn describe_device(&self, device: Device) -> String {
         if device != Device::Cpu {
@@ -634,19 +653,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     recipe.epochs = epochs
         .or(resumed.as_ref().map(|c| c.meta.epochs))
         .unwrap_or(DEFAULT_EPOCHS);
-    let mut meta = Meta {
-        seed,
-        batch_size: recipe.batch_size,
-        lr: recipe.lr,
-        momentum: recipe.momentum,
-        epochs: recipe.epochs,
-        train_images: 0,
-        train_md5: None,
-        threads: cpu.threads as i64,
-        cpu_conv: cpu.conv,
-        device: device_name(device),
-        position: Position::START,
-    };
+    let mut meta = recipe.checkpoint_meta(seed, device);
     if let Some(c) = &resumed {
         c.meta.check_resumable(&meta, &c.path)?;
     }
@@ -988,17 +995,8 @@ mod tests {
             max_steps: None,
         };
         let meta = Meta {
-            seed: 1,
-            batch_size: 4,
-            lr: recipe.lr,
-            momentum: 0.9,
-            epochs: 1,
             train_images: 4,
-            train_md5: None,
-            threads: 1,
-            cpu_conv: CpuConv::Onednn,
-            device: "cpu".into(),
-            position: Position::START,
+            ..recipe.checkpoint_meta(1, Device::Cpu)
         };
         let dir = tempfile::tempdir().unwrap();
         let interrupts = Interrupts::new();

@@ -611,16 +611,7 @@ fn evaluate_takes_a_checkpoint_as_weights() {
     let evaluate = |weights: &str| {
         ok(&run_in(
             dir.path(),
-            &[
-                "evaluate",
-                "--device",
-                "cpu",
-                "--data-dir",
-                "data",
-                "--weights",
-                weights,
-            ]
-            .map(String::from),
+            &evaluate_args("data", weights).map(String::from),
         ))
     };
     let from_checkpoint = evaluate("ck/checkpoint-e0001-s0000050.safetensors");

@@ -83,18 +83,7 @@ impl Scratch {
 
     /// `evaluate --weights FILE`.
     fn evaluate(&self, weights: &str, needles: &[&str]) -> String {
-        let (code, line) = self.refused(
-            &[
-                "evaluate",
-                "--device",
-                "cpu",
-                "--data-dir",
-                "data",
-                "--weights",
-                weights,
-            ],
-            needles,
-        );
+        let (code, line) = self.refused(&evaluate_args("data", weights), needles);
         assert_eq!(code, Some(1), "{line}");
         line
     }

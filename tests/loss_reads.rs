@@ -43,17 +43,8 @@ fn run(read_every: usize, lr: f64) -> Run {
     };
     let cpu = recipe.cpu_settings();
     let meta = Meta {
-        seed: 3,
-        batch_size: 4,
-        lr,
-        momentum: 0.9,
-        epochs: 2,
         train_images: 40,
-        train_md5: None,
-        threads: cpu.threads as i64,
-        cpu_conv: cpu.conv,
-        device: "cpu".into(),
-        position: Position::START,
+        ..recipe.checkpoint_meta(3, Device::Cpu)
     };
     let dir = tempfile::tempdir().unwrap();
     let interrupts = Interrupts::new();

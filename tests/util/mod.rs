@@ -45,6 +45,19 @@ pub fn tch_cifar() -> Command {
     cmd
 }
 
+/// `evaluate` on the CPU of the batches in `data` with `weights`.
+pub fn evaluate_args<'a>(data: &'a str, weights: &'a str) -> [&'a str; 7] {
+    [
+        "evaluate",
+        "--device",
+        "cpu",
+        "--data-dir",
+        data,
+        "--weights",
+        weights,
+    ]
+}
+
 /// Runs `tch-cifar ARGS` and returns its output.
 pub fn run(args: &[&str]) -> Output {
     tch_cifar().args(args).output().expect("run tch-cifar")
