@@ -26,7 +26,8 @@ pub struct PredictArgs {
     /// Weights: safetensors (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// PNG or JPEG files, of any size.
+    /// PNG or JPEG files, of any size up to about 170 megapixels; each is
+    /// scaled to 32x32 as the CIFAR-10 images are.
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
     /// How many of the most probable classes to print per image.
@@ -47,9 +48,18 @@ pub fn load_image(path: &Path) -> Result<Tensor> {
         .with_context(|| format!("cannot read image {}", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("cannot read image {}", path.display()))?;
-    let image = reader
-        .decode()
-        .with_context(|| format!("{} is not a readable PNG or JPEG image", path.display()))?;
+    let image = reader.decode().map_err(|e| match e {
+        // The image crate's default cap on what one decode may allocate.
+        image::ImageError::Limits(_) => anyhow::anyhow!(
+            "{} is too large to decode: its pixels need more than 512 MiB (about 170 \
+             megapixels); scale it down first",
+            path.display()
+        ),
+        e => anyhow::Error::new(e).context(format!(
+            "{} is not a readable PNG or JPEG image",
+            path.display()
+        )),
+    })?;
     ensure!(
         image.width() > 0 && image.height() > 0,
         "{} is an empty image ({}x{})",
@@ -168,6 +178,42 @@ pub fn run(args: PredictArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PNG whose header says 20000x20000 (1.2 GB of pixels) is refused
+    /// with a message that says so, not the decoder's "Memory limit exceeded".
+    #[test]
+    fn an_image_too_large_to_decode_says_so() {
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut crc = flate2::Crc::new();
+            crc.update(kind);
+            crc.update(data);
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            c.extend_from_slice(kind);
+            c.extend_from_slice(data);
+            c.extend_from_slice(&crc.sum().to_be_bytes());
+            c
+        };
+        let mut header = 20_000u32.to_be_bytes().repeat(2);
+        header.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        png.extend(chunk(b"IHDR", &header));
+        // The start of the pixel data: the size is refused before the rest.
+        let mut zlib = flate2::write::ZlibEncoder::new(vec![], flate2::Compression::fast());
+        std::io::Write::write_all(&mut zlib, &[0; 64]).unwrap();
+        png.extend(chunk(b"IDAT", &zlib.finish().unwrap()));
+        png.extend(chunk(b"IEND", b""));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        std::fs::write(&path, png).unwrap();
+        let err = format!("{:#}", load_image(&path).unwrap_err());
+        assert!(
+            err.ends_with(
+                "huge.png is too large to decode: its pixels need more than 512 MiB \
+                 (about 170 megapixels); scale it down first"
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_32x32_image_is_normalized_like_the_training_data() {
