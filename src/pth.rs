@@ -68,9 +68,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
         cfg!(target_endian = "little"),
         "reading .pth files is only implemented on little-endian machines"
     );
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-        .context("not a zip archive (a .pth from torch.save is one)")?;
-    let names: Vec<String> = zip.file_names().map(String::from).collect();
+    let mut archive = Archive::new(bytes)?;
+    let names: Vec<String> = archive.zip.file_names().map(String::from).collect();
     let Some(pkl) = names
         .iter()
         .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
@@ -89,14 +88,14 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
              state_dict; save the weights with torch.save(net.state_dict(), PATH) instead"
         );
     }
-    if let Ok(order) = read_entry(&mut zip, &format!("{prefix}byteorder"), 16) {
+    if let Ok(order) = archive.read(&format!("{prefix}byteorder"), 16) {
         ensure!(
             order == b"little",
             "the storages are stored {:?}-endian; only little-endian files are supported",
             String::from_utf8_lossy(&order)
         );
     }
-    let pickle = read_entry(&mut zip, &pkl, 64 << 20)?;
+    let pickle = archive.read(&pkl, 64 << 20)?;
     let root = Unpickler::new(&pickle)
         .run()
         .with_context(|| format!("cannot unpickle {pkl}"))?;
@@ -131,7 +130,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
                     .numel
                     .checked_mul(s.elem_size as u64)
                     .ok_or_else(|| anyhow!("key `{key}`: storage {} is impossibly large", s.key))?;
-                let data = read_entry(&mut zip, &name, expected)
+                let data = archive
+                    .read(&name, expected)
                     .with_context(|| format!("key `{key}`"))?;
                 ensure!(
                     data.len() as u64 == expected,
@@ -155,22 +155,50 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
-/// Reads one archive entry, refusing entries over `limit` bytes.
-fn read_entry(zip: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str, limit: u64) -> Result<Vec<u8>> {
-    let entry = zip
-        .by_name(name)
-        .with_context(|| format!("the archive has no entry {name}"))?;
-    ensure!(
-        entry.size() <= limit,
-        "entry {name} is {} bytes, more than the {limit} expected",
-        entry.size()
-    );
-    let mut data = Vec::with_capacity(entry.size() as usize);
-    entry
-        .take(limit + 1)
-        .read_to_end(&mut data)
-        .with_context(|| format!("cannot read entry {name}"))?;
-    Ok(data)
+/// A zip archive in memory, with what reading its entries safely needs to
+/// know about the whole file.
+struct Archive<'a> {
+    zip: zip::ZipArchive<Cursor<&'a [u8]>>,
+    len: u64,
+}
+
+impl<'a> Archive<'a> {
+    fn new(bytes: &'a [u8]) -> Result<Self> {
+        let zip = zip::ZipArchive::new(Cursor::new(bytes))
+            .context("not a zip archive (a .pth from torch.save is one)")?;
+        Ok(Self {
+            zip,
+            len: bytes.len() as u64,
+        })
+    }
+
+    /// Reads one entry, refusing entries over `limit` bytes.
+    fn read(&mut self, name: &str, limit: u64) -> Result<Vec<u8>> {
+        let entry = self
+            .zip
+            .by_name(name)
+            .with_context(|| format!("the archive has no entry {name}"))?;
+        ensure!(
+            entry.size() <= limit,
+            "entry {name} is {} bytes, more than the {limit} expected",
+            entry.size()
+        );
+        // The directory's size is only a claim (a zip64 record can say 2^60
+        // bytes); the entries are stored, not compressed, so none holds more
+        // than the archive itself.
+        ensure!(
+            entry.size() <= self.len,
+            "entry {name} claims {} bytes, more than the whole archive's {}",
+            entry.size(),
+            self.len
+        );
+        let mut data = Vec::with_capacity(entry.size() as usize);
+        entry
+            .take(limit + 1)
+            .read_to_end(&mut data)
+            .with_context(|| format!("cannot read entry {name}"))?;
+        Ok(data)
+    }
 }
 
 /// Writes `tensors` as a `torch.save` file of an `OrderedDict`, atomically.
@@ -898,6 +926,22 @@ impl Pickler {
 
     /// `key: _rebuild_tensor_v2(storage, 0, size, contiguous stride, False, OrderedDict())`.
     fn tensor_entry(&mut self, key: &str, storage_key: &str, numel: u64, size: &[i64]) {
+        let mut stride = vec![1i64; size.len()];
+        for i in (0..size.len().saturating_sub(1)).rev() {
+            stride[i] = stride[i + 1] * size[i + 1].max(1);
+        }
+        self.strided_tensor_entry(key, storage_key, numel, size, &stride);
+    }
+
+    /// `key: _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`.
+    fn strided_tensor_entry(
+        &mut self,
+        key: &str,
+        storage_key: &str,
+        numel: u64,
+        size: &[i64],
+        stride: &[i64],
+    ) {
         self.str(key);
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.out.push(b'(');
@@ -911,11 +955,7 @@ impl Pickler {
         self.out.extend([b't', b'Q']);
         self.int(0);
         self.int_tuple(size);
-        let mut stride = vec![1i64; size.len()];
-        for i in (0..size.len().saturating_sub(1)).rev() {
-            stride[i] = stride[i + 1] * size[i + 1].max(1);
-        }
-        self.int_tuple(&stride);
+        self.int_tuple(stride);
         self.out.push(0x89); // requires_grad=False
         self.empty_ordered_dict(); // backward_hooks
         self.out.extend([b't', b'R']);
@@ -990,6 +1030,121 @@ mod tests {
             .unwrap();
         }
         out.finish().unwrap().into_inner()
+    }
+
+    /// An f32 tensor entry: key, storage key, storage elements, size, stride.
+    type Entry<'a> = (&'a str, &'a str, u64, &'a [i64], &'a [i64]);
+
+    /// A state_dict pickle of `tensors`, as torch.save writes them.
+    fn state_pickle(tensors: &[Entry]) -> Vec<u8> {
+        let mut pickle = Pickler::new();
+        pickle.begin_ordered_dict();
+        for &(key, storage, numel, size, stride) in tensors {
+            pickle.strided_tensor_entry(key, storage, numel, size, stride);
+        }
+        pickle.end_ordered_dict();
+        pickle.finish()
+    }
+
+    /// The CRC-32 zip uses.
+    fn crc32(data: &[u8]) -> u32 {
+        let mut c = !0u32;
+        for &b in data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0xedb8_8320
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    }
+
+    /// A zip archive of stored `(name, data, claimed size)` entries, written
+    /// by hand so that the directory can lie: a claimed size other than the
+    /// data's length goes in a zip64 record. Without `crcs`, every CRC is 0,
+    /// as after `torch.serialization.set_crc32_options(False)`.
+    fn raw_zip(entries: &[(&str, &[u8], u64)], crcs: bool) -> Vec<u8> {
+        let (mut out, mut dir) = (Vec::new(), Vec::new());
+        for &(name, data, claimed) in entries {
+            let crc = if crcs { crc32(data) } else { 0 };
+            let (len, name_len) = (data.len() as u32, name.len() as u16);
+            let offset = out.len() as u32;
+            out.extend(0x0403_4b50u32.to_le_bytes());
+            out.extend([45, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // version, flags, method, time, date
+            out.extend(crc.to_le_bytes());
+            out.extend(len.to_le_bytes());
+            out.extend(len.to_le_bytes());
+            out.extend(name_len.to_le_bytes());
+            out.extend(0u16.to_le_bytes());
+            out.extend(name.as_bytes());
+            out.extend(data);
+            let zip64 = claimed != data.len() as u64;
+            dir.extend(0x0201_4b50u32.to_le_bytes());
+            dir.extend([45, 0, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // versions, flags, method, time, date
+            dir.extend(crc.to_le_bytes());
+            dir.extend(len.to_le_bytes());
+            dir.extend((if zip64 { u32::MAX } else { len }).to_le_bytes());
+            dir.extend(name_len.to_le_bytes());
+            dir.extend((if zip64 { 12u16 } else { 0 }).to_le_bytes());
+            dir.extend([0; 10]); // comment length, disk, internal and external attributes
+            dir.extend(offset.to_le_bytes());
+            dir.extend(name.as_bytes());
+            if zip64 {
+                dir.extend(1u16.to_le_bytes());
+                dir.extend(8u16.to_le_bytes());
+                dir.extend(claimed.to_le_bytes());
+            }
+        }
+        let (count, dir_len, dir_at) = (entries.len() as u16, dir.len() as u32, out.len() as u32);
+        out.extend(dir);
+        out.extend(0x0605_4b50u32.to_le_bytes());
+        out.extend([0; 4]); // disk numbers
+        out.extend(count.to_le_bytes());
+        out.extend(count.to_le_bytes());
+        out.extend(dir_len.to_le_bytes());
+        out.extend(dir_at.to_le_bytes());
+        out.extend([0; 2]); // comment length
+        out
+    }
+
+    #[test]
+    fn the_hand_written_zips_load() {
+        let pkl = state_pickle(&[("w", "0", 2, &[2], &[1])]);
+        let data: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let bytes = raw_zip(
+            &[
+                ("a/data.pkl", &pkl, pkl.len() as u64),
+                ("a/data/0", &data, data.len() as u64),
+            ],
+            true,
+        );
+        let back = from_bytes(&bytes).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&back[0].1).unwrap(), [1.5, -2.0]);
+    }
+
+    #[test]
+    fn entry_sizes_past_the_archive_are_refused_before_allocating() {
+        // A zip64 record claims 2^60 bytes for a 24-byte entry, and the
+        // pickle a storage just as large; reserving that much would abort.
+        let pkl = state_pickle(&[("w", "0", 1 << 58, &[6], &[1])]);
+        let bytes = raw_zip(
+            &[
+                ("a/data.pkl", &pkl, pkl.len() as u64),
+                ("a/data/0", &[0; 24], 1 << 60),
+            ],
+            true,
+        );
+        let err = format!("{:#}", from_bytes(&bytes).unwrap_err());
+        assert!(
+            err.contains("key `w`: entry a/data/0 claims 1152921504606846976 bytes, more than"),
+            "{err}"
+        );
     }
 
     #[test]
