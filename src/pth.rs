@@ -88,7 +88,13 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
              state_dict; save the weights with torch.save(net.state_dict(), PATH) instead"
         );
     }
-    if let Ok(order) = archive.read(&format!("{prefix}byteorder"), 16) {
+    // Older PyTorch wrote no byteorder entry; torch.load then assumes the
+    // machine's order, little-endian here. One that is there must be read.
+    let byteorder = format!("{prefix}byteorder");
+    if names.contains(&byteorder) {
+        let order = archive
+            .read(&byteorder, 16)
+            .context("cannot tell the storages' byte order")?;
         ensure!(
             order == b"little",
             "the storages are stored {:?}-endian; only little-endian files are supported",
@@ -1145,6 +1151,28 @@ mod tests {
             err.contains("key `w`: entry a/data/0 claims 1152921504606846976 bytes, more than"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_unreadable_byteorder_is_an_error() {
+        let pkl = state_pickle(&[]);
+        let zip = |order: &[u8]| {
+            raw_zip(
+                &[
+                    ("a/data.pkl", &pkl, pkl.len() as u64),
+                    ("a/byteorder", order, order.len() as u64),
+                ],
+                true,
+            )
+        };
+        assert!(from_bytes(&zip(b"little")).unwrap().is_empty());
+        let err = format!("{:#}", from_bytes(&zip(&[b'x'; 17])).unwrap_err());
+        assert!(
+            err.contains("cannot tell the storages' byte order: entry a/byteorder is 17 bytes"),
+            "{err}"
+        );
+        let err = format!("{:#}", from_bytes(&zip(b"big")).unwrap_err());
+        assert!(err.contains("\"big\"-endian"), "{err}");
     }
 
     #[test]
