@@ -111,7 +111,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             root.describe()
         );
     };
-    let mut storages: HashMap<String, Tensor> = HashMap::new();
+    // Each storage loaded so far, with the reference that loaded it.
+    let mut storages: HashMap<String, (StorageRef, Tensor)> = HashMap::new();
     let mut out = Vec::with_capacity(items.len());
     for (key, value) in items {
         let Value::Str(key) = key else {
@@ -128,7 +129,21 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             );
         };
         let storage = match storages.get(&desc.storage.key) {
-            Some(t) => t.shallow_clone(),
+            Some((first, t)) => {
+                // The bounds check trusts this reference's element count
+                // and type, so they must be the loaded storage's.
+                ensure!(
+                    *first == desc.storage,
+                    "key `{key}`: storage {} is {} elements of {:?} here, but {} elements of \
+                     {:?} where an earlier key refers to it",
+                    first.key,
+                    desc.storage.numel,
+                    desc.storage.kind,
+                    first.numel,
+                    first.kind
+                );
+                t.shallow_clone()
+            }
             None => {
                 let s = &desc.storage;
                 let name = format!("{prefix}data/{}", s.key);
@@ -149,7 +164,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
                 );
                 let t = Tensor::f_from_data_size(&data, &[s.numel as i64], s.kind)
                     .with_context(|| format!("key `{key}`: cannot build its storage"))?;
-                storages.insert(s.key.clone(), t.shallow_clone());
+                storages.insert(s.key.clone(), (s.clone(), t.shallow_clone()));
                 t
             }
         };
@@ -1173,6 +1188,33 @@ mod tests {
         );
         let err = format!("{:#}", from_bytes(&zip(b"big")).unwrap_err());
         assert!(err.contains("\"big\"-endian"), "{err}");
+    }
+
+    #[test]
+    fn a_storage_referred_to_twice_must_keep_its_size() {
+        let data = [0u8; 16];
+        let zip = |numel| {
+            let pkl = state_pickle(&[
+                ("a", "0", 4, &[4], &[1]),
+                ("b", "0", numel, &[numel as i64], &[1]),
+            ]);
+            raw_zip(
+                &[
+                    ("a/data.pkl", &pkl, pkl.len() as u64),
+                    ("a/data/0", &data, data.len() as u64),
+                ],
+                true,
+            )
+        };
+        let back = from_bytes(&zip(4)).unwrap();
+        assert_eq!(back[1].1.size(), [4]);
+        // A second reference claiming a million elements must not take its
+        // own word for it (libtorch would throw reading past the storage).
+        let err = format!("{:#}", from_bytes(&zip(1_000_000)).unwrap_err());
+        assert!(
+            err.contains("key `b`: storage 0 is 1000000 elements of Float here, but 4 elements"),
+            "{err}"
+        );
     }
 
     #[test]
