@@ -111,6 +111,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             root.describe()
         );
     };
+    let mut budget = tensor_budget(bytes.len() as u64);
     // Each storage loaded so far, with the reference that loaded it.
     let mut storages: HashMap<String, (StorageRef, Tensor)> = HashMap::new();
     let mut out = Vec::with_capacity(items.len());
@@ -169,11 +170,19 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             }
         };
         let tensor = desc
-            .materialize(&storage)
+            .materialize(&storage, &mut budget)
             .with_context(|| format!("key `{key}`"))?;
         out.push((key, tensor));
     }
     Ok(out)
+}
+
+/// How many bytes of tensors a file of `file_len` bytes may expand to.
+/// Views that overlap in their storage (an `expand`ed bias has stride 0)
+/// hold more elements than the file, but legitimately not many more;
+/// without a cap, 368 bytes could ask for 8 GB over a 1-element storage.
+fn tensor_budget(file_len: u64) -> u64 {
+    file_len.saturating_mul(4).saturating_add(16 << 20)
 }
 
 /// A zip archive in memory, with what reading its entries safely needs to
@@ -300,8 +309,9 @@ struct TensorDesc {
 
 impl TensorDesc {
     /// The tensor, as a contiguous copy of its view of `storage`, after
-    /// checking that the view stays inside the storage.
-    fn materialize(&self, storage: &Tensor) -> Result<Tensor> {
+    /// checking that the view stays inside the storage and that the copy
+    /// fits in `budget` bytes, which it then takes from.
+    fn materialize(&self, storage: &Tensor, budget: &mut u64) -> Result<Tensor> {
         ensure!(
             self.size.len() == self.stride.len(),
             "size {:?} and stride {:?} differ in length",
@@ -322,6 +332,14 @@ impl TensorDesc {
             .iter()
             .try_fold(1i64, |n, &s| n.checked_mul(s))
             .ok_or_else(|| anyhow!("size {:?} overflows", self.size))?;
+        let bytes = (numel as u64).saturating_mul(self.storage.elem_size as u64);
+        ensure!(
+            bytes <= *budget,
+            "size {:?} is {numel} elements ({bytes} bytes), more than the file's tensors may \
+             take ({} bytes left)",
+            self.size,
+            *budget
+        );
         if numel > 0 {
             let last = self
                 .size
@@ -341,9 +359,11 @@ impl TensorDesc {
                 self.storage.numel
             );
         }
-        Ok(storage
+        let tensor = storage
             .f_as_strided(self.size.as_slice(), self.stride.as_slice(), self.offset)?
-            .f_contiguous()?)
+            .f_contiguous()?;
+        *budget -= bytes;
+        Ok(tensor)
     }
 }
 
@@ -1218,6 +1238,50 @@ mod tests {
     }
 
     #[test]
+    fn expanded_views_may_not_grow_far_past_the_file() {
+        let data = 0.5f32.to_le_bytes();
+        let zip = |size: &[i64], stride: &[i64]| {
+            let pkl = state_pickle(&[("w", "0", 1, size, stride)]);
+            raw_zip(
+                &[
+                    ("a/data.pkl", &pkl, pkl.len() as u64),
+                    ("a/data/0", &data, data.len() as u64),
+                ],
+                true,
+            )
+        };
+        // torch.tensor([0.5]).expand(10), as torch.save writes it.
+        let back = from_bytes(&zip(&[10], &[0])).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&back[0].1).unwrap(), [0.5; 10]);
+        // 2^31 elements (8 GB) over that one element: refused before copying.
+        let err = format!(
+            "{:#}",
+            from_bytes(&zip(&[1 << 15, 1 << 16], &[0, 0])).unwrap_err()
+        );
+        assert!(
+            err.contains(
+                "key `w`: size [32768, 65536] is 2147483648 elements (8589934592 bytes), \
+                 more than the file's tensors may take"
+            ),
+            "{err}"
+        );
+        // The budget is for all tensors together, not each.
+        let pkl = state_pickle(&[
+            ("a", "0", 1, &[3 << 20], &[0]),
+            ("b", "0", 1, &[3 << 20], &[0]),
+        ]);
+        let two = raw_zip(
+            &[
+                ("a/data.pkl", &pkl, pkl.len() as u64),
+                ("a/data/0", &data, data.len() as u64),
+            ],
+            true,
+        );
+        let err = format!("{:#}", from_bytes(&two).unwrap_err());
+        assert!(err.contains("key `b`: size [3145728]"), "{err}");
+    }
+
+    #[test]
     fn tensors_saved_from_cuda_load_on_the_cpu() {
         let state = vec![(
             "w".to_string(),
@@ -1268,7 +1332,9 @@ mod tests {
             size: vec![2, 3],
             stride: vec![1, 2],
         };
-        let t = desc.materialize(&storage).unwrap();
+        let mut budget = 1 << 20;
+        let t = desc.materialize(&storage, &mut budget).unwrap();
+        assert_eq!(budget, (1 << 20) - 6 * 4);
         assert_eq!(
             Vec::<f32>::try_from(&t.flatten(0, -1)).unwrap(),
             [1.0, 3.0, 5.0, 2.0, 4.0, 6.0]
@@ -1277,13 +1343,16 @@ mod tests {
             offset: 2,
             ..desc.clone()
         };
-        let err = past_end.materialize(&storage).unwrap_err().to_string();
+        let err = past_end
+            .materialize(&storage, &mut budget)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("past the end"), "{err}");
         let negative = TensorDesc {
             stride: vec![-1, 2],
             ..desc
         };
-        assert!(negative.materialize(&storage).is_err());
+        assert!(negative.materialize(&storage, &mut budget).is_err());
     }
 
     #[test]
