@@ -456,13 +456,26 @@ impl Value {
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
-    memo: HashMap<u32, Value>,
+    /// Values, each with its depth: 1, or one more than its deepest item.
+    stack: Vec<(Value, u32)>,
+    memo: HashMap<u32, (Value, u32)>,
 }
 
 /// The most values the stack and the memo may hold: far above what any
 /// state_dict needs, low enough that a hostile file can't exhaust memory.
 const MAX_VALUES: usize = 1 << 20;
+
+/// How deep values may nest: far deeper than a state_dict's few levels, and
+/// shallow enough that the recursive `Drop`, `Clone` and `PartialEq` of
+/// [`Value`] can't overflow the stack (a 200 kB pickle of nested 1-tuples
+/// did).
+const MAX_DEPTH: u32 = 100;
+
+/// The values of stack entries, and the depth of the deepest (0 for none).
+fn unzip_depths(items: Vec<(Value, u32)>) -> (Vec<Value>, u32) {
+    let deepest = items.iter().map(|(_, d)| *d).max().unwrap_or(0);
+    (items.into_iter().map(|(v, _)| v).collect(), deepest)
+}
 
 impl<'a> Unpickler<'a> {
     fn new(data: &'a [u8]) -> Self {
@@ -526,36 +539,85 @@ impl<'a> Unpickler<'a> {
         ))
     }
 
+    /// Pushes a value that holds no others (or none yet).
     fn push(&mut self, v: Value) -> Result<()> {
+        self.push_at(v, 1)
+    }
+
+    /// Pushes a value `depth` deep.
+    fn push_at(&mut self, v: Value, depth: u32) -> Result<()> {
         ensure!(
             self.stack.len() < MAX_VALUES,
             "the pickle stack grows past {MAX_VALUES} values"
         );
-        self.stack.push(v);
+        ensure!(
+            depth <= MAX_DEPTH,
+            "the pickle nests values more than {MAX_DEPTH} deep"
+        );
+        self.stack.push((v, depth));
         Ok(())
     }
 
+    /// Pushes a container of `items`, one level deeper than the deepest.
+    fn push_container(
+        &mut self,
+        make: impl FnOnce(Vec<Value>) -> Result<Value>,
+        items: Vec<(Value, u32)>,
+    ) -> Result<()> {
+        let (items, deepest) = unzip_depths(items);
+        self.push_at(make(items)?, deepest + 1)
+    }
+
     fn pop(&mut self) -> Result<Value> {
+        Ok(self.pop_at()?.0)
+    }
+
+    /// Pops a value with its depth.
+    fn pop_at(&mut self) -> Result<(Value, u32)> {
         match self.stack.pop() {
-            Some(Value::Mark) => bail!("an opcode found a mark where it expected a value"),
+            Some((Value::Mark, _)) => bail!("an opcode found a mark where it expected a value"),
             Some(v) => Ok(v),
             None => bail!("an opcode pops from an empty stack"),
         }
     }
 
     fn top(&mut self) -> Result<&mut Value> {
+        Ok(&mut self.top_at()?.0)
+    }
+
+    /// The top value with its depth.
+    fn top_at(&mut self) -> Result<&mut (Value, u32)> {
         match self.stack.last_mut() {
-            Some(Value::Mark) | None => bail!("an opcode needs a value on the stack, found none"),
+            Some((Value::Mark, _)) | None => {
+                bail!("an opcode needs a value on the stack, found none")
+            }
             Some(v) => Ok(v),
         }
     }
 
+    /// Adds `items` to the container on top with `add`, deepening it to
+    /// hold them.
+    fn add_to_top(
+        &mut self,
+        add: impl FnOnce(&mut Value, Vec<Value>) -> Result<()>,
+        items: Vec<(Value, u32)>,
+    ) -> Result<()> {
+        let (items, deepest) = unzip_depths(items);
+        let (top, depth) = self.top_at()?;
+        *depth = (*depth).max(deepest + 1);
+        ensure!(
+            *depth <= MAX_DEPTH,
+            "the pickle nests values more than {MAX_DEPTH} deep"
+        );
+        add(top, items)
+    }
+
     /// Pops everything above the topmost mark, and the mark.
-    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+    fn pop_mark(&mut self) -> Result<Vec<(Value, u32)>> {
         let at = self
             .stack
             .iter()
-            .rposition(|v| matches!(v, Value::Mark))
+            .rposition(|(v, _)| matches!(v, Value::Mark))
             .ok_or_else(|| anyhow!("an opcode needs a mark, but there is none"))?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
@@ -563,7 +625,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn memo_put(&mut self, id: u32) -> Result<()> {
-        let v = self.top()?.clone();
+        let v = self.top_at()?.clone();
         ensure!(
             self.memo.len() < MAX_VALUES || self.memo.contains_key(&id),
             "the pickle memo grows past {MAX_VALUES} values"
@@ -573,11 +635,11 @@ impl<'a> Unpickler<'a> {
     }
 
     fn memo_get(&mut self, id: u32) -> Result<()> {
-        let v =
+        let (v, depth) =
             self.memo.get(&id).cloned().ok_or_else(|| {
                 anyhow!("the pickle refers to memo entry {id}, which was never set")
             })?;
-        self.push(v)
+        self.push_at(v, depth)
     }
 
     fn run(mut self) -> Result<Value> {
@@ -618,8 +680,8 @@ impl<'a> Unpickler<'a> {
             }
             b'2' => {
                 // DUP
-                let v = self.top()?.clone();
-                self.push(v)?;
+                let (v, depth) = self.top_at()?.clone();
+                self.push_at(v, depth)?;
             }
             b'N' => self.push(Value::None)?,
             0x88 => self.push(Value::Bool(true))?,
@@ -686,51 +748,62 @@ impl<'a> Unpickler<'a> {
             b')' => self.push(Value::Tuple(Vec::new()))?,
             b't' => {
                 let items = self.pop_mark()?;
-                self.push(Value::Tuple(items))?
+                self.push_container(|items| Ok(Value::Tuple(items)), items)?
             }
             0x85..=0x87 => {
                 // TUPLE1, TUPLE2, TUPLE3
                 let n = (op - 0x84) as usize;
                 let mut items = Vec::with_capacity(n);
                 for _ in 0..n {
-                    items.push(self.pop()?);
+                    items.push(self.pop_at()?);
                 }
                 items.reverse();
-                self.push(Value::Tuple(items))?
+                self.push_container(|items| Ok(Value::Tuple(items)), items)?
             }
             b']' => self.push(Value::List(Vec::new()))?,
             b'l' => {
                 let items = self.pop_mark()?;
-                self.push(Value::List(items))?
+                self.push_container(|items| Ok(Value::List(items)), items)?
             }
             b'a' => {
-                let v = self.pop()?;
-                match self.top()? {
-                    Value::List(items) => items.push(v),
-                    other => bail!("APPEND to {}, not a list", other.describe()),
-                }
+                let v = self.pop_at()?;
+                self.add_to_top(
+                    |top, new| match top {
+                        Value::List(items) => {
+                            items.extend(new);
+                            Ok(())
+                        }
+                        other => bail!("APPEND to {}, not a list", other.describe()),
+                    },
+                    vec![v],
+                )?
             }
             b'e' => {
                 let new = self.pop_mark()?;
-                match self.top()? {
-                    Value::List(items) => items.extend(new),
-                    other => bail!("APPENDS to {}, not a list", other.describe()),
-                }
+                self.add_to_top(
+                    |top, new| match top {
+                        Value::List(items) => {
+                            items.extend(new);
+                            Ok(())
+                        }
+                        other => bail!("APPENDS to {}, not a list", other.describe()),
+                    },
+                    new,
+                )?
             }
             b'}' => self.push(Value::Dict(Vec::new()))?,
             b'd' => {
                 let items = self.pop_mark()?;
-                let v = Value::Dict(pairs(items)?);
-                self.push(v)?
+                self.push_container(|items| Ok(Value::Dict(pairs(items)?)), items)?
             }
             b's' => {
-                let value = self.pop()?;
-                let key = self.pop()?;
-                dict_insert(self.top()?, vec![(key, value)])?;
+                let value = self.pop_at()?;
+                let key = self.pop_at()?;
+                self.add_to_top(|top, kv| dict_insert(top, pairs(kv)?), vec![key, value])?;
             }
             b'u' => {
-                let items = pairs(self.pop_mark()?)?;
-                dict_insert(self.top()?, items)?;
+                let items = self.pop_mark()?;
+                self.add_to_top(|top, kv| dict_insert(top, pairs(kv)?), items)?;
             }
             b'q' => {
                 let id = self.u8()?.into();
@@ -1423,6 +1496,43 @@ mod tests {
         let bytes = zip.finish().unwrap().into_inner();
         let err = format!("{:#}", from_bytes(&bytes).unwrap_err());
         assert!(err.contains("key `epoch` holds the int 3"), "{err}");
+    }
+
+    #[test]
+    fn deeply_nested_values_are_refused_before_they_overflow_the_stack() {
+        // 0, then TUPLE1 200k times: ((((0,),),),...), whose recursive drop
+        // overflowed the stack.
+        let mut deep = b"\x80\x02K\x00".to_vec();
+        deep.extend([0x85; 200_000]);
+        deep.push(b'.');
+        let err = format!("{:#}", Unpickler::new(&deep).run().unwrap_err());
+        assert!(
+            err.contains("at byte 103 (opcode '\\u{85}'): the pickle nests values more than 100"),
+            "{err}"
+        );
+        // The same through lists, dicts, appends and memo fetches: each step
+        // memoizes the value x so far, pops it, and builds [x], {0: x}, or
+        // (x,) around a fetched copy.
+        for step in [
+            &b"q\x00\x30]h\x00a"[..],
+            b"q\x00\x30](h\x00e",
+            b"q\x00\x30}K\x00h\x00s",
+            b"q\x00\x30}(K\x00h\x00u",
+            b"q\x00\x30(K\x00h\x00d",
+            b"q\x00\x30(h\x00l",
+            b"q\x00\x30h\x00\x85",
+        ] {
+            let mut p = b"\x80\x02]".to_vec();
+            for _ in 0..200 {
+                p.extend(step);
+            }
+            p.push(b'.');
+            let err = format!("{:#}", Unpickler::new(&p).run().unwrap_err());
+            assert!(
+                err.contains("nests values more than 100 deep"),
+                "{step:?}: {err}"
+            );
+        }
     }
 
     #[test]
