@@ -373,7 +373,8 @@ enum Global {
     OrderedDict,
     RebuildTensorV2,
     RebuildParameter,
-    Storage(&'static str, Kind, usize),
+    /// An entry of [`STORAGE_TYPES`] (a reference keeps [`Value`] small).
+    Storage(&'static (&'static str, Kind, usize)),
 }
 
 impl Global {
@@ -385,7 +386,7 @@ impl Global {
             ("torch", storage) => STORAGE_TYPES
                 .iter()
                 .find(|(n, _, _)| *n == storage)
-                .map(|&(n, k, s)| Global::Storage(n, k, s))
+                .map(Global::Storage)
                 .ok_or_else(|| anyhow!("unsupported global `torch.{storage}`")),
             _ => bail!(
                 "unsupported global `{module}.{name}`: a state_dict file only refers to \
@@ -409,8 +410,9 @@ enum Value {
     List(Vec<Value>),
     Dict(Vec<(Value, Value)>),
     Global(Global),
-    Storage(StorageRef),
-    Tensor(TensorDesc),
+    // Boxed, like anything big, so that the many small values stay small.
+    Storage(Box<StorageRef>),
+    Tensor(Box<TensorDesc>),
 }
 
 impl Value {
@@ -433,6 +435,35 @@ impl Value {
         }
     }
 
+    /// Roughly the bytes this value takes, with all it holds.
+    fn footprint(&self) -> u64 {
+        let held = match self {
+            Value::Str(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::Tuple(items) | Value::List(items) => {
+                return items
+                    .iter()
+                    .fold(Self::SIZE, |n, v| n.saturating_add(v.footprint()))
+            }
+            Value::Dict(entries) => {
+                return entries.iter().fold(Self::SIZE, |n, (k, v)| {
+                    n.saturating_add(k.footprint())
+                        .saturating_add(v.footprint())
+                })
+            }
+            Value::Storage(s) => std::mem::size_of::<StorageRef>() + s.key.len(),
+            Value::Tensor(t) => {
+                std::mem::size_of::<TensorDesc>()
+                    + t.storage.key.len()
+                    + 8 * (t.size.len() + t.stride.len())
+            }
+            _ => 0,
+        };
+        Self::SIZE.saturating_add(held as u64)
+    }
+
+    const SIZE: u64 = std::mem::size_of::<Value>() as u64;
+
     fn int(&self, what: &str) -> Result<i64> {
         match self {
             Value::Int(i) => Ok(*i),
@@ -452,14 +483,28 @@ impl Value {
 ///
 /// Memoized values are copies (not shared references); `torch.save` never
 /// fetches a container from the memo after changing it, so this is exact
-/// for the files it writes.
+/// for the files it writes. The copies are charged to a budget that grows
+/// with the pickle's length, so that no pickle makes it copy without end.
 struct Unpickler<'a> {
     data: &'a [u8],
     pos: usize,
     /// Values, each with its depth: 1, or one more than its deepest item.
     stack: Vec<(Value, u32)>,
     memo: HashMap<u32, (Value, u32)>,
+    /// Bytes that copies (memo stores and fetches, DUP) may still take.
+    copy_budget: u64,
 }
+
+/// Copies may take this many bytes per byte of pickle, plus
+/// [`COPY_BYTES_BASE`]. `torch.save`'s pickles memoize every value and
+/// fetch small ones (globals, short strings): 11 to 18 bytes per byte for
+/// common state_dicts, 34 for 64-dimensional tensors. Without a cap,
+/// copying a value into a tuple with itself again and again doubles it each
+/// time, and a 457-byte pickle filled gigabytes in seconds.
+const COPY_BYTES_PER_BYTE: u64 = 64;
+
+/// See [`COPY_BYTES_PER_BYTE`].
+const COPY_BYTES_BASE: u64 = 1 << 20;
 
 /// The most values the stack and the memo may hold: far above what any
 /// state_dict needs, low enough that a hostile file can't exhaust memory.
@@ -470,6 +515,19 @@ const MAX_VALUES: usize = 1 << 20;
 /// [`Value`] can't overflow the stack (a 200 kB pickle of nested 1-tuples
 /// did).
 const MAX_DEPTH: u32 = 100;
+
+/// A copy of a stack or memo entry, after taking its size from `budget`.
+fn copy_within(budget: &mut u64, entry: &(Value, u32)) -> Result<(Value, u32)> {
+    let bytes = entry.0.footprint();
+    *budget = budget.checked_sub(bytes).ok_or_else(|| {
+        anyhow!(
+            "the pickle makes copies of more than {COPY_BYTES_PER_BYTE} bytes per byte of \
+             itself (the last, of {}, {bytes} bytes)",
+            entry.0.describe()
+        )
+    })?;
+    Ok(entry.clone())
+}
 
 /// The values of stack entries, and the depth of the deepest (0 for none).
 fn unzip_depths(items: Vec<(Value, u32)>) -> (Vec<Value>, u32) {
@@ -484,6 +542,19 @@ impl<'a> Unpickler<'a> {
             pos: 0,
             stack: Vec::new(),
             memo: HashMap::new(),
+            copy_budget: (data.len() as u64)
+                .saturating_mul(COPY_BYTES_PER_BYTE)
+                .saturating_add(COPY_BYTES_BASE),
+        }
+    }
+
+    /// A copy of the top value, its size taken from the copy budget.
+    fn copy_top(&mut self) -> Result<(Value, u32)> {
+        match self.stack.last() {
+            Some((Value::Mark, _)) | None => {
+                bail!("an opcode needs a value on the stack, found none")
+            }
+            Some(top) => copy_within(&mut self.copy_budget, top),
         }
     }
 
@@ -625,7 +696,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn memo_put(&mut self, id: u32) -> Result<()> {
-        let v = self.top_at()?.clone();
+        let v = self.copy_top()?;
         ensure!(
             self.memo.len() < MAX_VALUES || self.memo.contains_key(&id),
             "the pickle memo grows past {MAX_VALUES} values"
@@ -635,10 +706,11 @@ impl<'a> Unpickler<'a> {
     }
 
     fn memo_get(&mut self, id: u32) -> Result<()> {
-        let (v, depth) =
-            self.memo.get(&id).cloned().ok_or_else(|| {
-                anyhow!("the pickle refers to memo entry {id}, which was never set")
-            })?;
+        let entry = self
+            .memo
+            .get(&id)
+            .ok_or_else(|| anyhow!("the pickle refers to memo entry {id}, which was never set"))?;
+        let (v, depth) = copy_within(&mut self.copy_budget, entry)?;
         self.push_at(v, depth)
     }
 
@@ -680,7 +752,7 @@ impl<'a> Unpickler<'a> {
             }
             b'2' => {
                 // DUP
-                let (v, depth) = self.top_at()?.clone();
+                let (v, depth) = self.copy_top()?;
                 self.push_at(v, depth)?;
             }
             b'N' => self.push(Value::None)?,
@@ -843,7 +915,7 @@ impl<'a> Unpickler<'a> {
             b'Q' => {
                 let pid = self.pop()?;
                 let storage = persistent_load(pid)?;
-                self.push(Value::Storage(storage))?
+                self.push(Value::Storage(Box::new(storage)))?
             }
             b'R' => {
                 let args = self.pop()?;
@@ -905,7 +977,7 @@ fn persistent_load(pid: Value) -> Result<StorageRef> {
         bail!("a persistent id should be a tuple, got {}", pid.describe());
     };
     match items.as_slice() {
-        [Value::Str(tag), Value::Global(Global::Storage(_, kind, elem_size)), Value::Str(key), Value::Str(_location), numel]
+        [Value::Str(tag), Value::Global(Global::Storage((_, kind, elem_size))), Value::Str(key), Value::Str(_location), numel]
             if tag == "storage" =>
         {
             ensure!(
@@ -957,12 +1029,12 @@ fn reduce(callable: Value, args: Value) -> Result<Value> {
         }
         Global::RebuildTensorV2 => match args.as_slice() {
             [Value::Storage(storage), offset, size, stride, _requires_grad, _hooks, ..] => {
-                Ok(Value::Tensor(TensorDesc {
-                    storage: storage.clone(),
+                Ok(Value::Tensor(Box::new(TensorDesc {
+                    storage: storage.as_ref().clone(),
                     offset: offset.int("a tensor's storage offset")?,
                     size: size.ints("a tensor's size")?,
                     stride: stride.ints("a tensor's stride")?,
-                }))
+                })))
             }
             _ => bail!(
                 "_rebuild_tensor_v2 expects (storage, offset, size, stride, requires_grad, \
@@ -974,7 +1046,7 @@ fn reduce(callable: Value, args: Value) -> Result<Value> {
             Some(t @ Value::Tensor(_)) => Ok(t),
             _ => bail!("_rebuild_parameter expects a tensor first"),
         },
-        Global::Storage(name, _, _) => bail!("torch.{name} cannot be called here"),
+        Global::Storage((name, _, _)) => bail!("torch.{name} cannot be called here"),
     }
 }
 
@@ -1510,29 +1582,70 @@ mod tests {
             err.contains("at byte 103 (opcode '\\u{85}'): the pickle nests values more than 100"),
             "{err}"
         );
-        // The same through lists, dicts, appends and memo fetches: each step
-        // memoizes the value x so far, pops it, and builds [x], {0: x}, or
-        // (x,) around a fetched copy.
-        for step in [
-            &b"q\x00\x30]h\x00a"[..],
-            b"q\x00\x30](h\x00e",
-            b"q\x00\x30}K\x00h\x00s",
-            b"q\x00\x30}(K\x00h\x00u",
-            b"q\x00\x30(K\x00h\x00d",
-            b"q\x00\x30(h\x00l",
-            b"q\x00\x30h\x00\x85",
+        // The same through each other way to nest: `open` 200 times, then
+        // `inner`, then `close` 200 times.
+        for (open, inner, close) in [
+            (&b"("[..], &b"K\x00"[..], &b"l"[..]), // [[[0]]]
+            (b"(K\x00", b"K\x00", b"d"),           // {0: {0: {0: 0}}}
+            (b"]", b"]", b"a"),                    // append to the list below
+            (b"](", b"]", b"e"),                   // extend it
+            (b"}K\x00", b"}", b"s"),               // set item in the dict below
+            (b"}(K\x00", b"}", b"u"),              // set items
         ] {
-            let mut p = b"\x80\x02]".to_vec();
-            for _ in 0..200 {
-                p.extend(step);
-            }
+            let mut p = b"\x80\x02".to_vec();
+            p.extend(open.repeat(200));
+            p.extend(inner);
+            p.extend(close.repeat(200));
             p.push(b'.');
             let err = format!("{:#}", Unpickler::new(&p).run().unwrap_err());
             assert!(
                 err.contains("nests values more than 100 deep"),
+                "{close:?}: {err}"
+            );
+        }
+        // A memo fetch or a DUP keeps the depth: a value 100 deep, then
+        // (copy,) or (value, copy).
+        for copy in [&b"q\x00\x30h\x00\x85"[..], b"\x32\x86"] {
+            let mut p = b"\x80\x02K\x00".to_vec();
+            p.extend([0x85; 99]);
+            let ok = [&p[..], b"."].concat();
+            assert!(Unpickler::new(&ok).run().is_ok());
+            p.extend(copy);
+            p.push(b'.');
+            let err = format!("{:#}", Unpickler::new(&p).run().unwrap_err());
+            assert!(
+                err.contains("nests values more than 100 deep"),
+                "{copy:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn pickles_that_copy_values_into_themselves_run_out_of_budget() {
+        // x = 0, then 60 times x = (x, x) through the memo, or through DUP:
+        // 2^60 copies of 0 unless copies are bounded.
+        for step in [&b"q\x00\x30h\x00h\x00\x86"[..], b"\x32\x86"] {
+            let mut p = b"\x80\x02K\x00".to_vec();
+            p.extend(step.repeat(60));
+            p.push(b'.');
+            let err = format!("{:#}", Unpickler::new(&p).run().unwrap_err());
+            assert!(
+                err.contains("the pickle makes copies of more than 64 bytes per byte of itself"),
                 "{step:?}: {err}"
             );
         }
+        // The budget is for all copies together: a 1 kB string fetched
+        // 2,000 times is 2 MB of copies from an 8 kB pickle.
+        let mut p = b"\x80\x02(X\x00\x04\x00\x00".to_vec();
+        p.extend([b'a'; 1024]);
+        p.extend(b"q\x00");
+        p.extend(b"h\x00".repeat(2_000));
+        p.extend(b"t.");
+        let err = format!("{:#}", Unpickler::new(&p).run().unwrap_err());
+        assert!(err.contains("(the last, of the string \"aaaa"), "{err}");
+        // Far fewer fetches are fine.
+        let ok = [&p[..1034], &b"h\x00".repeat(100), b"t."].concat();
+        assert!(matches!(Unpickler::new(&ok).run(), Ok(Value::Tuple(t)) if t.len() == 101));
     }
 
     #[test]
