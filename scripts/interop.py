@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """The Python side of tch-cifar's round trips with PyTorch.
 
-    interop.py init --seed S [--pth FILE] [--safetensors FILE]
+    interop.py init --seed S [--pth FILE] [--pth-no-crc FILE] [--safetensors FILE]
         torch.manual_seed(S); Net(), and its state_dict saved as torch.save
-        (.pth) and/or safetensors.
+        (.pth; --pth-no-crc after set_crc32_options(False), which writes
+        every CRC as 0) and/or safetensors.
     interop.py logits --weights FILE --input X.safetensors --out Y.safetensors
         Loads a state_dict (.pth via torch.load(weights_only=True), or
         safetensors) into the tutorial's Net with load_state_dict (strict) and
@@ -61,6 +62,10 @@ def cmd_init(args):
     net = Net()
     if args.pth:
         torch.save(net.state_dict(), args.pth)
+    if args.pth_no_crc:
+        torch.serialization.set_crc32_options(False)
+        torch.save(net.state_dict(), args.pth_no_crc)
+        torch.serialization.set_crc32_options(True)
     if args.safetensors:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, args.safetensors)
 
@@ -131,6 +136,7 @@ def main():
     p = sub.add_parser("init", help="a freshly initialized Net's state_dict")
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--pth")
+    p.add_argument("--pth-no-crc")
     p.add_argument("--safetensors")
     p.set_defaults(func=cmd_init)
 

@@ -190,16 +190,27 @@ fn tensor_budget(file_len: u64) -> u64 {
 /// know about the whole file.
 struct Archive<'a> {
     zip: zip::ZipArchive<Cursor<&'a [u8]>>,
+    bytes: &'a [u8],
     len: u64,
+    /// Whether every entry's CRC is 0, as `torch.save` writes them after
+    /// `torch.serialization.set_crc32_options(False)`. Such an archive's
+    /// stored entries are read unchecked; one with any CRC is checked whole.
+    without_crcs: bool,
 }
 
 impl<'a> Archive<'a> {
     fn new(bytes: &'a [u8]) -> Result<Self> {
-        let zip = zip::ZipArchive::new(Cursor::new(bytes))
+        let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
             .context("not a zip archive (a .pth from torch.save is one)")?;
+        // An entry that can't be opened counts as having a CRC, so that
+        // doubt keeps the checks on.
+        let without_crcs =
+            (0..zip.len()).all(|i| zip.by_index_raw(i).is_ok_and(|f| f.crc32() == 0));
         Ok(Self {
             zip,
+            bytes,
             len: bytes.len() as u64,
+            without_crcs,
         })
     }
 
@@ -223,6 +234,25 @@ impl<'a> Archive<'a> {
             entry.size(),
             self.len
         );
+        if self.without_crcs && entry.compression() == zip::CompressionMethod::Stored {
+            // The zip crate would check the entry against CRC 0 and fail;
+            // a stored entry's bytes are its content, so take them as is.
+            ensure!(
+                entry.compressed_size() == entry.size(),
+                "entry {name} is stored in {} bytes but claims {}",
+                entry.compressed_size(),
+                entry.size()
+            );
+            let start = entry.data_start();
+            return start
+                .checked_add(entry.size())
+                .and_then(|end| {
+                    self.bytes
+                        .get(usize::try_from(start).ok()?..usize::try_from(end).ok()?)
+                })
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| anyhow!("entry {name} runs past the end of the archive"));
+        }
         let mut data = Vec::with_capacity(entry.size() as usize);
         entry
             .take(limit + 1)
@@ -1370,6 +1400,39 @@ mod tests {
         );
         let back = from_bytes(&bytes).unwrap();
         assert_eq!(Vec::<f32>::try_from(&back[0].1).unwrap(), [1.5, -2.0]);
+    }
+
+    #[test]
+    fn archives_saved_without_crcs_load_but_a_missing_crc_among_others_is_an_error() {
+        let pkl = state_pickle(&[("w", "0", 2, &[2], &[1])]);
+        let data: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let entries = [
+            ("a/data.pkl", &pkl[..], pkl.len() as u64),
+            ("a/byteorder", b"little", 6),
+            ("a/data/0", &data, data.len() as u64),
+        ];
+        // torch.serialization.set_crc32_options(False): every CRC is 0.
+        let back = from_bytes(&raw_zip(&entries, false)).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&back[0].1).unwrap(), [1.5, -2.0]);
+        // With CRCs, corrupting the data is caught, and so is zeroing the
+        // CRC of the corrupted entry while the others keep theirs.
+        let mut bad = raw_zip(&entries, true);
+        let at = bad.windows(8).position(|w| w == &data[..]).unwrap();
+        bad[at] ^= 1;
+        let err = format!("{:#}", from_bytes(&bad).unwrap_err());
+        assert!(
+            err.contains("key `w`: cannot read entry a/data/0: Invalid checksum"),
+            "{err}"
+        );
+        let crc = crc32(&data).to_le_bytes();
+        while let Some(at) = bad.windows(4).position(|w| w == crc) {
+            bad[at..at + 4].fill(0);
+        }
+        let err = format!("{:#}", from_bytes(&bad).unwrap_err());
+        assert!(err.contains("Invalid checksum"), "{err}");
     }
 
     #[test]

@@ -143,6 +143,8 @@ fn python_state_dicts_load_in_rust_with_the_same_logits() {
         "5",
         "--pth",
         s(&p("py.pth")),
+        "--pth-no-crc",
+        s(&p("py-no-crc.pth")),
         "--safetensors",
         s(&p("py.safetensors")),
     ]);
@@ -163,8 +165,13 @@ fn python_state_dicts_load_in_rust_with_the_same_logits() {
         .unwrap()
         .state_dict();
     let rust = Model::new(Device::Cpu, Some(5)).state_dict();
-    for (((k, ta), (_, tb)), (_, tr)) in a.iter().zip(&b).zip(&rust) {
+    // Saved with set_crc32_options(False), whose CRCs are all 0.
+    let no_crc = Model::load(&p("py-no-crc.pth"), Device::Cpu)
+        .unwrap()
+        .state_dict();
+    for ((((k, ta), (_, tb)), (_, tr)), (_, tn)) in a.iter().zip(&b).zip(&rust).zip(&no_crc) {
         assert!(ta.equal(tb), "{k}");
+        assert!(ta.equal(tn), "{k} differs when saved without CRCs");
         assert!(
             ta.equal(tr),
             "{k}: Python's seed-5 init differs from Rust's"
