@@ -19,8 +19,9 @@
 //! opcodes and the few globals that such files use (the same globals that
 //! `weights_only=True` allows) and refuses everything else with an error
 //! naming the opcode or the global: it never runs code, and no file content
-//! makes it panic. The writer emits only globals `weights_only=True`
-//! accepts.
+//! makes it panic or use memory far beyond the file's size (the pickle's
+//! copies and nesting, and the tensors' sizes, are bounded by it). The
+//! writer emits only globals `weights_only=True` accepts.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
