@@ -477,7 +477,10 @@ pub fn train(
     }
     let steps_per_epoch = n.div_ceil(recipe.batch_size as usize) as u64;
     let start = control.start.normalized(steps_per_epoch);
-    let bar = reporter.attach_bar(step_bar(recipe.epochs * steps_per_epoch));
+    let last_step = recipe.epochs * steps_per_epoch;
+    let bar = reporter.attach_bar(step_bar(
+        recipe.max_steps.map_or(last_step, |m| m.min(last_step)),
+    ));
     bar.set_position(start.global_step);
     let mut stats = TrainStats {
         steps: start.global_step,
@@ -488,9 +491,12 @@ pub fn train(
     let began = Instant::now();
     let mut at = start;
     let mut losses = PendingLosses::new(device, control.read_losses_every);
+    let reached_max_steps = |steps: u64| recipe.max_steps.is_some_and(|m| steps >= m);
+    // The latest loss line's mean, for the progress bar right after it.
+    let mut last_mean = f64::NAN;
     control.interrupts.exit_now.store(false, Ordering::SeqCst);
     let mut epochs = || -> Result<()> {
-        'epochs: for epoch in start.epoch..=recipe.epochs {
+        for epoch in start.epoch..=recipe.epochs {
             bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
             let (done, mut running_loss) = if epoch == start.epoch {
                 (start.step, start.running_loss)
@@ -499,6 +505,10 @@ pub fn train(
             };
             let batches = epoch_batches(seed, epoch - 1, n, recipe.batch_size, device);
             for (i, index) in batches.enumerate().skip(done as usize) {
+                // Before the step: a run resumed at its --max-steps trains none.
+                if reached_max_steps(stats.steps) {
+                    break;
+                }
                 let step = i as u64 + 1;
                 let (images, labels) = train.select(&index);
                 let loss = model.net.forward(&images).cross_entropy_for_logits(&labels);
@@ -509,7 +519,7 @@ pub fn train(
                 bar.inc(1);
                 let stop = control.interrupts.stop.load(Ordering::Relaxed);
                 let save = control.every.is_some_and(|k| stats.steps.is_multiple_of(k));
-                let last = recipe.max_steps.is_some_and(|m| stats.steps >= m);
+                let last = reached_max_steps(stats.steps);
                 let show = step.is_multiple_of(256);
                 // What follows needs the running loss, so the losses are read first.
                 if !(losses.is_full()
@@ -540,14 +550,17 @@ pub fn train(
                             json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
                         );
                         running_loss = 0.0;
+                        last_mean = mean;
                     }
                 }
                 if show {
                     let rate = stats.images as f64 / began.elapsed().as_secs_f64();
-                    bar.set_message(format!(
-                        "loss {:.3} {rate:.0} img/s",
-                        running_loss / (step % recipe.log_every).max(1) as f64
-                    ));
+                    let since_log = step % recipe.log_every;
+                    let loss = match since_log {
+                        0 => last_mean,
+                        n => running_loss / n as f64,
+                    };
+                    bar.set_message(format!("loss {loss:.3} {rate:.0} img/s"));
                 }
                 at = Position {
                     epoch,
@@ -562,11 +575,15 @@ pub fn train(
                     return Err(control.interrupt(model, opt, at, reporter));
                 }
                 if last {
-                    break 'epochs;
+                    break;
                 }
             }
-            if control.every_epoch {
+            let epoch_done = at.epoch == epoch && at.step == steps_per_epoch;
+            if control.every_epoch && epoch_done {
                 control.saver.save(model, opt, at)?;
+            }
+            if reached_max_steps(stats.steps) {
+                break;
             }
         }
         // A loss is computed before its step's update, so the last update

@@ -621,3 +621,39 @@ fn evaluate_takes_a_checkpoint_as_weights() {
     );
     assert_eq!(from_checkpoint, evaluate("net.safetensors"));
 }
+
+/// `--max-steps` counts from the start of training: a run that ends on it at
+/// an epoch's end still saves that epoch's checkpoint, and a resume that is
+/// already there trains no further step.
+#[test]
+fn max_steps_saves_the_epoch_it_closes_and_holds_across_a_resume() {
+    let dir = scratch();
+    let summary = |out: &Output| -> serde_json::Value {
+        serde_json::from_str(ok(out).lines().last().unwrap()).unwrap()
+    };
+    let first = summary(&run_in(
+        dir.path(),
+        &train_args(
+            "net.safetensors",
+            &["--checkpoint-dir", "ck", "--max-steps", "50", "--json"],
+        ),
+    ));
+    assert_eq!(first["steps"], 50);
+    assert_eq!(
+        first["checkpoint"],
+        Path::new("ck")
+            .join("checkpoint-e0001-s0000050.safetensors")
+            .to_str()
+            .unwrap()
+    );
+    let weights = read(dir.path().join("net.safetensors"));
+    let again = summary(&run_in(
+        dir.path(),
+        &train_args(
+            "again.safetensors",
+            &["--resume", "ck", "--max-steps", "50", "--json"],
+        ),
+    ));
+    assert_eq!(again["steps"], 50, "{again}");
+    assert_eq!(read(dir.path().join("again.safetensors")), weights);
+}
