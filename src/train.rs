@@ -851,14 +851,22 @@ fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// Refuses to start a run whose interrupt folder holds another interrupted
-/// run's checkpoint: it is that run's only copy.
+/// Refuses to start a run whose interrupt folder holds a checkpoint an
+/// unfinished run could go on from: the new run's interrupt would replace
+/// it. A run resumed from there and finished leaves its last checkpoint
+/// behind, which does not count.
 fn check_no_interrupted_run(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Ok(());
     }
-    if let Some((_, file)) = checkpoint::list(dir)?.last() {
-        bail!(
+    let newest_valid = checkpoint::list(dir)?
+        .into_iter()
+        .rev()
+        .find_map(|(_, path)| checkpoint::load(&path).ok().map(|c| (path, c.meta)));
+    if let Some((file, meta)) = newest_valid {
+        let finished = meta.position.global_step >= meta.epochs * meta.steps_per_epoch();
+        ensure!(
+            finished,
             "{} holds the checkpoint of an interrupted run ({}): continue it with --resume {}, \
              or delete that folder to start a new run",
             dir.display(),
@@ -988,6 +996,53 @@ mod tests {
         );
     }
 
+    /// The tutorial's recipe at batch size 4 on the CPU, logging every step.
+    fn recipe(lr: f64, epochs: u64) -> Recipe {
+        Recipe {
+            epochs,
+            batch_size: 4,
+            lr,
+            momentum: 0.9,
+            seed: Some(1),
+            device: DeviceArg::Cpu,
+            threads: None,
+            cpu_conv: CpuConv::Auto,
+            log_every: 1,
+            max_steps: None,
+        }
+    }
+
+    #[test]
+    fn only_an_unfinished_run_blocks_its_interrupt_folder() {
+        // 40 images: 10 steps per epoch, 20 in all.
+        let meta = Meta {
+            train_images: 40,
+            ..recipe(0.01, 2).checkpoint_meta(1, Device::Cpu)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        check_no_interrupted_run(dir.path()).unwrap();
+        let model = Model::new(Device::Cpu, Some(1));
+        let opt = Sgd::new(&model, 0.01, 0.9);
+        let mut saver = Saver::new(dir.path().to_path_buf(), 1, meta, None);
+        let at = |epoch, step, global_step| Position {
+            epoch,
+            step,
+            global_step,
+            running_loss: 0.0,
+        };
+        saver.save(&model, &opt, at(1, 5, 5)).unwrap();
+        let err = check_no_interrupted_run(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("holds the checkpoint of an interrupted run (checkpoint-e0001-s0000005"),
+            "{err}"
+        );
+        // Resumed from there and finished: a new run may start.
+        saver.save(&model, &opt, at(2, 10, 20)).unwrap();
+        check_no_interrupted_run(dir.path()).unwrap();
+    }
+
     /// An update that overflows on the last step leaves finite losses behind
     /// it; the run must still fail rather than write non-finite weights.
     #[test]
@@ -999,18 +1054,7 @@ mod tests {
             labels: Tensor::from_slice(&[0i64, 1, 2, 3]),
             md5: None,
         };
-        let recipe = Recipe {
-            epochs: 1,
-            batch_size: 4,
-            lr: 1e30,
-            momentum: 0.9,
-            seed: Some(1),
-            device: DeviceArg::Cpu,
-            threads: None,
-            cpu_conv: CpuConv::Auto,
-            log_every: 1,
-            max_steps: None,
-        };
+        let recipe = recipe(1e30, 1);
         let meta = Meta {
             train_images: 4,
             ..recipe.checkpoint_meta(1, Device::Cpu)
