@@ -87,6 +87,9 @@ pub struct Meta {
     pub momentum: f64,
     /// The epochs the saving run was going for.
     pub epochs: u64,
+    /// Steps per loss line: the saved running-loss sum covers the steps
+    /// since the last one. `None` in checkpoints from before it was kept.
+    pub log_every: Option<u64>,
     /// Images in the training set: the data order depends on it.
     pub train_images: u64,
     /// The training set's [`crate::data::Split::md5`]; `None` in checkpoints
@@ -135,6 +138,7 @@ impl Meta {
         ]
         .into_iter()
         .chain(self.train_md5.clone().map(|m| ("train_md5", m)))
+        .chain(self.log_every.map(|n| ("log_every", n.to_string())))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
@@ -176,6 +180,10 @@ impl Meta {
             epochs: field(map, "epochs", path)?,
             train_images: field(map, "train_images", path)?,
             train_md5: map.get("train_md5").cloned(),
+            log_every: map
+                .contains_key("log_every")
+                .then(|| field(map, "log_every", path))
+                .transpose()?,
             threads: field(map, "threads", path)?,
             // Checkpoints from before --cpu-conv existed were trained with oneDNN.
             cpu_conv: match map.get("cpu_conv") {
@@ -253,6 +261,9 @@ impl Meta {
             self.momentum.to_string(),
             run.momentum.to_string(),
         );
+        if let (Some(saved), Some(now)) = (self.log_every, run.log_every) {
+            differ("--log-every", saved.to_string(), now.to_string());
+        }
         ensure!(
             theirs.is_empty(),
             "cannot resume from {}: it was saved with {}, this run has {}",
@@ -644,6 +655,7 @@ mod tests {
             epochs: 2,
             train_images: 40,
             train_md5: Some("0123456789abcdef0123456789abcdef".into()),
+            log_every: Some(7),
             threads: 1,
             cpu_conv: CpuConv::Im2col,
             device: "cpu".into(),

@@ -152,6 +152,7 @@ impl Recipe {
             lr: self.lr,
             momentum: self.momentum,
             epochs: self.epochs,
+            log_every: Some(self.log_every),
             train_images: 0,
             train_md5: None,
             threads: cpu.threads as i64,

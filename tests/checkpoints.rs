@@ -555,6 +555,11 @@ fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
         &["--seed", "4"],
         &["saved with --seed 3, this run has --seed 4"],
     );
+    // The saved running-loss sum is over the steps since the last loss line.
+    refused(
+        &["--log-every", "15"],
+        &["saved with --log-every 10, this run has --log-every 15"],
+    );
     refused(
         &["--batch-size", "8", "--momentum", "0.5"],
         &["saved with --batch-size 4, --momentum 0.9, this run has --batch-size 8, --momentum 0.5"],
