@@ -347,8 +347,8 @@ pub struct History {
     pub steps_per_epoch: u64,
     pub init: Option<InitReport>,
     /// The largest |loss_A - loss_B| over the steps where both are finite,
-    /// and the step (1-based) where it happened.
-    pub max_loss_diff_ab: (f64, u64),
+    /// and the step (1-based) where it happened; `None` if there was none.
+    pub max_loss_diff_ab: Option<(f64, u64)>,
     pub train_seconds: f64,
 }
 
@@ -369,7 +369,7 @@ pub fn side_by_side(
         losses: Vec::with_capacity((recipe.epochs * steps_per_epoch) as usize),
         steps_per_epoch,
         init: None,
-        max_loss_diff_ab: (0.0, 0),
+        max_loss_diff_ab: None,
         train_seconds: 0.0,
     };
     let bar = reporter.attach_bar(step_bar(recipe.epochs * steps_per_epoch));
@@ -412,13 +412,13 @@ pub fn side_by_side(
             }
             if losses[0].is_finite() && losses[1].is_finite() {
                 let d = (losses[0] - losses[1]).abs();
-                if d > history.max_loss_diff_ab.0 {
-                    history.max_loss_diff_ab = (d, global);
+                if history.max_loss_diff_ab.is_none_or(|(max, _)| d > max) {
+                    history.max_loss_diff_ab = Some((d, global));
                 }
             }
             history.losses.push(losses.map(|l| l as f32));
             if step.is_multiple_of(recipe.log_every) {
-                let max_diff = history.max_loss_diff_ab.0;
+                let max_diff = history.max_loss_diff_ab.map(|(d, _)| d);
                 let means = window.map(|w| w.mean());
                 reporter.emit(
                     || loss_line(epoch, step, &window, max_diff),
@@ -478,14 +478,14 @@ fn loss_header(every: u64) -> String {
     )
 }
 
-fn loss_line(epoch: u64, step: u64, window: &[RunningLoss; 3], max_diff: f64) -> String {
+fn loss_line(epoch: u64, step: u64, window: &[RunningLoss; 3], max_diff: Option<f64>) -> String {
     format!(
         "  {:<14}{:>8}{:>8}{:>8}   {}",
         format!("[{epoch}, {step:5}]"),
         window[0].text(),
         window[1].text(),
         window[2].text(),
-        sci(max_diff)
+        max_diff.map_or("-".into(), sci)
     )
 }
 
@@ -550,7 +550,8 @@ impl GradSummary {
         match (self.nan, self.inf) {
             (0, 0) => format!("{:.3}", self.max_abs),
             (0, k) => format!("inf {k}/{}", self.numel),
-            (k, _) => format!("NaN {k}/{}", self.numel),
+            (k, 0) => format!("NaN {k}/{}", self.numel),
+            (k, j) => format!("NaN/inf {}/{}", k + j, self.numel),
         }
     }
 
@@ -651,12 +652,12 @@ pub fn probe_finding(cases: &[ProbeCase]) -> String {
             let mut what = if g.is_finite() {
                 format!("loss {}", c.loss[1])
             } else {
-                format!(
-                    "{} in {} of {} gradient entries",
-                    if g.nan > 0 { "NaN" } else { "inf" },
-                    g.nan.max(g.inf),
-                    g.numel
-                )
+                let kinds = match (g.nan, g.inf) {
+                    (n, 0) => format!("NaN in {n}"),
+                    (0, i) => format!("inf in {i}"),
+                    (n, i) => format!("NaN in {n} and inf in {i}"),
+                };
+                format!("{kinds} of {} gradient entries", g.numel)
             };
             if let Some(l) = first_inf_loss {
                 what.push_str(&format!(
@@ -697,22 +698,31 @@ fn probe_text(cases: &[ProbeCase], what: &str) -> String {
         "Stability probe: {what}.\n\
          Each cell: the loss, and the largest |gradient| over the logits or how many of its entries \
          are NaN/inf.\n\
-         \x20 {:<20}{:>11}{:>11}{:>11}{:>11}{:>13}{:>13}",
+         \x20 {:<20}{:>11}{:>13}{:>11}{:>13}{:>13}{:>16}",
         "input", "A loss", "A grad", "C loss", "C grad", "B loss", "B grad"
     );
     for c in cases {
         // Columns in A, C, B order: the two stable forms, then log(softmax).
-        let cell = |i: usize| (format!("{:.3}", c.loss[i]), c.grad[i].text());
+        let cell = |i: usize| (loss_cell(c.loss[i]), c.grad[i].text());
         let (al, ag) = cell(0);
         let (cl, cg) = cell(2);
         let (bl, bg) = cell(1);
         out.push_str(&format!(
-            "\n  {:<20}{al:>11}{ag:>11}{cl:>11}{cg:>11}{bl:>13}{bg:>13}",
+            "\n  {:<20}{al:>11}{ag:>13}{cl:>11}{cg:>13}{bl:>13}{bg:>16}",
             c.input
         ));
     }
     out.push_str(&format!("\n  {}", probe_finding(cases)));
     out
+}
+
+/// A probe loss in at most 10 characters, so that the columns stay apart.
+fn loss_cell(loss: f64) -> String {
+    if loss.is_finite() && loss.abs() >= 1e6 {
+        format!("{loss:.3e}")
+    } else {
+        format!("{loss:.3}")
+    }
 }
 
 fn probe_json(cases: &[ProbeCase], what: &str) -> Value {
@@ -751,7 +761,11 @@ pub fn inference_check(net: &impl Module, images: &Tensor) -> (i64, i64, f64) {
                 .max()
                 .double_value(&[]);
             // f64::max would drop a NaN, the very sign of a diverged model.
-            max_err = if err.is_nan() { err } else { max_err.max(err) };
+            max_err = if max_err.is_nan() || err.is_nan() {
+                f64::NAN
+            } else {
+                max_err.max(err)
+            };
         }
         (same, n, max_err)
     })
@@ -958,26 +972,33 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let param_ab = max_abs_per_parameter(&(flat(0) - flat(1)));
     let param_ac = max_abs_per_parameter(&(flat(0) - flat(2)));
     let param_scale = flat(0).abs().max().double_value(&[]);
+    // The largest difference, or the first NaN: a NaN must not read as 0.
     let max_of = |v: &[(&'static str, f64)]| {
-        v.iter()
-            .copied()
-            .fold(("", 0.0), |m, p| if p.1 > m.1 { p } else { m })
+        v.iter().copied().fold(("", 0.0f64), |m, p| {
+            if !m.1.is_nan() && (p.1.is_nan() || p.1 > m.1) {
+                p
+            } else {
+                m
+            }
+        })
     };
     let (ab_name, ab_max) = max_of(&param_ab);
     let (_, ac_max) = max_of(&param_ac);
     let skipped: Vec<u64> = trio.iter().map(|c| c.skipped).collect();
-    let (loss_diff, loss_diff_step) = history.max_loss_diff_ab;
+    let loss_diff_text = match history.max_loss_diff_ab {
+        Some((d, step)) => format!("{} (step {step})", sci(d)),
+        None => "none (no step where both were finite)".into(),
+    };
     reporter.emit(
         || {
             format!(
                 "\n{}\n\nA and B predict the same class on {agree} of {total} test images \
                  ({agree_pct:.2} %).\n\
-                 Largest |loss_A - loss_B| on one mini-batch: {} (step {loss_diff_step}).\n\
+                 Largest |loss_A - loss_B| on one mini-batch: {loss_diff_text}.\n\
                  Largest parameter difference after {} steps: |A-B| {} (in {ab_name}; \
                  the largest weight is {param_scale:.2}), |A-C| {}.\n\
                  Updates skipped on a non-finite loss or gradient: A {}, B {}, C {}.",
                 accuracy_text(&evals),
-                sci(loss_diff),
                 history.losses.len(),
                 sci(ab_max),
                 sci(ac_max),
@@ -1060,6 +1081,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         "accuracy_gap_ab".into(),
         json!((evals[0].accuracy() - evals[1].accuracy()).abs()),
     );
+    let (loss_diff, loss_diff_step) = history.max_loss_diff_ab.unzip();
     fields.insert("max_loss_diff_ab".into(), json!(loss_diff));
     fields.insert("max_loss_diff_ab_step".into(), json!(loss_diff_step));
     fields.insert("max_param_diff_ab".into(), json!(ab_max));
@@ -1105,6 +1127,48 @@ pub fn run(args: CompareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probe_cells_stay_within_their_columns() {
+        let g = |nan, inf| GradSummary {
+            numel: 160,
+            nan,
+            inf,
+            max_abs: 0.0625,
+        };
+        assert_eq!(g(0, 0).text(), "0.062");
+        assert_eq!(g(0, 3).text(), "inf 3/160");
+        assert_eq!(g(2, 0).text(), "NaN 2/160");
+        assert_eq!(g(2, 18).text(), "NaN/inf 20/160");
+        assert_eq!(loss_cell(628.9349), "628.935");
+        assert_eq!(loss_cell(1.234e20), "1.234e20");
+        assert_eq!(loss_cell(f64::INFINITY), "inf");
+    }
+
+    /// A NaN in one 1000-image chunk of the inference check stays NaN when
+    /// a later chunk is finite.
+    #[test]
+    fn a_nan_softmax_in_any_chunk_is_reported() {
+        #[derive(Debug)]
+        struct NanOnPositive;
+        impl Module for NanOnPositive {
+            fn forward(&self, xs: &Tensor) -> Tensor {
+                let n = xs.size()[0];
+                let positive = xs.flatten(1, -1).select(1, 0).gt(0.0).unsqueeze(1);
+                Tensor::zeros([n, 10], (Kind::Float, xs.device())).masked_fill(&positive, f64::NAN)
+            }
+        }
+        let images = Tensor::cat(
+            &[
+                Tensor::ones([1000, 3, 32, 32], (Kind::Float, Device::Cpu)),
+                Tensor::zeros([500, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        let (_, n, sum_err) = inference_check(&NanOnPositive, &images);
+        assert_eq!(n, 1500);
+        assert!(sum_err.is_nan(), "{sum_err}");
+    }
 
     /// Eight deterministic images and labels, without torch's global RNG
     /// (which other tests reseed concurrently).
