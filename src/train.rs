@@ -797,19 +797,28 @@ fn resume(
             c.path.display()
         );
     };
-    if c.meta.threads != run.threads {
+    if c.meta.device != run.device {
         rounding(
-            format!("{} CPU threads", c.meta.threads),
-            run.threads.to_string(),
-            format!("--threads {}", c.meta.threads),
+            format!("--device {}", c.meta.device),
+            format!("--device {}", run.device),
+            format!("--device {}", c.meta.device),
         );
-    }
-    if c.meta.cpu_conv != run.cpu_conv {
-        rounding(
-            format!("--cpu-conv {}", c.meta.cpu_conv),
-            run.cpu_conv.to_string(),
-            format!("--cpu-conv {}", c.meta.cpu_conv),
-        );
+    } else if run.device == "cpu" {
+        // The CPU settings only matter where the CPU trains.
+        if c.meta.threads != run.threads {
+            rounding(
+                format!("{} CPU threads", c.meta.threads),
+                run.threads.to_string(),
+                format!("--threads {}", c.meta.threads),
+            );
+        }
+        if c.meta.cpu_conv != run.cpu_conv {
+            rounding(
+                format!("--cpu-conv {}", c.meta.cpu_conv),
+                run.cpu_conv.to_string(),
+                format!("--cpu-conv {}", c.meta.cpu_conv),
+            );
+        }
     }
     let at = c.meta.position;
     eprintln!(

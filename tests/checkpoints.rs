@@ -532,6 +532,48 @@ fn resume_with_another_kernel_or_thread_count_goes_on_with_a_note() {
     );
 }
 
+/// A checkpoint saved on a GPU goes on on the CPU with a note about the
+/// device alone: its CPU threads and kernel did not shape its numbers.
+#[test]
+fn resume_on_another_device_goes_on_with_a_note() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    let file = dir.path().join("ck/checkpoint-e0001-s0000050.safetensors");
+    let edit = std::process::Command::new(python())
+        .args([
+            "-c",
+            "import sys\n\
+             from safetensors import safe_open\n\
+             from safetensors.torch import save_file\n\
+             with safe_open(sys.argv[1], 'pt') as f:\n\
+             \x20   meta = f.metadata()\n\
+             \x20   tensors = {k: f.get_tensor(k) for k in f.keys()}\n\
+             meta['device'] = 'cuda:0'\n\
+             save_file(tensors, sys.argv[1], metadata=meta)",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        edit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&edit.stderr)
+    );
+    let args = with(
+        train_args("net.safetensors", &["--epochs", "2", "--resume", "ck"]),
+        &["--threads", "2"],
+    );
+    let out = run_in(dir.path(), &args);
+    ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("was saved with --device cuda:0, this run has --device cpu")
+            && err.contains("--device cuda:0 avoids that"),
+        "{err}"
+    );
+    assert!(!err.contains("CPU threads"), "{err}");
+}
+
 #[test]
 fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
     let dir = scratch();
