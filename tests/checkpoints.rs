@@ -304,7 +304,9 @@ fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
     let mut torn_writes = 0;
     for round in 0..5 {
         let mut child = tch_cifar()
-            .env("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS", "50")
+            // Long enough that a test thread held up on a busy machine still
+            // kills inside the stall (50 ms was missed under load).
+            .env("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS", "300")
             .args(if round == 0 { &fresh } else { &resume })
             .current_dir(dir.path())
             .stdout(Stdio::null())
