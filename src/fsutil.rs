@@ -61,6 +61,14 @@ pub fn check_writable(path: &Path) -> Result<()> {
             path.display()
         );
     }
+    // Writes rename a new file onto the path, which would replace a device
+    // or a pipe (/dev/null, say) with a plain file.
+    if path.exists() && !path.is_file() {
+        anyhow::bail!(
+            "cannot write {}: it is not a regular file; give a file name",
+            path.display()
+        );
+    }
     check_dir_writable(parent_dir(path)).with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -139,5 +147,7 @@ mod tests {
             let err = check_writable(&dir.path().join(name)).unwrap_err();
             assert!(err.to_string().contains("that is a directory"), "{err}");
         }
+        let err = check_writable(Path::new("/dev/null")).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 }
