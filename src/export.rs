@@ -47,11 +47,11 @@ pub struct ExportArgs {
     /// What the TorchScript module returns (with --out).
     #[arg(long, value_enum, default_value_t = Head::Logits, requires = "out")]
     pub head: Head,
-    /// Also write the weights in `torch.save` format, for the tutorial's
+    /// Write the weights in `torch.save` format, for the tutorial's
     /// `net.load_state_dict(torch.load(PATH, weights_only=True))`.
     #[arg(long, value_name = "FILE")]
     pub pth: Option<PathBuf>,
-    /// Also write the weights as safetensors (e.g. to convert a `.pth`).
+    /// Write the weights as safetensors (e.g. to convert a `.pth`).
     #[arg(long, value_name = "FILE")]
     pub safetensors: Option<PathBuf>,
 }

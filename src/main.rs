@@ -32,7 +32,7 @@ enum Command {
     CompareLosses(compare::CompareArgs),
     /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
     Export(export::ExportArgs),
-    /// Classify PNG or JPEG files and print each class's probability.
+    /// Classify PNG or JPEG files and print the most probable classes with their probabilities.
     Predict(predict::PredictArgs),
     /// Draw a labeled grid of random training images (the tutorial's "show some images").
     Samples(samples::SamplesArgs),

@@ -219,8 +219,8 @@ pub struct CheckpointArgs {
     pub keep_checkpoints: u64,
     /// Continue from the newest valid checkpoint in DIR, saving further
     /// checkpoints there too (unless --checkpoint-dir says otherwise). The
-    /// seed comes from the checkpoint; --batch-size, --lr, --momentum and
-    /// --log-every must be the checkpoint's.
+    /// seed comes from the checkpoint (another --seed is refused);
+    /// --batch-size, --lr, --momentum and --log-every must be the checkpoint's.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
 }
