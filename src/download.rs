@@ -40,6 +40,13 @@ pub enum Source {
 /// fails, the folders this call created are removed again.
 pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<PathBuf> {
     if let Some(dir) = data::locate(data_dir) {
+        if let Source::Archive(archive) = source {
+            eprintln!(
+                "note: the batch files are already in {}, so --archive {} was not used",
+                dir.display(),
+                archive.display()
+            );
+        }
         return Ok(dir);
     }
     check_not_partial(data_dir)?;

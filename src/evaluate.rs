@@ -146,10 +146,12 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     summary.insert("weights".into(), path_json(&args.weights));
     summary.insert("device".into(), json!(device_name(device)));
     summary.insert("eval_seconds".into(), json!(eval_seconds));
-    reporter.emit(|| eval.text(), summary.into());
+    // The picture first: a reader that closes the pipe early (`| head`)
+    // ends the process at the next print, and must not cost the file.
     if let Some(png) = &args.confusion {
         draw_confusion(png, &eval)?;
     }
+    reporter.emit(|| eval.text(), summary.into());
     Ok(())
 }
 

@@ -203,6 +203,14 @@ fn archive_is_unpacked() {
     ));
     assert!(text.contains("Finished Training"));
     assert!(data.join("cifar-10-batches-bin/test_batch.bin").is_file());
+    // Once unpacked, the archive is not needed, and a second --archive says so.
+    let again = train(&data, &w, &["--archive", s(&archive), "--epochs", "1"]);
+    ok(&again);
+    assert!(
+        stderr(&again).contains("so --archive") && stderr(&again).contains("was not used"),
+        "{}",
+        stderr(&again)
+    );
 }
 
 #[test]
@@ -276,6 +284,7 @@ fn a_closed_stdout_pipe_ends_the_run_quietly() {
     let weights = dir.path().join("w.safetensors");
     ok(&train(&data, &weights, &["--epochs", "1"]));
     // Like `tch-cifar evaluate ... | head -1`: the reader leaves at once.
+    let png = dir.path().join("confusion.png");
     let mut child = tch_cifar()
         .args([
             "evaluate",
@@ -285,6 +294,8 @@ fn a_closed_stdout_pipe_ends_the_run_quietly() {
             s(&weights),
             "--data-dir",
             s(&data),
+            "--confusion",
+            s(&png),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -297,6 +308,8 @@ fn a_closed_stdout_pipe_ends_the_run_quietly() {
         !err.contains("panicked") && !err.contains("Broken pipe"),
         "{err}"
     );
+    // The file outputs come before the printed ones.
+    assert!(png.is_file(), "the confusion matrix was not drawn");
 }
 
 /// A Linux file name may be any bytes. JSON strings must be UTF-8, so such
