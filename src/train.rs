@@ -48,10 +48,10 @@ pub struct Recipe {
     #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
     pub batch_size: u64,
     /// SGD learning rate.
-    #[arg(long, default_value_t = DEFAULT_LR, value_parser = parse_non_negative, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = DEFAULT_LR, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub lr: f64,
     /// SGD momentum.
-    #[arg(long, default_value_t = DEFAULT_MOMENTUM, value_parser = parse_non_negative, allow_hyphen_values = true)]
+    #[arg(long, default_value_t = DEFAULT_MOMENTUM, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub momentum: f64,
     /// Seed for the initial weights and the data order. The same seed on the
     /// same data gives the same run on CPU; without one a random seed is
