@@ -54,8 +54,12 @@ pub fn is_temp_name(name: &str) -> bool {
 
 /// Fails early, before hours of training, when `path` cannot be written.
 pub fn check_writable(path: &Path) -> Result<()> {
-    // A trailing slash names a directory, whether or not it exists yet.
-    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+    // A trailing slash (or `.`, `..`) names a directory, whether or not it
+    // exists yet; Path drops a trailing `.` from its components.
+    let text = path.as_os_str().to_string_lossy();
+    let names_a_dir =
+        ["/", "/.", "/.."].iter().any(|end| text.ends_with(end)) || text == "." || text == "..";
+    if path.is_dir() || names_a_dir {
         anyhow::bail!(
             "cannot write {}: that is a directory; give a file name",
             path.display()
@@ -143,7 +147,7 @@ mod tests {
         let err = check_writable(&dir.path().join("no/such/dir/w.safetensors")).unwrap_err();
         assert!(format!("{err:#}").contains("does not exist"), "{err:#}");
         check_writable(&dir.path().join("w.safetensors")).unwrap();
-        for name in [".", "new/"] {
+        for name in [".", "new/", "new/.", "new/.."] {
             let err = check_writable(&dir.path().join(name)).unwrap_err();
             assert!(err.to_string().contains("that is a directory"), "{err}");
         }

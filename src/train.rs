@@ -700,7 +700,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .as_ref()
         .map(|c| (c.meta.position.global_step, c.path.clone()));
     let start = match resumed {
-        Some(c) => resume(c, &meta, &mut model, &mut opt, &mut start_event)?,
+        Some(c) => resume(c, &meta, max_steps, &mut model, &mut opt, &mut start_event)?,
         None => Position::START,
     };
     // The start event has no line in the tutorial's text.
@@ -741,6 +741,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     model.save(&out)?;
     tracing::info!("weights saved to {}", out.display());
+    // Resumed from its own interrupt folder and now finished, the run has
+    // no more use for that folder, which would only block the next run.
+    let folder = interrupt_dir(&out);
+    let finished_interrupt = ck.resume.as_deref().is_some_and(|r| same_dir(r, &folder))
+        && !ck
+            .checkpoint_dir
+            .as_deref()
+            .is_some_and(|d| same_dir(d, &folder));
+    if finished_interrupt {
+        remove_checkpoints(&folder)?;
+        eprintln!(
+            "note: removed the checkpoints in {}: the interrupted run is finished, and {} holds \
+             its weights",
+            folder.display(),
+            out.display()
+        );
+    }
 
     let test = data::load_test(&batches, device)?;
     report_test(&reporter, &model, &test)?;
@@ -758,7 +775,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     fields.insert("weights".into(), path_json(&out));
     fields.insert(
         "checkpoint".into(),
-        optional_path_json(control.saver.last()),
+        optional_path_json(control.saver.last().filter(|_| !finished_interrupt)),
     );
     reporter.emit(|| eval.text(), summary);
     Ok(())
@@ -769,6 +786,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 fn resume(
     c: Checkpoint,
     run: &Meta,
+    max_steps: Option<u64>,
     model: &mut Model,
     opt: &mut Sgd,
     start_event: &mut serde_json::Value,
@@ -821,13 +839,18 @@ fn resume(
         }
     }
     let at = c.meta.position;
+    let until = match max_steps {
+        Some(m) if m < run.epochs * run.steps_per_epoch() => {
+            format!("global step {m} (--max-steps)")
+        }
+        _ => format!("the end of epoch {}", run.epochs),
+    };
     eprintln!(
-        "resuming from {} at epoch {}, step {} (global step {}); training to the end of epoch {}",
+        "resuming from {} at epoch {}, step {} (global step {}); training to {until}",
         c.path.display(),
         at.epoch,
         at.step,
         at.global_step,
-        run.epochs
     );
     start_event["resumed_from"] = json!({
         "checkpoint": path_json(&c.path), "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
@@ -858,6 +881,17 @@ fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
             dir.display()
         );
     }
+    Ok(())
+}
+
+/// Deletes the checkpoint files in `dir`, then `dir` itself if that leaves
+/// it empty.
+fn remove_checkpoints(dir: &Path) -> Result<()> {
+    for (_, path) in checkpoint::list(dir)? {
+        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    // Fails, harmlessly, if anything else is in there.
+    let _ = std::fs::remove_dir(dir);
     Ok(())
 }
 

@@ -391,9 +391,21 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     let (code, _, err) = run.finish(vec![first]);
     assert_eq!(code, Some(130), "{err}");
     assert!(
-        err.contains("resuming from net.safetensors.checkpoint/"),
+        err.contains("resuming from net.safetensors.checkpoint/")
+            && err.contains("training to global step 990 (--max-steps)"),
         "{err}"
     );
+    // Resumed to its end, the run removes its interrupt folder, so the next
+    // run on the same --out starts.
+    let done = run_in(dir.path(), &resume_command(&err));
+    ok(&done);
+    assert!(
+        stderr(&done).contains("note: removed the checkpoints in net.safetensors.checkpoint"),
+        "{}",
+        stderr(&done)
+    );
+    assert!(!ck.exists());
+    ok(&run_in(dir.path(), &with(args, &["--max-steps", "5"])));
 }
 
 #[test]
