@@ -424,21 +424,20 @@ impl PendingLosses {
         self.steps.len() >= self.capacity
     }
 
-    /// `(epoch, step, loss)` of each pending step, oldest first, and empties.
-    fn read(&mut self) -> Result<Vec<(u64, u64, f64)>> {
+    /// `(epoch, step, loss)` of each pending step, oldest first, emptying
+    /// the queue (its vectors keep their room: this runs every step on the CPU).
+    fn read(&mut self) -> Result<impl Iterator<Item = (u64, u64, f64)> + '_> {
         if let Some(buffer) = &self.buffer {
             let pending = buffer.narrow(0, 0, self.steps.len() as i64);
             let read = Vec::<f32>::try_from(pending.to_device(Device::Cpu))
                 .context("cannot read the losses back from the device")?;
             self.values.extend(read.into_iter().map(f64::from));
         }
-        let values = std::mem::take(&mut self.values);
         Ok(self
             .steps
             .drain(..)
-            .zip(values)
-            .map(|((epoch, step), loss)| (epoch, step, loss))
-            .collect())
+            .zip(self.values.drain(..))
+            .map(|((epoch, step), loss)| (epoch, step, loss)))
     }
 }
 
