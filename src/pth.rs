@@ -916,28 +916,20 @@ impl<'a> Unpickler<'a> {
                 let items = self.pop_mark()?;
                 self.push_container(|items| Ok(Value::List(items)), items)?
             }
-            b'a' => {
-                let v = self.pop_at()?;
+            b'a' | b'e' => {
+                // APPEND adds the top value, APPENDS all down to the mark.
+                let (name, new) = if op == b'a' {
+                    ("APPEND", vec![self.pop_at()?])
+                } else {
+                    ("APPENDS", self.pop_mark()?)
+                };
                 self.add_to_top(
                     |top, new| match top {
                         Value::List(items) => {
                             items.extend(new);
                             Ok(())
                         }
-                        other => bail!("APPEND to {}, not a list", other.describe()),
-                    },
-                    vec![v],
-                )?
-            }
-            b'e' => {
-                let new = self.pop_mark()?;
-                self.add_to_top(
-                    |top, new| match top {
-                        Value::List(items) => {
-                            items.extend(new);
-                            Ok(())
-                        }
-                        other => bail!("APPENDS to {}, not a list", other.describe()),
+                        other => bail!("{name} to {}, not a list", other.describe()),
                     },
                     new,
                 )?
@@ -1323,18 +1315,9 @@ mod tests {
 
     /// The CRC-32 zip uses.
     fn crc32(data: &[u8]) -> u32 {
-        let mut c = !0u32;
-        for &b in data {
-            c ^= u32::from(b);
-            for _ in 0..8 {
-                c = if c & 1 == 1 {
-                    (c >> 1) ^ 0xedb8_8320
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        !c
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        crc.sum()
     }
 
     /// A zip archive of stored `(name, data, claimed size)` entries, written
