@@ -101,14 +101,16 @@ fn assert_all_loadable(dir: &Path) -> usize {
 }
 
 fn temp_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |entries| {
+    temp_names(dir).len()
+}
+
+/// The names of the temporary files in `dir` (none if it is missing).
+fn temp_names(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir).map_or(Vec::new(), |entries| {
         entries
-            .filter(|e| {
-                let name = e.as_ref().unwrap().file_name();
-                let name = name.to_string_lossy();
-                tch_cifar::fsutil::is_temp_name(&name)
-            })
-            .count()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| tch_cifar::fsutil::is_temp_name(name))
+            .collect()
     })
 }
 
@@ -303,10 +305,14 @@ fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
     );
     let mut torn_writes = 0;
     for round in 0..5 {
+        // A kill leaves its temporary file behind, so wait for a new one.
+        let leftovers = temp_names(&ck);
         let mut child = tch_cifar()
-            // Long enough that a test thread held up on a busy machine still
-            // kills inside the stall (50 ms was missed under load).
-            .env("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS", "300")
+            // Every save stalls halfway for 5 s: far longer than a test
+            // thread held up on a loaded machine takes to kill (a 300 ms
+            // stall was still missed in CI). Only round 0 waits out one
+            // whole stall, for its first checkpoint.
+            .env("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS", "5000")
             .args(if round == 0 { &fresh } else { &resume })
             .current_dir(dir.path())
             .stdout(Stdio::null())
@@ -317,16 +323,26 @@ fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
         // there is a checkpoint to resume from.
         let began = Instant::now();
         let saved = || checkpoint::list(&ck).is_ok_and(|files| !files.is_empty());
-        while temp_files(&ck) == 0 || !saved() {
+        let writing = loop {
+            // Checked before listing: a temporary file seen after a save has
+            // landed belongs to a later save, not to the one just renamed.
+            let resumable = saved();
+            let fresh_temps: Vec<String> = temp_names(&ck)
+                .into_iter()
+                .filter(|name| !leftovers.contains(name))
+                .collect();
+            if resumable && !fresh_temps.is_empty() {
+                break fresh_temps;
+            }
             assert!(began.elapsed() < Duration::from_secs(120), "no save seen");
             if child.try_wait().unwrap().is_some() {
                 panic!("round {round}: the run ended before it was killed");
             }
             std::thread::sleep(Duration::from_micros(200));
-        }
+        };
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
-        if temp_files(&ck) > 0 {
+        if writing.iter().all(|name| ck.join(name).exists()) {
             torn_writes += 1;
         }
         // Whatever was cut off, every checkpoint file there is whole.
