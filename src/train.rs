@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
@@ -369,6 +369,16 @@ impl Control<'_> {
     }
 }
 
+/// Set (to milliseconds) only by tests: each step then sleeps that long, so
+/// that a signal sent after the first loss line lands before the run ends
+/// however slowly a loaded machine wakes the test thread.
+const STEP_DELAY_ENV: &str = "TCH_CIFAR_TEST_STEP_DELAY_MS";
+
+fn test_step_delay() -> Option<Duration> {
+    let ms = std::env::var(STEP_DELAY_ENV).ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
+}
+
 /// How many steps' losses [`train`] gathers before it reads them on the
 /// host: 1 on the CPU, a few hundred on a GPU.
 ///
@@ -495,6 +505,7 @@ pub fn train(
     // The latest loss line's mean, for the progress bar right after it.
     let mut last_mean = f64::NAN;
     control.interrupts.exit_now.store(false, Ordering::SeqCst);
+    let step_delay = test_step_delay();
     let mut epochs = || -> Result<()> {
         for epoch in start.epoch..=recipe.epochs {
             bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
@@ -517,6 +528,9 @@ pub fn train(
                 stats.steps += 1;
                 stats.images += index.size()[0] as u64;
                 bar.inc(1);
+                if let Some(delay) = step_delay {
+                    std::thread::sleep(delay);
+                }
                 let stop = control.interrupts.stop.load(Ordering::Relaxed);
                 let save = control.every.is_some_and(|k| stats.steps.is_multiple_of(k));
                 let last = reached_max_steps(stats.steps);

@@ -124,6 +124,9 @@ struct Running {
 impl Running {
     fn start(dir: &Path, args: &[String]) -> Running {
         let mut child = tch_cifar()
+            // Every step sleeps 10 ms, so the runs here (400 steps or more)
+            // last 4 s at least: time for a signal to land before the end.
+            .env("TCH_CIFAR_TEST_STEP_DELAY_MS", "10")
             .args(args)
             .current_dir(dir)
             .stdout(Stdio::piped())
