@@ -235,6 +235,10 @@ pub struct TrainStats {
     pub train_seconds: f64,
     /// `(epoch, step, mean loss)` at each `--log-every` mark, 1-based like the tutorial.
     pub running_losses: Vec<(u64, u64, f64)>,
+    /// Where training ended, when a SIGINT or SIGTERM came during its last
+    /// step or the saves after it: training is complete, but the caller
+    /// should stop rather than go on.
+    pub stopped_at_end: Option<Position>,
 }
 
 impl TrainStats {
@@ -290,29 +294,48 @@ fn install_signal_handlers() -> Result<()> {
     Ok(())
 }
 
-/// The run stopped on SIGINT or SIGTERM, with a checkpoint saved. `main`
+/// The run stopped on SIGINT or SIGTERM, with what it had saved. `main`
 /// prints it and exits with status 130.
 #[derive(Debug)]
 pub struct Interrupted {
     pub position: Position,
-    pub checkpoint: PathBuf,
-    /// The command that continues the run.
-    pub resume: String,
+    pub saved: Saved,
+}
+
+/// What an interrupted run saved to go on from.
+#[derive(Debug)]
+pub enum Saved {
+    /// A checkpoint, and the command that continues the run from it.
+    Checkpoint { path: PathBuf, resume: String },
+    /// Stopped in its last step, the run had finished training: `--out`
+    /// holds the weights, and the command evaluates them, which the run
+    /// skipped.
+    Weights { path: PathBuf, evaluate: String },
 }
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let dir = self.checkpoint.parent().unwrap_or(Path::new("."));
-        let file = self.checkpoint.file_name().unwrap_or_default();
-        write!(
-            f,
-            "interrupted at epoch {}, step {}; checkpoint in {} ({}); resume with: {}",
-            self.position.epoch,
-            self.position.step,
-            dir.display(),
-            file.to_string_lossy(),
-            self.resume
-        )
+        let Position { epoch, step, .. } = self.position;
+        match &self.saved {
+            Saved::Checkpoint { path, resume } => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let file = path.file_name().unwrap_or_default();
+                write!(
+                    f,
+                    "interrupted at epoch {epoch}, step {step}; checkpoint in {} ({}); resume \
+                     with: {resume}",
+                    dir.display(),
+                    file.to_string_lossy(),
+                )
+            }
+            Saved::Weights { path, evaluate } => write!(
+                f,
+                "interrupted in the last step (epoch {epoch}, step {step}): training is \
+                 complete and {} holds the weights, but the test set was not evaluated; \
+                 evaluate with: {evaluate}",
+                path.display()
+            ),
+        }
     }
 }
 
@@ -362,8 +385,10 @@ impl Control<'_> {
         }
         Interrupted {
             position: at,
-            checkpoint,
-            resume: self.resume_command.clone(),
+            saved: Saved::Checkpoint {
+                path: checkpoint,
+                resume: self.resume_command.clone(),
+            },
         }
         .into()
     }
@@ -497,6 +522,7 @@ pub fn train(
         images: 0,
         train_seconds: 0.0,
         running_losses: vec![],
+        stopped_at_end: None,
     };
     let began = Instant::now();
     let mut at = start;
@@ -585,7 +611,10 @@ pub fn train(
                 if save {
                     control.saver.save(model, opt, at)?;
                 }
-                if stop {
+                // Stopped in the run's last step, training is complete: no
+                // checkpoint to resume, the caller writes --out and stops.
+                let end = last || (epoch == recipe.epochs && step == steps_per_epoch);
+                if stop && !end {
                     return Err(control.interrupt(model, opt, at, reporter));
                 }
                 if last {
@@ -613,10 +642,11 @@ pub fn train(
             );
         }
         // Training is over: from here a signal exits at once. One that came
-        // during the last saves still stops the run, resumably.
+        // during the last step or the saves after it still stops the run,
+        // once --out holds the weights.
         control.interrupts.exit_now.store(true, Ordering::SeqCst);
         if control.interrupts.stop.load(Ordering::SeqCst) {
-            return Err(control.interrupt(model, opt, at, reporter));
+            stats.stopped_at_end = Some(at);
         }
         Ok(())
     };
@@ -737,7 +767,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         resume_command: resume_command(&dir, &data_args, &recipe, &out, json, &ck),
         saver: Saver::new(dir, keep, meta, last),
     };
-    let stats = train(
+    let mut stats = train(
         &model,
         &mut opt,
         &train_set,
@@ -770,6 +800,22 @@ pub fn run(args: TrainArgs) -> Result<()> {
             folder.display(),
             out.display()
         );
+    }
+    if let Some(position) = stats.stopped_at_end.take() {
+        let evaluate = evaluate_command(&data_args, &recipe, &out, json);
+        if reporter.is_json() {
+            reporter.emit(
+                String::new,
+                json!({"event": "interrupted", "epoch": position.epoch, "step": position.step,
+                       "global_step": position.global_step, "weights": path_json(&out),
+                       "evaluate": evaluate}),
+            );
+        }
+        let saved = Saved::Weights {
+            path: out,
+            evaluate,
+        };
+        return Err(Interrupted { position, saved }.into());
     }
 
     let test = data::load_test(&batches, device)?;
@@ -946,6 +992,22 @@ fn interrupt_dir(out: &Path) -> PathBuf {
     let mut dir = out.as_os_str().to_owned();
     dir.push(".checkpoint");
     PathBuf::from(dir)
+}
+
+/// The command line that evaluates `out` on this run's test set.
+fn evaluate_command(data: &DataArgs, recipe: &Recipe, out: &Path, json: bool) -> String {
+    let mut cmd = format!(
+        "tch-cifar evaluate --weights {} --data-dir {}",
+        shell_quote(&out.to_string_lossy()),
+        shell_quote(&data.data_dir.to_string_lossy())
+    );
+    if recipe.device != DeviceArg::Auto {
+        cmd.push_str(&format!(" --device {}", recipe.device));
+    }
+    if json {
+        cmd.push_str(" --json");
+    }
+    cmd
 }
 
 /// The command line that resumes this run from `dir`: the flags that the

@@ -123,10 +123,15 @@ struct Running {
 
 impl Running {
     fn start(dir: &Path, args: &[String]) -> Running {
+        // Every step sleeps 10 ms, so the runs here (400 steps or more) last
+        // 4 s at least: time for a signal to land before the end.
+        Running::start_slowed(dir, args, 10)
+    }
+
+    /// Starts a run whose every step sleeps `step_ms` milliseconds.
+    fn start_slowed(dir: &Path, args: &[String], step_ms: u64) -> Running {
         let mut child = tch_cifar()
-            // Every step sleeps 10 ms, so the runs here (400 steps or more)
-            // last 4 s at least: time for a signal to land before the end.
-            .env("TCH_CIFAR_TEST_STEP_DELAY_MS", "10")
+            .env("TCH_CIFAR_TEST_STEP_DELAY_MS", step_ms.to_string())
             .args(args)
             .current_dir(dir)
             .stdout(Stdio::piped())
@@ -425,6 +430,74 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     );
     assert!(!ck.exists());
     ok(&run_in(dir.path(), &with(args, &["--max-steps", "5"])));
+}
+
+#[test]
+fn a_signal_in_the_last_step_writes_the_weights_and_skips_the_test_set() {
+    // 10 images in batches of 5: 2 steps. Each step sleeps 3 s, so a signal
+    // sent on step 1's loss line lands in step 2, the last.
+    let dir = tempfile::tempdir().unwrap();
+    synthetic(&dir.path().join("data"), 10, 20, 4, None);
+    let args = |out: &str| {
+        let extra = ["--epochs", "1", "--batch-size", "5"];
+        with(train_args(out, &extra), &["--log-every", "1"])
+    };
+    ok(&run_in(dir.path(), &args("reference.safetensors")));
+    let want = read(dir.path().join("reference.safetensors"));
+
+    let run = Running::start_slowed(dir.path(), &args("net.safetensors"), 3000);
+    let first = run.wait_for_training();
+    assert!(first.starts_with("[1,     1] loss: "), "{first}");
+    run.signal(libc::SIGINT);
+    let (code, stdout, err) = run.finish(vec![first]);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(
+        err.contains(
+            "interrupted in the last step (epoch 1, step 2): training is complete and \
+             net.safetensors holds the weights, but the test set was not evaluated; evaluate \
+             with: tch-cifar evaluate --weights net.safetensors --data-dir data --device cpu"
+        ),
+        "{err}"
+    );
+    assert!(stdout.contains("Finished Training"), "{stdout}");
+    assert!(!stdout.contains("Accuracy"), "{stdout}");
+    // The finished run's weights, and no checkpoint to resume.
+    assert_eq!(read(dir.path().join("net.safetensors")), want);
+    assert!(!dir.path().join("net.safetensors.checkpoint").exists());
+    let evaluate = err.split("evaluate with: ").nth(1).unwrap().trim();
+    let words: Vec<&str> = evaluate.split_whitespace().skip(1).collect();
+    let evaluated = tch_cifar()
+        .args(&words)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(ok(&evaluated).contains("Accuracy of the network on the 20 test images"));
+
+    // With --json, the interrupted event names the weights and the command.
+    let mut json_args = args("json.safetensors");
+    json_args.push("--json".into());
+    let run = Running::start_slowed(dir.path(), &json_args, 3000);
+    let start = run.lines.recv_timeout(Duration::from_secs(120)).unwrap();
+    assert!(start.contains(r#""event":"start""#), "{start}");
+    let first = run.lines.recv_timeout(Duration::from_secs(120)).unwrap();
+    assert!(first.contains(r#""event":"loss""#), "{first}");
+    run.signal(libc::SIGTERM);
+    let (code, stdout, err) = run.finish(vec![start, first]);
+    assert_eq!(code, Some(130), "{err}");
+    let last: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["event"], "interrupted", "{stdout}");
+    assert_eq!(
+        (last["epoch"].as_u64(), last["step"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(last["weights"], "json.safetensors");
+    assert!(
+        last["evaluate"]
+            .as_str()
+            .is_some_and(|c| c.ends_with("--device cpu --json")),
+        "{last}"
+    );
+    assert_eq!(read(dir.path().join("json.safetensors")), want);
 }
 
 #[test]
