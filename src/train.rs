@@ -495,7 +495,8 @@ pub fn epoch_batches(
 /// Trains `model` with `opt` on `train` with the recipe, from
 /// `control.start` to the end of `recipe.epochs`, saving checkpoints as
 /// `control` says. Stops with an error on the first non-finite loss, and
-/// with [`Interrupted`] after a SIGINT or SIGTERM.
+/// with [`Interrupted`] after a SIGINT or SIGTERM, unless that came in the
+/// last step: then training ends and [`TrainStats::stopped_at_end`] says so.
 pub fn train(
     model: &Model,
     opt: &mut Sgd,
