@@ -676,8 +676,9 @@ mod tests {
     fn trained() -> (Model, Sgd) {
         let model = Model::new(Device::Cpu, Some(9));
         let mut opt = Sgd::new(&model, 0.01, 0.9);
-        tch::manual_seed(1);
-        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let x = crate::model::with_torch_rng(Some(1), || {
+            Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu))
+        });
         let y = Tensor::from_slice(&[1i64, 2, 3, 4]);
         for _ in 0..2 {
             opt.step(&model.net.forward(&x).cross_entropy_for_logits(&y));

@@ -14,7 +14,7 @@ use anyhow::{ensure, Context, Result};
 use tch::nn::Module;
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::model::Model;
+use crate::model::{with_torch_rng, Model};
 
 /// What the exported module returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -78,7 +78,9 @@ pub fn trace(model: &mut Model, head: Head) -> Result<CModule> {
         .context("tracing the Net failed")?;
     // The traced graph must compute what the Rust model computes, at
     // another batch size than the one traced.
-    let probe = Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let probe = with_torch_rng(None, || {
+        Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu))
+    });
     let want = tch::no_grad(|| forward(std::slice::from_ref(&probe)).remove(0));
     let got = module
         .forward_ts(&[&probe])
@@ -143,7 +145,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
         let mut model = Model::new(Device::Cpu, Some(11));
-        let x = Tensor::randn([5, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let x = with_torch_rng(None, || {
+            Tensor::randn([5, 3, 32, 32], (Kind::Float, Device::Cpu))
+        });
         let logits = tch::no_grad(|| model.net.forward(&x));
         for head in [Head::Logits, Head::Probabilities] {
             trace(&mut model, head).unwrap().save(&path).unwrap();

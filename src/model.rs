@@ -148,6 +148,20 @@ impl Module for Net {
     }
 }
 
+/// Runs `draw` with torch's global random generator to itself, seeded
+/// first if `seed` is given. The generator is one for the whole process, so
+/// any thread that draws from it while another seeds and draws would change
+/// the other's numbers; every draw in this crate and its tests goes through
+/// here.
+pub fn with_torch_rng<T>(seed: Option<u64>, draw: impl FnOnce() -> T) -> T {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(seed) = seed {
+        tch::manual_seed(seed as i64);
+    }
+    draw()
+}
+
 /// A `Net` with its own variable store on `device`.
 ///
 /// All parameters are views into one contiguous tensor, `flat`, in
@@ -163,19 +177,14 @@ pub struct Model {
 impl Model {
     /// A freshly initialized `Net`; `seed` fixes torch's RNG first.
     pub fn new(device: Device, seed: Option<u64>) -> Model {
-        // torch's RNG is global: seeding and drawing the weights must not
-        // interleave with another thread doing the same.
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _guard = INIT.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(seed) = seed {
-            tch::manual_seed(seed as i64);
-        }
         // The weights are drawn on the CPU, as `Net()` in Python draws them
         // before `.to(device)`: a CUDA generator would give other numbers
         // for the same seed.
-        let mut vs = nn::VarStore::new(Device::Cpu);
-        let net = Net::new(&vs.root());
-        drop(_guard);
+        let (mut vs, net) = with_torch_rng(seed, || {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = Net::new(&vs.root());
+            (vs, net)
+        });
         vs.set_device(device);
         let mut params = parameters(&vs);
         let flat =

@@ -95,8 +95,9 @@ mod tests {
     use tch::Device;
 
     fn batch() -> (Tensor, Tensor) {
-        tch::manual_seed(11);
-        let x = Tensor::randn([8, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let x = crate::model::with_torch_rng(Some(11), || {
+            Tensor::randn([8, 3, 32, 32], (Kind::Float, Device::Cpu))
+        });
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
         (x, y)
     }

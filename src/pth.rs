@@ -1241,13 +1241,15 @@ impl Pickler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::with_torch_rng;
     use tch::Device;
 
     fn sample() -> Vec<(String, Tensor)> {
         let opts = (Kind::Float, Device::Cpu);
+        let randn = |shape: &[i64]| with_torch_rng(None, || Tensor::randn(shape, opts));
         vec![
-            ("a.weight".into(), Tensor::randn([3, 2, 5], opts)),
-            ("a.bias".into(), Tensor::randn([70_000], opts)),
+            ("a.weight".into(), randn(&[3, 2, 5])),
+            ("a.bias".into(), randn(&[70_000])),
             ("scalar".into(), Tensor::from(1.5f32)),
             ("empty".into(), Tensor::zeros([0, 4], opts)),
         ]
@@ -1535,7 +1537,7 @@ mod tests {
     fn tensors_saved_from_cuda_load_on_the_cpu() {
         let state = vec![(
             "w".to_string(),
-            Tensor::randn([2, 3], (Kind::Float, Device::Cpu)),
+            with_torch_rng(None, || Tensor::randn([2, 3], (Kind::Float, Device::Cpu))),
         )];
         let bytes = to_bytes(&state).unwrap();
         let pkl = pickle_of(&bytes);
@@ -1608,10 +1610,12 @@ mod tests {
     #[test]
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
         let opts = (Kind::Float, Device::Cpu);
-        let small = [
-            ("w".to_string(), Tensor::randn([4, 3], opts)),
-            ("b".to_string(), Tensor::randn([4], opts)),
-        ];
+        let small = with_torch_rng(None, || {
+            [
+                ("w".to_string(), Tensor::randn([4, 3], opts)),
+                ("b".to_string(), Tensor::randn([4], opts)),
+            ]
+        });
         let bytes = to_bytes(&small).unwrap();
         let pkl = pickle_of(&bytes);
         for cut in 0..pkl.len() {
@@ -1633,10 +1637,12 @@ mod tests {
     #[test]
     fn corrupting_any_byte_of_an_archive_never_panics() {
         let opts = (Kind::Float, Device::Cpu);
-        let small = [
-            ("w".to_string(), Tensor::randn([4, 3], opts)),
-            ("b".to_string(), Tensor::randn([4], opts)),
-        ];
+        let small = with_torch_rng(None, || {
+            [
+                ("w".to_string(), Tensor::randn([4, 3], opts)),
+                ("b".to_string(), Tensor::randn([4], opts)),
+            ]
+        });
         let bytes = to_bytes(&small).unwrap();
         for i in 0..bytes.len() {
             for x in [0x00, 0x01, 0x7f, 0x80, 0xff] {

@@ -4,11 +4,16 @@
 
 use tch::{Device, Kind, Tensor};
 use tch_cifar::device::{default_threads, mkldnn_enabled, CpuConv, CpuSettings};
+use tch_cifar::model::with_torch_rng;
 
 #[test]
 fn settings_guard_switches_the_kernel_and_restores_the_defaults() {
-    let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
-    let w = Tensor::randn([6, 3, 5, 5], (Kind::Float, Device::Cpu));
+    let (x, w) = with_torch_rng(None, || {
+        (
+            Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randn([6, 3, 5, 5], (Kind::Float, Device::Cpu)),
+        )
+    });
     let conv = || x.conv2d(&w, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
     let threads = default_threads();
     assert!(mkldnn_enabled(), "libtorch's default is oneDNN");

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
-use tch_cifar::model::Model;
+use tch_cifar::model::{with_torch_rng, Model};
 use util::*;
 
 /// Runs `scripts/interop.py ARGS` and returns its stdout.
@@ -84,9 +84,9 @@ fn rust_logits(weights: &Path, x: &Tensor) -> Tensor {
 }
 
 /// A normalized-looking random batch.
-fn batch(n: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
-    Tensor::rand([n, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2.0 - 1.0
+fn batch(n: i64, seed: u64) -> Tensor {
+    let opts = (Kind::Float, Device::Cpu);
+    with_torch_rng(Some(seed), || Tensor::rand([n, 3, 32, 32], opts)) * 2.0 - 1.0
 }
 
 #[test]

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 use tch_cifar::checkpoint::{Meta, Position, Saver};
 use tch_cifar::data::Split;
 use tch_cifar::device::{CpuConv, DeviceArg};
-use tch_cifar::model::Model;
+use tch_cifar::model::{with_torch_rng, Model};
 use tch_cifar::optim::Sgd;
 use tch_cifar::report::Reporter;
 use tch_cifar::train::{train, Control, Interrupts, Recipe, TrainStats};
@@ -23,10 +23,15 @@ struct Run {
 /// losses every `read_every` steps, logging every 3 steps and saving a
 /// checkpoint every 4 and after each epoch.
 fn run(read_every: usize, lr: f64) -> Run {
-    tch::manual_seed(5);
+    let (images, labels) = with_torch_rng(Some(5), || {
+        (
+            Tensor::randn([40, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randint(10, [40], (Kind::Int64, Device::Cpu)),
+        )
+    });
     let train_set = Split {
-        images: Tensor::randn([40, 3, 32, 32], (Kind::Float, Device::Cpu)),
-        labels: Tensor::randint(10, [40], (Kind::Int64, Device::Cpu)),
+        images,
+        labels,
         md5: None,
     };
     let recipe = Recipe {
