@@ -124,13 +124,22 @@ fn check_not_partial(data_dir: &Path) -> Result<()> {
 /// Downloads `url` to `dest`, checking its md5 on the way; `dest` appears
 /// only once the whole file has arrived and matched.
 pub fn download(url: &str, dest: &Path, md5: &str) -> Result<()> {
-    download_within(url, dest, md5, SILENCE_LIMIT)
+    // The proxy that HTTP(S)_PROXY / ALL_PROXY name, less NO_PROXY's hosts.
+    download_within(url, dest, md5, SILENCE_LIMIT, ureq::Proxy::try_from_env())
 }
 
-/// [`download`], giving up after `silence` without a byte from the server.
-fn download_within(url: &str, dest: &Path, md5: &str, silence: Duration) -> Result<()> {
+/// [`download`], giving up after `silence` without a byte from the server,
+/// through `proxy` if one is given.
+fn download_within(
+    url: &str,
+    dest: &Path,
+    md5: &str,
+    silence: Duration,
+    proxy: Option<ureq::Proxy>,
+) -> Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
     let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(proxy)
         .timeout_connect(Some(silence))
         .timeout_recv_response(Some(silence))
         .timeout_per_read(Some(silence))
@@ -350,7 +359,8 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let dest = dir.path().join(ARCHIVE_NAME);
-        let err = download_within(&url, &dest, OFFICIAL_MD5, Duration::from_secs(2))
+        // No proxy, whatever the environment says: the server is local.
+        let err = download_within(&url, &dest, OFFICIAL_MD5, Duration::from_secs(2), None)
             .expect_err("a stalled download must fail");
         assert!(
             format!("{err:#}").contains("broke off (the server sends nothing for 2 s at most)"),

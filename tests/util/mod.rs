@@ -39,9 +39,15 @@ pub fn synthetic(dir: &Path, train: usize, test: usize, seed: u64, archive: Opti
 ///
 /// One libtorch thread per process: cargo runs several tests at once, and
 /// OpenMP threads that outnumber the cores spin-wait on each other.
+///
+/// The child also gets no log filter (`RUST_LOG` would add lines to the
+/// stderr that tests read) and no proxy (the test servers are local).
 pub fn tch_cifar() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tch-cifar"));
-    cmd.env("OMP_NUM_THREADS", "1");
+    cmd.env("OMP_NUM_THREADS", "1").env_remove("RUST_LOG");
+    for proxy in ["ALL_PROXY", "HTTPS_PROXY", "HTTP_PROXY"] {
+        cmd.env_remove(proxy).env_remove(proxy.to_lowercase());
+    }
     cmd
 }
 
