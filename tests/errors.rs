@@ -445,7 +445,11 @@ fn cuda_device_that_does_not_exist() {
         // No GPU at all: plain `cuda` is refused too, never a silent CPU run.
         // Where libtorch has CUDA support, the message says the GPU is what
         // is missing: libtorch_cuda.so was found, loaded and hooked in.
-        let why = if repo_path(".libtorch/lib/libtorch_cuda.so").exists() {
+        // The libtorch of the build: .cargo/config.toml's, unless the
+        // environment set LIBTORCH to another.
+        let libtorch =
+            option_env!("LIBTORCH").map_or_else(|| repo_path(".libtorch"), PathBuf::from);
+        let why = if libtorch.join("lib/libtorch_cuda.so").exists() {
             "CUDA is not available here (no NVIDIA GPU or driver found)"
         } else {
             "this libtorch cannot use CUDA"
