@@ -957,8 +957,8 @@ fn remove_checkpoints(dir: &Path) -> Result<()> {
 
 /// Refuses to start a run whose interrupt folder holds a checkpoint an
 /// unfinished run could go on from: the new run's interrupt would replace
-/// it. A run resumed from there and finished leaves its last checkpoint
-/// behind, which does not count.
+/// it. A finished run's checkpoint there (one saved with `--checkpoint-dir`
+/// naming that folder) does not count: there is nothing left to go on with.
 fn check_no_interrupted_run(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         return Ok(());
@@ -1158,7 +1158,7 @@ mod tests {
             err.contains("holds the checkpoint of an interrupted run (checkpoint-e0001-s0000005"),
             "{err}"
         );
-        // Resumed from there and finished: a new run may start.
+        // A finished run's checkpoint: a new run may start.
         saver.save(&model, &opt, at(2, 10, 20)).unwrap();
         check_no_interrupted_run(dir.path()).unwrap();
     }

@@ -177,16 +177,22 @@ impl Running {
     }
 }
 
-/// The `resume with:` command of an interrupt message, as arguments.
-fn resume_command(stderr: &str) -> Vec<String> {
+/// The `tch-cifar SUBCOMMAND …` command after `label` in the interrupt
+/// message (the line that starts with `start`), as arguments.
+fn printed_command(stderr: &str, start: &str, label: &str, subcommand: &str) -> Vec<String> {
     let line = stderr
         .lines()
-        .find(|l| l.starts_with("interrupted at epoch "))
+        .find(|l| l.starts_with(start))
         .unwrap_or_else(|| panic!("no interrupt message: {stderr}"));
-    let cmd = line.split("resume with: ").nth(1).expect(line);
+    let cmd = line.split(label).nth(1).expect(line);
     let words: Vec<String> = cmd.split_whitespace().map(String::from).collect();
-    assert_eq!(words[..2], ["tch-cifar", "train"], "{line}");
+    assert_eq!(words[..2], ["tch-cifar", subcommand], "{line}");
     words[1..].to_vec()
+}
+
+/// The `resume with:` command of an interrupt message, as arguments.
+fn resume_command(stderr: &str) -> Vec<String> {
+    printed_command(stderr, "interrupted at epoch ", "resume with: ", "train")
 }
 
 #[test]
@@ -464,13 +470,13 @@ fn a_signal_in_the_last_step_writes_the_weights_and_skips_the_test_set() {
     // The finished run's weights, and no checkpoint to resume.
     assert_eq!(read(dir.path().join("net.safetensors")), want);
     assert!(!dir.path().join("net.safetensors.checkpoint").exists());
-    let evaluate = err.split("evaluate with: ").nth(1).unwrap().trim();
-    let words: Vec<&str> = evaluate.split_whitespace().skip(1).collect();
-    let evaluated = tch_cifar()
-        .args(&words)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
+    let evaluate = printed_command(
+        &err,
+        "interrupted in the last step ",
+        "evaluate with: ",
+        "evaluate",
+    );
+    let evaluated = run_in(dir.path(), &evaluate);
     assert!(ok(&evaluated).contains("Accuracy of the network on the 20 test images"));
 
     // With --json, the interrupted event names the weights and the command.
