@@ -462,7 +462,7 @@ fn no_command_overwrites_its_input() {
             &["export", "--weights", weights, flag, out],
             &[
                 &format!("{flag} {out} would overwrite"),
-                &format!("which this command reads (--weights)"),
+                "which this command reads (--weights)",
             ],
         );
     }
