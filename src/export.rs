@@ -143,11 +143,19 @@ fn save_script_module(
     let tensor_ptrs: Vec<*const torch_sys::C_tensor> =
         named.iter().map(|(_, t)| t.as_ptr()).collect();
     let source = c_string(source, "the module's source")?;
-    let path_c = {
+    #[cfg(unix)]
+    let path_bytes = {
         use std::os::unix::ffi::OsStrExt;
-        CString::new(path.as_os_str().as_bytes())
-            .with_context(|| format!("{} holds a NUL byte", path.display()))?
+        path.as_os_str().as_bytes().to_vec()
     };
+    #[cfg(not(unix))]
+    let path_bytes = path
+        .to_str()
+        .with_context(|| format!("{} is not valid Unicode", path.display()))?
+        .as_bytes()
+        .to_vec();
+    let path_c =
+        CString::new(path_bytes).with_context(|| format!("{} holds a NUL byte", path.display()))?;
     // SAFETY: every pointer is valid for the call (the CStrings, the two
     // arrays of `count` entries and the tensors they point to outlive it),
     // and the C++ side only reads them. It catches every C++ exception and
