@@ -49,25 +49,26 @@ impl Head {
         .args(["torchscript", "pth", "safetensors"])
 ))]
 pub struct ExportArgs {
-    /// Weights to export: safetensors (from `train`) or a `.pth` from
-    /// `torch.save(net.state_dict(), PATH)`.
+    /// Weights to export: safetensors or .pth (torch.save of a state_dict).
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Write a TorchScript module (`.pt`) here, for `torch.jit.load` in
-    /// Python or `CModule::load` in Rust. Its parameters are Net's
-    /// (`state_dict()` has the tutorial's keys); it takes a normalized
+    /// Write a TorchScript module (.pt) with the weights as its parameters.
+    ///
+    /// For `torch.jit.load` in Python or `CModule::load` in Rust. Its
+    /// `state_dict()` has the tutorial's keys, and it takes a normalized
     /// `[N, 3, 32, 32]` f32 batch.
-    #[arg(long, value_name = "FILE.pt", visible_alias = "out")]
+    #[arg(long, value_name = "FILE", visible_alias = "out")]
     pub torchscript: Option<PathBuf>,
-    /// What the TorchScript module returns (with --torchscript).
+    /// What the module returns (with --torchscript).
     #[arg(long, value_enum, default_value_t = Head::Logits, requires = "torchscript")]
     pub head: Head,
-    /// Write the weights in `torch.save` format (`.pth` or `.pt`), for the
-    /// tutorial's `net.load_state_dict(torch.load(PATH, weights_only=True))`.
-    #[arg(long, value_name = "FILE.pth")]
+    /// Write the weights in torch.save format (.pth or .pt).
+    ///
+    /// For the tutorial's `net.load_state_dict(torch.load(PATH, weights_only=True))`.
+    #[arg(long, value_name = "FILE")]
     pub pth: Option<PathBuf>,
     /// Write the weights as safetensors (e.g. to convert a `.pth`).
-    #[arg(long, value_name = "FILE.safetensors")]
+    #[arg(long, value_name = "FILE")]
     pub safetensors: Option<PathBuf>,
 }
 
