@@ -237,20 +237,22 @@ fn apply_head(logits: Tensor, head: Head) -> Tensor {
 pub fn run(args: ExportArgs) -> Result<()> {
     let requested = args.outputs();
     // Every output is checked first, so that none is written if one can't be.
-    let mut notes = vec![];
-    for (format, path) in &requested {
+    for (_, path) in &requested {
         crate::fsutil::check_writable(path)?;
-        notes.extend(outputs::check_extension(
-            format.export_flag(),
-            *format,
-            path,
-        )?);
     }
     let flagged: Vec<(&str, &Path)> = requested
         .iter()
         .map(|(format, path)| (format.export_flag(), *path))
         .collect();
     outputs::check_distinct(&[("--weights", &args.weights)], &flagged)?;
+    let mut notes = vec![];
+    for (format, path) in &requested {
+        notes.extend(outputs::check_extension(
+            format.export_flag(),
+            *format,
+            path,
+        )?);
+    }
     for note in notes {
         eprintln!("note: {note}");
     }

@@ -457,6 +457,8 @@ fn no_command_overwrites_its_input() {
         ("w.pth", "--pth", "w.pth"),
         ("link.pth", "--pth", "w.pth"),
         ("w.pth", "--pth", "hard.pth"),
+        // The overwrite is refused first, whatever the extension says.
+        ("w.safetensors", "--pth", "w.safetensors"),
     ] {
         s.refused(
             &["export", "--weights", weights, flag, out],
