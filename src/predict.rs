@@ -7,6 +7,9 @@
 //! resized to 32x32 with a bilinear, antialiased filter (like torchvision's
 //! `Resize((32, 32))` on a PIL image) and normalized exactly as the training
 //! data is (`ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)`).
+//!
+//! Every file gets its line (or JSON object) in the order given; one that
+//! can't be read gets its reason instead, and the command then fails.
 
 use std::path::{Path, PathBuf};
 
