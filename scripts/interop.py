@@ -11,6 +11,11 @@
         writes net(input).
     interop.py run-script --model model.pt --input X.safetensors --out Y.safetensors
         torch.jit.load(model) and writes model(input).
+    interop.py script-info --model model.pt --input X.safetensors --out Y.safetensors
+        Inspects an exported module: prints its parameters, its output in
+        float64 after .to("cpu", torch.float64), and whether an SGD step
+        changes them, as JSON; writes the output of the tutorial's Net
+        loaded from the module's state_dict.
     interop.py preprocess IMAGE... --out X.safetensors
         PIL + torchvision: RGB, Resize((32, 32)), ToTensor, Normalize(0.5, 0.5).
     interop.py accuracy --data-dir DIR (--weights FILE | --script model.pt) [--json]
@@ -86,6 +91,37 @@ def cmd_run_script(args):
         write_output(args.out, model(load_file(args.input)["input"]))
 
 
+def cmd_script_info(args):
+    x = load_file(args.input)["input"]
+    model = torch.jit.load(args.model)
+    parameters = [[name, list(p.shape), p.requires_grad] for name, p in model.named_parameters()]
+    # The tutorial's Net takes the module's state_dict as it is (strict).
+    net = Net()
+    net.load_state_dict(model.state_dict())
+    net.eval()
+    with torch.no_grad():
+        write_output(args.out, net(x))
+        want = model(x)
+        # Constants baked into a graph would stay float32 and fail here.
+        wide = torch.jit.load(args.model).to("cpu", torch.float64)
+        y64 = wide(x.double())
+    # The parameters train: one SGD step on them changes them.
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = model(x)
+    loss = torch.nn.functional.mse_loss(out, torch.zeros_like(out) + 0.5)
+    loss.backward()
+    opt.step()
+    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())]
+    print(json.dumps({
+        "parameters": parameters,
+        "state_dict": list(model.state_dict()),
+        "float64_dtype": str(y64.dtype),
+        "float64_max_diff": (y64 - want.double()).abs().max().item(),
+        "sgd_step_changed": changed,
+    }))
+
+
 def cmd_preprocess(args):
     import torchvision.transforms as transforms
     from PIL import Image
@@ -151,6 +187,12 @@ def main():
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_run_script)
+
+    p = sub.add_parser("script-info", help="an exported module's parameters, and their uses")
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_script_info)
 
     p = sub.add_parser("preprocess", help="image files as a normalized batch")
     p.add_argument("images", nargs="+")

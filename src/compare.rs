@@ -894,6 +894,14 @@ pub fn run(args: CompareArgs) -> Result<()> {
     for path in args.csv.iter().chain(&args.plot) {
         crate::fsutil::check_writable(path)?;
     }
+    crate::outputs::check_command_outputs(
+        &args.data,
+        &[],
+        &[
+            ("--csv", args.csv.as_deref()),
+            ("--plot", args.plot.as_deref()),
+        ],
+    )?;
     let batches = args.data.prepare()?;
     // As in `train`: the test set is loaded after training, but its file is
     // checked now so that a bad one fails before minutes of training.

@@ -134,6 +134,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(png) = &args.confusion {
         crate::fsutil::check_writable(png)?;
     }
+    crate::outputs::check_command_outputs(
+        &args.data,
+        &[("--weights", &args.weights)],
+        &[("--confusion", args.confusion.as_deref())],
+    )?;
     let model = Model::load(&args.weights, device)?;
     let batches = args.data.prepare()?;
     let test = crate::data::load_split(&[batches.join(crate::data::TEST_FILE)], device)?;

@@ -1,29 +1,43 @@
-//! `tch-cifar export`: the Rust `Net`, traced into a TorchScript module that
-//! Python runs with `torch.jit.load("model.pt")(images)`, and the weights
+//! `tch-cifar export`: saved weights as a TorchScript module that Python
+//! runs with `torch.jit.load("model.pt")(images)`, and the weights
 //! converted between safetensors and PyTorch's `.pth`.
 //!
-//! The module is traced (tch's `CModule::create_by_tracing`) from the very
-//! `Net::forward` that `train` and `evaluate` use, on the CPU. Tracing keeps
-//! the weights as constants of the graph, so the module takes any batch
-//! size but has no `parameters()`: use `--pth` or `--safetensors` for
-//! weights you want to load into Python's `Net` or train further.
+//! The module is what `torch.jit.script(net)` makes of the tutorial's `Net`
+//! in Python: the weights are its parameters, in submodules `conv1` …
+//! `fc3` (so `state_dict()` has the tutorial's keys, and `parameters()`,
+//! `.to(...)` and `.train()` work), and `forward` is TorchScript source that
+//! does what [`crate::model::Net`]'s forward does, op for op. tch binds
+//! TorchScript modules for loading only, so `csrc/script_module.cpp` builds
+//! and saves it; the module is then loaded back with tch's `CModule` and
+//! checked against the Rust model before it replaces the output file.
 
-use std::path::PathBuf;
+use std::ffi::{c_char, CStr, CString};
+use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::nn::Module;
 use tch::{CModule, Device, Kind, Tensor};
 
 use crate::model::{with_torch_rng, Model};
+use crate::outputs::{self, Format};
 
 /// What the exported module returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Head {
-    /// `Net`'s output as is: the ten logits per image.
+    /// `Net`'s output as is: the logits, one per class and image.
     #[default]
     Logits,
     /// The softmax of the logits: each class's probability, summing to 1.
     Probabilities,
+}
+
+impl Head {
+    fn name(self) -> &'static str {
+        match self {
+            Head::Logits => "logits",
+            Head::Probabilities => "probabilities",
+        }
+    }
 }
 
 /// Export saved weights as TorchScript, `.pth` or safetensors.
@@ -32,23 +46,25 @@ pub enum Head {
     clap::ArgGroup::new("outputs")
         .required(true)
         .multiple(true)
-        .args(["out", "pth", "safetensors"])
+        .args(["torchscript", "pth", "safetensors"])
 ))]
 pub struct ExportArgs {
-    /// Weights to export: safetensors (from `train`) or a `.pth` from
-    /// `torch.save(net.state_dict(), PATH)`.
+    /// Weights to export: safetensors or .pth (torch.save of a state_dict).
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Write a TorchScript module here, for `torch.jit.load` in Python or
-    /// `CModule::load` in Rust. It takes a normalized `[N, 3, 32, 32]` f32
-    /// batch on the CPU.
-    #[arg(long, value_name = "FILE")]
-    pub out: Option<PathBuf>,
-    /// What the TorchScript module returns (with --out).
-    #[arg(long, value_enum, default_value_t = Head::Logits, requires = "out")]
+    /// Write a TorchScript module (.pt) with the weights as its parameters.
+    ///
+    /// For `torch.jit.load` in Python or `CModule::load` in Rust. Its
+    /// `state_dict()` has the tutorial's keys, and it takes a normalized
+    /// `[N, 3, 32, 32]` f32 batch.
+    #[arg(long, value_name = "FILE", visible_alias = "out")]
+    pub torchscript: Option<PathBuf>,
+    /// What the module returns (with --torchscript).
+    #[arg(long, value_enum, default_value_t = Head::Logits, requires = "torchscript")]
     pub head: Head,
-    /// Write the weights in `torch.save` format, for the tutorial's
-    /// `net.load_state_dict(torch.load(PATH, weights_only=True))`.
+    /// Write the weights in torch.save format (.pth or .pt).
+    ///
+    /// For the tutorial's `net.load_state_dict(torch.load(PATH, weights_only=True))`.
     #[arg(long, value_name = "FILE")]
     pub pth: Option<PathBuf>,
     /// Write the weights as safetensors (e.g. to convert a `.pth`).
@@ -56,82 +72,212 @@ pub struct ExportArgs {
     pub safetensors: Option<PathBuf>,
 }
 
-/// Traces `model` (on the CPU, weights frozen) into a TorchScript module
-/// whose `forward` maps `[N, 3, 32, 32]` images to `[N, 10]` outputs.
-pub fn trace(model: &mut Model, head: Head) -> Result<CModule> {
+impl ExportArgs {
+    /// The outputs asked for, each with its format.
+    fn outputs(&self) -> Vec<(Format, &Path)> {
+        [
+            (Format::TorchScript, &self.torchscript),
+            (Format::Pth, &self.pth),
+            (Format::Safetensors, &self.safetensors),
+        ]
+        .into_iter()
+        .filter_map(|(format, path)| Some((format, path.as_deref()?)))
+        .collect()
+    }
+}
+
+/// `Net::forward` (see [`crate::model::Net`]) in TorchScript, with
+/// `torch.*` builtins (`torch.nn.functional` does not resolve in a module
+/// defined from source). Nothing in it fixes a size: the shapes are the
+/// parameters'.
+fn forward_source(head: Head) -> String {
+    let out = match head {
+        Head::Logits => "x",
+        Head::Probabilities => "torch.softmax(x, 1)",
+    };
+    format!(
+        "\
+def forward(self, x: Tensor) -> Tensor:
+    x = torch.max_pool2d(torch.relu(torch.conv2d(x, self.conv1.weight, self.conv1.bias)), [2, 2], [2, 2])
+    x = torch.max_pool2d(torch.relu(torch.conv2d(x, self.conv2.weight, self.conv2.bias)), [2, 2], [2, 2])
+    x = torch.flatten(x, 1)
+    x = torch.relu(torch.linear(x, self.fc1.weight, self.fc1.bias))
+    x = torch.relu(torch.linear(x, self.fc2.weight, self.fc2.bias))
+    x = torch.linear(x, self.fc3.weight, self.fc3.bias)
+    return {out}
+"
+    )
+}
+
+extern "C" {
+    // csrc/script_module.cpp
+    fn tch_cifar_save_script_module(
+        class_name: *const c_char,
+        names: *const *const c_char,
+        tensors: *const *const torch_sys::C_tensor,
+        count: usize,
+        source: *const c_char,
+        path: *const c_char,
+    ) -> *mut c_char;
+    fn tch_cifar_free_message(message: *mut c_char);
+}
+
+fn c_string(text: &str, what: &str) -> Result<CString> {
+    CString::new(text).with_context(|| format!("{what} holds a NUL byte"))
+}
+
+/// Saves a TorchScript module of class `class_name` to `path`: `named`
+/// (`"param"` or `"submodule.param"`) become its parameters, and `source`
+/// its methods.
+fn save_script_module(
+    class_name: &str,
+    named: &[(String, Tensor)],
+    source: &str,
+    path: &Path,
+) -> Result<()> {
+    let class_name = c_string(class_name, "the class name")?;
+    let names = named
+        .iter()
+        .map(|(n, _)| c_string(n, "a parameter name"))
+        .collect::<Result<Vec<_>>>()?;
+    let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
+    let tensor_ptrs: Vec<*const torch_sys::C_tensor> =
+        named.iter().map(|(_, t)| t.as_ptr()).collect();
+    let source = c_string(source, "the module's source")?;
+    #[cfg(unix)]
+    let path_bytes = {
+        use std::os::unix::ffi::OsStrExt;
+        path.as_os_str().as_bytes().to_vec()
+    };
+    #[cfg(not(unix))]
+    let path_bytes = path
+        .to_str()
+        .with_context(|| format!("{} is not valid Unicode", path.display()))?
+        .as_bytes()
+        .to_vec();
+    let path_c =
+        CString::new(path_bytes).with_context(|| format!("{} holds a NUL byte", path.display()))?;
+    // SAFETY: every pointer is valid for the call (the CStrings, the two
+    // arrays of `count` entries and the tensors they point to outlive it),
+    // and the C++ side only reads them. It catches every C++ exception and
+    // returns NULL or a malloc'ed message, freed here by its own function.
+    let message = unsafe {
+        let message = tch_cifar_save_script_module(
+            class_name.as_ptr(),
+            name_ptrs.as_ptr(),
+            tensor_ptrs.as_ptr(),
+            named.len(),
+            source.as_ptr(),
+            path_c.as_ptr(),
+        );
+        if message.is_null() {
+            None
+        } else {
+            let text = CStr::from_ptr(message).to_string_lossy().into_owned();
+            tch_cifar_free_message(message);
+            Some(text)
+        }
+    };
+    match message {
+        None => Ok(()),
+        Some(text) => bail!("cannot build the TorchScript module: {text}"),
+    }
+}
+
+/// Writes `model` (on the CPU) as a TorchScript module returning `head`,
+/// atomically. Before the file replaces `path`, it is loaded back with
+/// tch's `CModule::load` and must compute what the Rust model computes.
+pub fn write_torchscript(model: &Model, head: Head, path: &Path) -> Result<()> {
     ensure!(
         model.vs.device() == Device::Cpu,
-        "export traces a model on the CPU"
+        "export builds the TorchScript module from a model on the CPU"
     );
-    // Tracing records weights as graph constants, which must not require grad.
-    model.vs.freeze();
-    let net = &model.net;
-    let mut forward = |inputs: &[Tensor]| {
-        let logits = net.forward(&inputs[0]);
-        vec![match head {
-            Head::Logits => logits,
-            Head::Probabilities => logits.softmax(1, Kind::Float),
-        }]
-    };
-    let example = Tensor::zeros([1, 3, 32, 32], (Kind::Float, Device::Cpu));
-    let module = CModule::create_by_tracing("Net", "forward", &[example], &mut forward)
-        .context("tracing the Net failed")?;
-    // The traced graph must compute what the Rust model computes, at
-    // another batch size than the one traced.
+    let state = model.state_dict();
+    crate::fsutil::write_atomically(path, |tmp| {
+        save_script_module("Net", &state, &forward_source(head), tmp)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let module = CModule::load(tmp).with_context(|| {
+            format!("cannot load the module just written to {}", path.display())
+        })?;
+        check_module(model, head, &module)
+    })
+}
+
+/// `module` must give exactly `model`'s outputs under `head`, on a random
+/// batch of three images.
+fn check_module(model: &Model, head: Head, module: &CModule) -> Result<()> {
     let probe = with_torch_rng(None, || {
         Tensor::randn([3, 3, 32, 32], (Kind::Float, Device::Cpu))
     });
-    let want = tch::no_grad(|| forward(std::slice::from_ref(&probe)).remove(0));
-    let got = module
-        .forward_ts(&[&probe])
-        .context("running the traced module failed")?;
+    let want = tch::no_grad(|| apply_head(model.net.forward(&probe), head));
+    let got = tch::no_grad(|| module.forward_ts(&[&probe]))
+        .context("running the TorchScript module failed")?;
+    ensure!(
+        got.size() == want.size(),
+        "the TorchScript module returns shape {:?}, the Rust model {:?}",
+        got.size(),
+        want.size()
+    );
     let diff = (got - want).abs().max().double_value(&[]);
     ensure!(
-        diff <= 1e-6,
-        "the traced module differs from the Rust model by {diff}"
+        diff == 0.0,
+        "the TorchScript module differs from the Rust model by {diff}"
     );
-    Ok(module)
+    Ok(())
+}
+
+fn apply_head(logits: Tensor, head: Head) -> Tensor {
+    match head {
+        Head::Logits => logits,
+        Head::Probabilities => logits.softmax(1, Kind::Float),
+    }
 }
 
 /// `tch-cifar export`.
 pub fn run(args: ExportArgs) -> Result<()> {
+    let requested = args.outputs();
     // Every output is checked first, so that none is written if one can't be.
-    for path in [&args.out, &args.pth, &args.safetensors]
-        .into_iter()
-        .flatten()
-    {
+    for (_, path) in &requested {
         crate::fsutil::check_writable(path)?;
     }
-    let mut model = Model::load(&args.weights, Device::Cpu)?;
+    let flagged: Vec<(&str, &Path)> = requested
+        .iter()
+        .map(|(format, path)| (format.export_flag(), *path))
+        .collect();
+    outputs::check_distinct(&[("--weights", &args.weights)], &flagged)?;
+    let mut notes = vec![];
+    for (format, path) in &requested {
+        notes.extend(outputs::check_extension(
+            format.export_flag(),
+            *format,
+            path,
+        )?);
+    }
+    for note in notes {
+        eprintln!("note: {note}");
+    }
+    let model = Model::load(&args.weights, Device::Cpu)?;
     ensure!(
         model.is_finite(),
         "{} holds NaN or infinite weights (from a run that diverged?), which would export a \
          model whose every output is NaN",
         args.weights.display()
     );
-    if let Some(out) = &args.out {
-        let module = trace(&mut model, args.head)?;
-        crate::fsutil::write_atomically(out, |tmp| {
-            module
-                .save(tmp)
-                .with_context(|| format!("cannot write {}", out.display()))
-        })?;
-        println!(
-            "wrote {} (TorchScript, returns {})",
-            out.display(),
-            match args.head {
-                Head::Logits => "logits",
-                Head::Probabilities => "probabilities",
+    for (format, path) in requested {
+        match format {
+            Format::TorchScript => {
+                write_torchscript(&model, args.head, path)?;
+                println!(
+                    "wrote {} (TorchScript, returns {})",
+                    path.display(),
+                    args.head.name()
+                );
             }
-        );
-    }
-    if let Some(pth) = &args.pth {
-        model.save_pth(pth)?;
-        println!("wrote {} (torch.save state_dict)", pth.display());
-    }
-    if let Some(st) = &args.safetensors {
-        model.save(st)?;
-        println!("wrote {} (safetensors state_dict)", st.display());
+            Format::Pth | Format::Safetensors => {
+                outputs::write_weights(&model, path, format)?;
+                println!("wrote {} ({} state_dict)", path.display(), format.name());
+            }
+        }
     }
     Ok(())
 }
@@ -141,25 +287,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traced_module_matches_the_model_and_reloads() {
+    fn module_has_the_parameters_and_gives_the_models_outputs() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.pt");
-        let mut model = Model::new(Device::Cpu, Some(11));
+        let model = Model::new(Device::Cpu, Some(11));
         let x = with_torch_rng(None, || {
             Tensor::randn([5, 3, 32, 32], (Kind::Float, Device::Cpu))
         });
         let logits = tch::no_grad(|| model.net.forward(&x));
         for head in [Head::Logits, Head::Probabilities] {
-            trace(&mut model, head).unwrap().save(&path).unwrap();
+            write_torchscript(&model, head, &path).unwrap();
             let loaded = CModule::load(&path).unwrap();
-            let y = loaded.forward_ts(&[&x]).unwrap();
-            let want = match head {
-                Head::Logits => logits.shallow_clone(),
-                Head::Probabilities => logits.softmax(1, Kind::Float),
-            };
+            let names: Vec<String> = loaded
+                .named_parameters()
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            let want: Vec<&str> = crate::model::PARAMETERS.iter().map(|(n, _)| *n).collect();
+            assert_eq!(names, want);
+            let y = tch::no_grad(|| loaded.forward_ts(&[&x])).unwrap();
             assert_eq!(y.size(), [5, 10]);
-            let diff = (&y - want).abs().max().double_value(&[]);
-            assert!(diff <= 1e-6, "{head:?}: {diff}");
+            let want = apply_head(logits.shallow_clone(), head);
+            assert!(y.equal(&want), "{head:?} differs from the Rust model");
         }
+    }
+
+    #[test]
+    fn a_bad_source_is_an_error_not_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+        let err = save_script_module(
+            "Net",
+            &[("fc.bias".into(), t)],
+            "def forward(self, x: Tensor) -> Tensor:\n    return torch.nn.functional.relu(x)\n",
+            &dir.path().join("m.pt"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("attribute lookup"), "{err}");
+        assert!(!dir.path().join("m.pt").exists());
     }
 }

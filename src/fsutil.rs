@@ -1,5 +1,5 @@
 //! Writing output files so that a crash, a kill or a full disk never leaves
-//! a torn file at the destination.
+//! a torn file at the destination, and telling whether two paths are one file.
 
 use std::fs::File;
 use std::path::Path;
@@ -105,6 +105,38 @@ fn make_readable(path: &Path) -> Result<()> {
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
+    }
+}
+
+/// Whether `a` and `b` name one file. Existing files are compared by
+/// device and inode, so a symlink or a hard link to a file is that file;
+/// paths that do not exist yet by their canonical folder and name, so
+/// `x.pt` and `./sub/../x.pt` are one file too.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(ma), Ok(mb)) => same_inode(&ma, &mb, a, b),
+        (Err(_), Err(_)) => resolved(a) == resolved(b),
+        // One exists and the other does not: two files.
+        _ => false,
+    }
+}
+
+#[cfg(unix)]
+fn same_inode(a: &std::fs::Metadata, b: &std::fs::Metadata, _: &Path, _: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    (a.dev(), a.ino()) == (b.dev(), b.ino())
+}
+
+#[cfg(not(unix))]
+fn same_inode(_: &std::fs::Metadata, _: &std::fs::Metadata, a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b)
+}
+
+/// `path` with its folder made canonical (the file itself need not exist).
+fn resolved(path: &Path) -> std::path::PathBuf {
+    match (parent_dir(path).canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
     }
 }
 

@@ -8,6 +8,7 @@
 //! * [`compare`]: cross-entropy on logits against softmax + `nll_loss(log p)`.
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
 //! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
+//! * [`outputs`]: output files' formats, and the rule that none overwrites an input.
 
 pub mod checkpoint;
 pub mod compare;
@@ -19,6 +20,7 @@ pub mod export;
 pub mod fsutil;
 pub mod model;
 pub mod optim;
+pub mod outputs;
 pub mod plot;
 pub mod predict;
 pub mod pth;

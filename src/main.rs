@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tch_cifar::{compare, evaluate, export, predict, samples, train};
+use tch_cifar::{compare, evaluate, export, predict, report, samples, train};
 use tracing_subscriber::EnvFilter;
 
 // jemalloc, unprefixed: it replaces malloc for the whole process, libtorch
@@ -38,6 +38,19 @@ enum Command {
     Samples(samples::SamplesArgs),
 }
 
+impl Command {
+    /// Whether the command prints JSON lines (`--json`).
+    fn json(&self) -> bool {
+        match self {
+            Command::Train(args) => args.json,
+            Command::Evaluate(args) => args.json,
+            Command::CompareLosses(args) => args.json,
+            Command::Predict(args) => args.json,
+            Command::Export(_) | Command::Samples(_) => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Like other Unix tools, stop quietly when the reader of stdout (`head`,
     // say) goes away, instead of panicking on the next line. Sockets are not
@@ -53,7 +66,14 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            report::print_usage_error_event(&err, std::env::args_os());
+            err.exit()
+        }
+    };
+    let json = cli.command.json();
     let result = match cli.command {
         Command::Train(args) => train::run(args),
         Command::Evaluate(args) => evaluate::run(args),
@@ -73,6 +93,9 @@ fn main() -> ExitCode {
             }
             None => {
                 eprintln!("error: {err:#}");
+                if json {
+                    report::print_error_event(&err);
+                }
                 ExitCode::FAILURE
             }
         },

@@ -7,6 +7,9 @@
 //! resized to 32x32 with a bilinear, antialiased filter (like torchvision's
 //! `Resize((32, 32))` on a PIL image) and normalized exactly as the training
 //! data is (`ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)`).
+//!
+//! Every file gets its line (or JSON object) in the order given; one that
+//! can't be read gets its reason instead, and the command then fails.
 
 use std::path::{Path, PathBuf};
 
@@ -55,10 +58,11 @@ pub fn load_image(path: &Path) -> Result<Tensor> {
              megapixels); scale it down first",
             path.display()
         ),
-        e => anyhow::Error::new(e).context(format!(
-            "{} is not a readable PNG or JPEG image",
+        // The decoder's message only: the error's `source()` chain repeats it.
+        e => anyhow::anyhow!(
+            "{} is not a readable PNG or JPEG image: {e}",
             path.display()
-        )),
+        ),
     })?;
     ensure!(
         image.width() > 0 && image.height() > 0,
@@ -150,29 +154,70 @@ pub fn to_json(path: &Path, p: &Prediction, k: usize) -> serde_json::Value {
     })
 }
 
+/// The text line for an image that could not be classified.
+pub fn error_text(path: &Path, err: &anyhow::Error) -> String {
+    format!("{}: not classified: {err:#}", path.display())
+}
+
+/// The JSON object for an image that could not be classified.
+pub fn error_json(path: &Path, err: &anyhow::Error) -> serde_json::Value {
+    json!({"image": crate::report::path_json(path), "error": format!("{err:#}")})
+}
+
 /// `tch-cifar predict`.
 pub fn run(args: PredictArgs) -> Result<()> {
     let device = args.device.resolve()?;
     let model = Model::load(&args.weights, device)?;
-    // Read every image first, so that a bad file fails before any output.
-    let images = args
-        .images
-        .iter()
-        .map(|p| load_image(p))
-        .collect::<Result<Vec<Tensor>>>()?;
     let k = args.top_k as usize;
+    let mut failed: Vec<anyhow::Error> = vec![];
     // A thousand images per forward pass bounds the memory for long lists.
-    for (paths, images) in args.images.chunks(1000).zip(images.chunks(1000)) {
-        let batch = Tensor::stack(images, 0).to_device(device);
-        for (path, p) in paths.iter().zip(predict(&model.net, &batch)?) {
-            if args.json {
-                println!("{}", to_json(path, &p, k));
-            } else {
-                println!("{}", text(path, &p, k));
-            }
+    for paths in args.images.chunks(1000) {
+        let images: Vec<Result<Tensor>> = paths.iter().map(|p| load_image(p)).collect();
+        let good: Vec<&Tensor> = images.iter().filter_map(|i| i.as_ref().ok()).collect();
+        let mut predictions = if good.is_empty() {
+            vec![]
+        } else {
+            predict(&model.net, &Tensor::stack(&good, 0).to_device(device))?
+        }
+        .into_iter();
+        // Every file gets its line, in the order given; a bad one says why.
+        for (path, image) in paths.iter().zip(images) {
+            let line = match image {
+                Ok(_) => {
+                    let p = predictions
+                        .next()
+                        .expect("one prediction per readable image");
+                    if args.json {
+                        to_json(path, &p, k).to_string()
+                    } else {
+                        text(path, &p, k)
+                    }
+                }
+                Err(err) => {
+                    let line = if args.json {
+                        error_json(path, &err).to_string()
+                    } else {
+                        error_text(path, &err)
+                    };
+                    failed.push(err);
+                    line
+                }
+            };
+            println!("{line}");
         }
     }
-    Ok(())
+    match failed.len() {
+        0 => Ok(()),
+        n => {
+            let first = failed.swap_remove(0);
+            let total = args.images.len();
+            Err(first.context(if n == 1 {
+                format!("1 of {total} images could not be classified")
+            } else {
+                format!("{n} of {total} images could not be classified; the first")
+            }))
+        }
+    }
 }
 
 #[cfg(test)]

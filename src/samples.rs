@@ -171,6 +171,7 @@ fn random_seed() -> u64 {
 /// `tch-cifar samples`.
 pub fn run(args: SamplesArgs) -> Result<()> {
     crate::fsutil::check_writable(&args.out)?;
+    crate::outputs::check_command_outputs(&args.data, &[], &[("--out", Some(args.out.as_path()))])?;
     let dir = args.data.prepare()?;
     let total: u64 = TRAIN_FILES
         .iter()

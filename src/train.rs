@@ -24,7 +24,7 @@ use crate::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceAr
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
-use crate::report::{optional_path_json, path_json, step_bar, Reporter};
+use crate::report::{optional_path_json, path_json, step_bar, Diverged, Reporter};
 
 pub const DEFAULT_EPOCHS: u64 = 2;
 pub const DEFAULT_BATCH_SIZE: u64 = 4;
@@ -188,7 +188,8 @@ pub struct TrainArgs {
     pub epochs: Option<u64>,
     #[command(flatten)]
     pub recipe: Recipe,
-    /// Where to save the trained weights (safetensors, keyed like PyTorch's state_dict).
+    /// Where to save the trained weights, keyed like PyTorch's state_dict: in
+    /// torch.save's format for a .pth or .pt name, else as safetensors.
     #[arg(long, default_value = "cifar_net.safetensors", value_name = "FILE")]
     pub out: PathBuf,
     /// Stop after N mini-batches in all, then save and evaluate as usual
@@ -575,12 +576,13 @@ pub fn train(
                 }
                 for (epoch, step, loss) in losses.read()? {
                     if !loss.is_finite() {
-                        bail!(
+                        return Err(Diverged(format!(
                             "the loss became {loss} at epoch {epoch}, step {step}: training \
                              diverged. {}. {}",
                             diverged_hint(recipe.lr, recipe.momentum),
                             not_saved(control.saver.last())
-                        );
+                        ))
+                        .into());
                     }
                     running_loss += loss;
                     if step.is_multiple_of(recipe.log_every) {
@@ -633,14 +635,15 @@ pub fn train(
         // A loss is computed before its step's update, so the last update
         // is checked here: --out must not get weights that diverged.
         if !model.is_finite() {
-            bail!(
+            return Err(Diverged(format!(
                 "the weights became non-finite in the last step (epoch {}, step {}): training \
                  diverged. {}. {}",
                 at.epoch,
                 at.step,
                 diverged_hint(recipe.lr, recipe.momentum),
                 not_saved(control.saver.last())
-            );
+            ))
+            .into());
         }
         // Training is over: from here a signal exits at once. One that came
         // during the last step or the saves after it still stops the run,
@@ -697,6 +700,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Until the test set is evaluated.
     let training = cpu.apply();
     crate::fsutil::check_writable(&out)?;
+    crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
+    let (out_format, note) = crate::outputs::weights_format(&out);
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
     }
@@ -783,7 +791,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
     );
-    model.save(&out)?;
+    crate::outputs::write_weights(&model, &out, out_format)?;
     tracing::info!("weights saved to {}", out.display());
     // Resumed from its own interrupt folder and now finished, the run has
     // no more use for that folder, which would only block the next run.

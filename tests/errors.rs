@@ -405,6 +405,266 @@ fn export_of_non_finite_weights() {
     );
 }
 
+/// Each of export's flags writes one format; a file name whose extension
+/// says another is refused, whatever the flag (`--out` is `--torchscript`).
+#[test]
+fn export_refuses_a_name_that_says_another_format() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    for (flag, file, says) in [
+        ("--torchscript", "m.safetensors", "says safetensors"),
+        ("--out", "m.safetensors", "says safetensors"),
+        ("--torchscript", "m.pth", "says torch.save (.pth)"),
+        ("--pth", "w2.safetensors", "says safetensors"),
+        ("--safetensors", "w2.pth", "says torch.save (.pth)"),
+        (
+            "--safetensors",
+            "w2.pt",
+            "says torch.save (.pth) or TorchScript",
+        ),
+    ] {
+        let written = if flag == "--out" {
+            "--torchscript"
+        } else {
+            flag
+        };
+        s.refused(
+            &["export", "--weights", "w.safetensors", flag, file],
+            &[
+                &format!("{written} writes"),
+                &format!("the name {file} {says}"),
+            ],
+        );
+    }
+}
+
+/// A command never writes over a file it reads, however the path is
+/// spelled or linked.
+#[test]
+fn no_command_overwrites_its_input() {
+    let s = Scratch::new();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    Model::new(Device::Cpu, Some(2))
+        .save_pth(&s.path("w.pth"))
+        .unwrap();
+    std::os::unix::fs::symlink("w.pth", s.path("link.pth")).unwrap();
+    std::fs::hard_link(s.path("w.pth"), s.path("hard.pth")).unwrap();
+    let before = |p: &str| std::fs::read(s.path(p)).unwrap();
+    let (st, pth) = (before("w.safetensors"), before("w.pth"));
+    for (weights, flag, out) in [
+        ("w.safetensors", "--safetensors", "w.safetensors"),
+        ("w.safetensors", "--safetensors", "./data/../w.safetensors"),
+        ("w.pth", "--pth", "w.pth"),
+        ("link.pth", "--pth", "w.pth"),
+        ("w.pth", "--pth", "hard.pth"),
+        // The overwrite is refused first, whatever the extension says.
+        ("w.safetensors", "--pth", "w.safetensors"),
+    ] {
+        s.refused(
+            &["export", "--weights", weights, flag, out],
+            &[
+                &format!("{flag} {out} would overwrite"),
+                "which this command reads (--weights)",
+            ],
+        );
+    }
+    // The data files are inputs of every command that reads them.
+    s.train(
+        &["--out", "data/data_batch_1.bin"],
+        &[
+            "--out data/data_batch_1.bin would overwrite",
+            "(--data-dir)",
+        ],
+    );
+    let (code, _) = s.refused(
+        &[
+            "compare-losses",
+            "--device",
+            "cpu",
+            "--data-dir",
+            "data",
+            "--csv",
+            "data/test_batch.bin",
+        ],
+        &["--csv data/test_batch.bin would overwrite"],
+    );
+    assert_eq!(code, Some(1));
+    std::fs::copy(s.path("w.safetensors"), s.path("w.png")).unwrap();
+    s.refused(
+        &[
+            "evaluate",
+            "--device",
+            "cpu",
+            "--data-dir",
+            "data",
+            "--weights",
+            "w.png",
+            "--confusion",
+            "w.png",
+        ],
+        &["--confusion w.png would overwrite"],
+    );
+    assert_eq!(before("w.safetensors"), st);
+    assert_eq!(before("w.pth"), pth);
+}
+
+/// Two outputs of one command may not be one file.
+#[test]
+fn two_outputs_may_not_be_one_file() {
+    let s = Scratch::new();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    s.refused(
+        &[
+            "export",
+            "--weights",
+            "w.safetensors",
+            "--torchscript",
+            "same.pt",
+            "--pth",
+            "same.pt",
+        ],
+        &["--torchscript same.pt and --pth same.pt are the same file"],
+    );
+    // Names without a format's extension are refused the same way.
+    s.refused(
+        &[
+            "export",
+            "--weights",
+            "w.safetensors",
+            "--out",
+            "same.bin",
+            "--pth",
+            "./data/../same.bin",
+        ],
+        &["--torchscript same.bin and --pth ./data/../same.bin are the same file"],
+    );
+    s.refused(
+        &[
+            "compare-losses",
+            "--device",
+            "cpu",
+            "--data-dir",
+            "data",
+            "--csv",
+            "x.png",
+            "--plot",
+            "x.png",
+        ],
+        &["--csv x.png and --plot x.png are the same file"],
+    );
+}
+
+/// A name without a known extension is written in the flag's format (or,
+/// for `train --out`, as safetensors), with a note.
+#[test]
+fn an_unknown_extension_keeps_the_default_with_a_note() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    let out = tch_cifar()
+        .args(["export", "--weights", "w.safetensors", "--pth", "w.bin"])
+        .current_dir(s.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out).trim(),
+        "note: w.bin has no extension that names a format (.pth or .pt); writing it as \
+         torch.save (.pth), as --pth says"
+    );
+    let bytes = std::fs::read(s.path("w.bin")).unwrap();
+    assert_eq!(&bytes[..4], b"PK\x03\x04", "a torch.save zip");
+    Model::load(&s.path("w.bin"), Device::Cpu).unwrap();
+}
+
+// --json failures end with an error event on stdout.
+
+/// Runs `tch-cifar ARGS` in `dir`, expects a failure, and returns the
+/// error event, which must be stdout's last line, and stderr's error line.
+fn json_failure(dir: &Path, args: &[&str], kind: &str) -> (serde_json::Value, String) {
+    let out = tch_cifar().args(args).current_dir(dir).output().unwrap();
+    let line = fails_with(&out, &[]);
+    let stdout = stdout(&out);
+    let last = stdout.lines().last().unwrap_or_else(|| panic!("no stdout"));
+    let event: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(event["event"], "error", "{last}");
+    assert_eq!(event["kind"], kind, "{last}");
+    // The same message as on stderr.
+    assert_eq!(
+        format!("error: {}", event["message"].as_str().unwrap()),
+        line
+    );
+    for l in stdout.lines() {
+        serde_json::from_str::<serde_json::Value>(l).expect("every stdout line is JSON");
+    }
+    (event, line)
+}
+
+#[test]
+fn json_failures_end_with_an_error_event() {
+    let s = Scratch::new();
+    let dir = s.dir.path();
+    // A divergence: the start event, then the error.
+    let (event, _) = json_failure(
+        dir,
+        &[
+            "train",
+            "--json",
+            "--device",
+            "cpu",
+            "--data-dir",
+            "data",
+            "--epochs",
+            "1",
+            "--seed",
+            "1",
+            "--lr",
+            "5",
+        ],
+        "diverged",
+    );
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap()
+            .contains("training diverged"),
+        "{event}"
+    );
+    assert!(!s.path("cifar_net.safetensors").exists());
+    // A bad weights file.
+    std::fs::write(s.path("bad.safetensors"), b"not weights at all").unwrap();
+    let (event, _) = json_failure(
+        dir,
+        &[
+            "evaluate",
+            "--json",
+            "--device",
+            "cpu",
+            "--data-dir",
+            "data",
+            "--weights",
+            "bad.safetensors",
+        ],
+        "failed",
+    );
+    assert!(
+        event["message"]
+            .as_str()
+            .unwrap()
+            .contains("bad.safetensors"),
+        "{event}"
+    );
+    // A command line clap refuses.
+    let (event, _) = json_failure(
+        dir,
+        &["evaluate", "--json", "--batch-size", "0", "--weights", "w"],
+        "usage",
+    );
+    assert!(
+        event["message"].as_str().unwrap().contains("--batch-size"),
+        "{event}"
+    );
+}
+
 #[test]
 fn picture_outputs_must_be_png() {
     let s = Scratch::new();

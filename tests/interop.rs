@@ -100,9 +100,10 @@ fn exported_torchscript_gives_rust_outputs_in_python_and_in_tch() {
         "export",
         "--weights",
         s(&p("w.safetensors")),
-        "--out",
+        "--torchscript",
         s(&p("logits.pt")),
     ]));
+    // `--out` is the old name of `--torchscript`.
     ok(&run(&[
         "export",
         "--weights",
@@ -118,18 +119,68 @@ fn exported_torchscript_gives_rust_outputs_in_python_and_in_tch() {
     let probs = logits.softmax(1, Kind::Float);
 
     for (module, want) in [("logits.pt", &logits), ("probs.pt", &probs)] {
+        // The same ops on the same libtorch: the same bits.
         let python = python_forward("run-script", &p(module), &p("x.safetensors"));
-        let diff = max_abs_diff(&python, want);
-        assert!(diff <= 1e-5, "{module} in Python differs by {diff}");
+        assert!(
+            python.equal(want),
+            "{module} in Python differs by {}",
+            max_abs_diff(&python, want)
+        );
         let tch_module = tch::CModule::load(p(module)).unwrap();
         let reloaded = tch_module.forward_ts(&[&x]).unwrap();
-        let diff = max_abs_diff(&reloaded, want);
-        assert!(diff <= 1e-5, "{module} via CModule::load differs by {diff}");
+        assert!(
+            reloaded.equal(want),
+            "{module} via CModule::load differs by {}",
+            max_abs_diff(&reloaded, want)
+        );
         if module == "probs.pt" {
             let row_sums = python.sum_dim_intlist(1, false, Kind::Float);
             let off = (row_sums - 1.0).abs().max().double_value(&[]);
             assert!(off < 1e-5, "probabilities sum to 1 within {off}");
         }
+
+        // The weights are the module's parameters, keyed like the
+        // tutorial's Net: its state_dict loads into Net and gives the
+        // logits bit for bit, and they convert to float64 and train.
+        let y = p("net.safetensors");
+        let info = py(&[
+            "script-info",
+            "--model",
+            s(&p(module)),
+            "--input",
+            s(&p("x.safetensors")),
+            "--out",
+            s(&y),
+        ]);
+        let info: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
+        let want_params: Vec<serde_json::Value> = tch_cifar::model::PARAMETERS
+            .iter()
+            .map(|(name, shape)| serde_json::json!([name, shape, true]))
+            .collect();
+        assert_eq!(
+            info["parameters"],
+            serde_json::json!(want_params),
+            "{module}"
+        );
+        let keys: Vec<&str> = tch_cifar::model::PARAMETERS
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
+        assert_eq!(info["state_dict"], serde_json::json!(keys), "{module}");
+        let net = read_output(&y);
+        assert!(
+            net.equal(&logits),
+            "{module}: Net with its state_dict differs by {}",
+            max_abs_diff(&net, &logits)
+        );
+        assert_eq!(info["float64_dtype"], "torch.float64", "{module}");
+        let wide = info["float64_max_diff"].as_f64().unwrap();
+        assert!(wide < 1e-5, "{module}: float64 differs by {wide}");
+        assert_eq!(
+            info["sgd_step_changed"],
+            serde_json::json!(vec![true; 10]),
+            "{module}"
+        );
     }
 }
 
@@ -294,7 +345,8 @@ fn trained_models_score_the_same_in_python_and_rust() {
     assert_eq!(rust.1, 200);
     assert!(rust.0 > 40, "the Python model learned something: {rust:?}");
 
-    // Rust train -> export -> TorchScript in Python.
+    // Rust train -> rust.pth (torch.save, as the name says) -> the
+    // tutorial's torch.load(PATH, weights_only=True) in Python.
     ok(&run(&[
         "train",
         "--device",
@@ -302,7 +354,7 @@ fn trained_models_score_the_same_in_python_and_rust() {
         "--data-dir",
         s(&data),
         "--out",
-        s(&p("rust.safetensors")),
+        s(&p("rust.pth")),
         "--seed",
         "2",
         "--epochs",
@@ -312,14 +364,19 @@ fn trained_models_score_the_same_in_python_and_rust() {
         "--log-every",
         "50",
     ]));
+    let bytes = std::fs::read(p("rust.pth")).unwrap();
+    assert_eq!(&bytes[..4], b"PK\x03\x04", "rust.pth is a torch.save zip");
+    let rust = rust_accuracy(&data, &p("rust.pth"));
+    let python = python_accuracy(&data, "--weights", &p("rust.pth"));
+    assert_eq!(python, rust, "rust.pth: Python vs Rust (correct, total)");
+    // -> export -> TorchScript in Python.
     ok(&run(&[
         "export",
         "--weights",
-        s(&p("rust.safetensors")),
-        "--out",
+        s(&p("rust.pth")),
+        "--torchscript",
         s(&p("model.pt")),
     ]));
-    let rust = rust_accuracy(&data, &p("rust.safetensors"));
     let python = python_accuracy(&data, "--script", &p("model.pt"));
     assert_eq!(
         python, rust,
@@ -499,6 +556,61 @@ fn bad_images_and_bad_weights_give_clear_errors() {
     fails_with(&predict(&p("empty.jpg")), &["empty.jpg"]);
     fails_with(&predict(dir.path()), &[s(dir.path())]);
 
+    // Every file gets its line, a bad one its reason, and the run fails.
+    let (notes, missing) = (p("notes.png"), p("missing.png"));
+    let all = |json: &[&str]| {
+        let mut args = vec!["predict", "--device", "cpu", "--weights", s(&weights)];
+        args.extend_from_slice(json);
+        args.extend([s(&good), s(&notes), s(&missing), s(&good)]);
+        run(&args)
+    };
+    let out = all(&[]);
+    fails_with(
+        &out,
+        &[
+            "2 of 4 images could not be classified; the first: ",
+            "notes.png",
+        ],
+    );
+    let text = stdout(&out);
+    let marked: Vec<&str> = text.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(marked.len(), 4, "{text}");
+    assert!(marked[0].starts_with(&format!("{}: ", s(&good))), "{text}");
+    assert!(
+        marked[1].starts_with(&format!("{}: not classified: ", s(&p("notes.png")))),
+        "{text}"
+    );
+    assert!(
+        marked[2].contains("missing.png: not classified: cannot read image"),
+        "{text}"
+    );
+    assert_eq!(marked[3], marked[0]);
+    let out = all(&["--json"]);
+    fails_with(&out, &["2 of 4 images"]);
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5, "four images and the error event");
+    assert_eq!(lines[0]["image"], s(&good));
+    assert!(lines[0]["class"].is_string());
+    assert_eq!(lines[1]["image"], s(&p("notes.png")));
+    assert!(lines[1]["error"]
+        .as_str()
+        .unwrap()
+        .contains("not a readable PNG or JPEG"));
+    assert!(lines[1].get("class").is_none());
+    assert!(lines[2]["error"].is_string());
+    assert_eq!(lines[3], lines[0]);
+    assert_eq!(lines[4]["event"], "error");
+    // The decoder's reason once, not twice.
+    let reason = lines[1]["error"].as_str().unwrap();
+    assert_eq!(
+        reason.matches("Invalid PNG signature").count(),
+        1,
+        "{reason}"
+    );
+
     // Weights made in Python with a key missing, an extra key, a wrong shape.
     let pth = |name: &str| p(name).to_str().unwrap().to_string();
     py_code(&format!(
@@ -589,7 +701,7 @@ torch.jit.save(torch.jit.script(Net()), {script:?})
             "export",
             "--weights",
             &pth("extra.pth"),
-            "--out",
+            "--torchscript",
             &pth("m.pt"),
         ]),
         &["unexpected key `fc4.weight`"],
