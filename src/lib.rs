@@ -24,4 +24,5 @@ pub mod predict;
 pub mod pth;
 pub mod report;
 pub mod samples;
+pub mod settings;
 pub mod train;

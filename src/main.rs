@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tch_cifar::{compare, evaluate, export, predict, samples, train};
 use tracing_subscriber::EnvFilter;
 
@@ -53,9 +53,11 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .init();
-    let cli = Cli::parse();
+    // `train` also gets its matches, which tell a typed flag from a default.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(args, matches.subcommand().expect("a subcommand").1),
         Command::Evaluate(args) => evaluate::run(args),
         Command::CompareLosses(args) => compare::run(args),
         Command::Export(args) => export::run(args),
