@@ -611,19 +611,29 @@ fn f32_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Set (to milliseconds) only by tests: each save then writes half its
-/// bytes, pauses, and writes the rest, so that a test can SIGKILL the process
-/// in the middle of a write every time instead of by luck.
-const STALL_ENV: &str = "TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS";
-
 fn write_checkpoint_bytes(tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let stall = std::env::var(STALL_ENV)
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = test_stall_ms() {
+        return stalled_write(tmp, bytes, ms);
+    }
+    std::fs::write(tmp, bytes)
+}
+
+/// With the `test-hooks` feature only (the tests'), set to milliseconds:
+/// each save then writes half its bytes, pauses, and writes the rest, so
+/// that a test can SIGKILL the process in the middle of a write every time
+/// instead of by luck.
+#[cfg(feature = "test-hooks")]
+fn test_stall_ms() -> Option<u64> {
+    std::env::var("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS")
+        .ok()?
+        .parse()
         .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    let Some(ms) = stall else {
-        return std::fs::write(tmp, bytes);
-    };
+}
+
+#[cfg(feature = "test-hooks")]
+fn stalled_write(tmp: &Path, bytes: &[u8], ms: u64) -> std::io::Result<()> {
+    use std::io::Write;
     let mut file = std::fs::File::create(tmp)?;
     let (head, tail) = bytes.split_at(bytes.len() / 2);
     file.write_all(head)?;

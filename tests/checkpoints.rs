@@ -196,6 +196,7 @@ fn resume_command(stderr: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn sigint_stops_with_130_and_the_resumed_run_matches_an_uninterrupted_one() {
     let dir = scratch();
     let (want, want_text) = reference(dir.path(), "8");
@@ -298,6 +299,7 @@ fn more_epochs_on_resume_continue_the_run_past_torn_and_garbage_files() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
     let dir = scratch();
     let (want, _) = reference(dir.path(), "4");
@@ -376,6 +378,7 @@ fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     let dir = scratch();
     let args = train_args("net.safetensors", &["--epochs", "20", "--max-steps", "990"]);
@@ -431,6 +434,7 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn a_signal_in_the_last_step_writes_the_weights_and_skips_the_test_set() {
     // 10 images in batches of 5: 2 steps. Each step sleeps 3 s, so a signal
     // sent on step 1's loss line lands in step 2, the last.
@@ -499,6 +503,7 @@ fn a_signal_in_the_last_step_writes_the_weights_and_skips_the_test_set() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn a_second_signal_exits_at_once_with_130() {
     let dir = scratch();
     let args = train_args(
