@@ -502,7 +502,7 @@ impl Saver {
                  checkpoint written{}",
                 position.epoch,
                 position.step,
-                self.meta.settings.diverged_hint(),
+                settings::diverged_hint(self.meta.settings.lr, self.meta.settings.momentum),
                 match self.last() {
                     Some(p) => format!("; the last good one is {}", p.display()),
                     None => String::new(),

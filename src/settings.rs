@@ -105,11 +105,6 @@ impl Settings {
             conv: self.cpu_conv,
         }
     }
-
-    /// What to try after a divergence: [`diverged_hint`].
-    pub fn diverged_hint(&self) -> String {
-        diverged_hint(self.lr, self.momentum)
-    }
 }
 
 /// What to try after a divergence: SGD's momentum must stay below 1, and

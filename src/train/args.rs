@@ -253,8 +253,8 @@ impl TrainArgs {
     }
 }
 
-/// The flags typed on the command line, by their clap ids (`lr`,
-/// `batch_size`), as opposed to those left at their defaults.
+/// The flags typed on the command line, as opposed to those left at their
+/// defaults.
 #[derive(Debug, Clone, Default)]
 pub struct Given(BTreeSet<String>);
 
@@ -269,8 +269,11 @@ impl Given {
         )
     }
 
-    pub fn has(&self, id: &str) -> bool {
-        self.0.contains(id)
+    /// Whether `flag` (`--batch-size`) was typed.
+    pub fn has(&self, flag: &str) -> bool {
+        // clap's id for a long flag is its field's name: `batch_size`.
+        let id = flag.trim_start_matches('-').replace('-', "_");
+        self.0.contains(&id)
     }
 }
 
@@ -301,19 +304,19 @@ pub(crate) mod tests {
     fn given_flags_are_told_from_defaults() {
         let (args, given) = parse(&["--lr", "0.001", "--threads", "2", "--data-dir", "d"]).unwrap();
         assert_eq!(args.recipe.lr, DEFAULT_LR);
-        for id in ["lr", "threads", "data_dir"] {
-            assert!(given.has(id), "{id}: {given:?}");
+        for flag in ["--lr", "--threads", "--data-dir"] {
+            assert!(given.has(flag), "{flag}: {given:?}");
         }
-        for id in [
-            "epochs",
-            "batch_size",
-            "momentum",
-            "seed",
-            "out",
-            "cpu_conv",
-            "json",
-        ] {
-            assert!(!given.has(id), "{id}: {given:?}");
+        let defaults = [
+            "--epochs",
+            "--batch-size",
+            "--momentum",
+            "--seed",
+            "--out",
+            "--json",
+        ];
+        for flag in defaults {
+            assert!(!given.has(flag), "{flag}: {given:?}");
         }
     }
 

@@ -405,7 +405,7 @@ pub fn train(
                         bail!(
                             "the loss became {loss} at epoch {epoch}, step {step}: training \
                              diverged. {}. {}",
-                            recipe.diverged_hint(),
+                            diverged_hint(recipe.lr, recipe.momentum),
                             not_saved(control.saver.last())
                         );
                     }
@@ -465,7 +465,7 @@ pub fn train(
                  diverged. {}. {}",
                 at.epoch,
                 at.step,
-                recipe.diverged_hint(),
+                diverged_hint(recipe.lr, recipe.momentum),
                 not_saved(control.saver.last())
             );
         }

@@ -29,39 +29,30 @@ pub fn resumed_settings(
     let r = &args.recipe;
     let old = &saved.settings;
     let recorded = |flag: &str| !saved.unrecorded.contains(&flag);
+    // `--seed` is `Some` where it is given.
+    let seed = r.seed.map_or(String::new(), |v| v.to_string());
     let math = [
+        ("--seed", old.seed.to_string(), seed),
         (
-            "seed",
-            "--seed",
-            old.seed.to_string(),
-            r.seed.map(|s| s.to_string()),
-        ),
-        (
-            "batch_size",
             "--batch-size",
             old.batch_size.to_string(),
-            Some(r.batch_size.to_string()),
+            r.batch_size.to_string(),
         ),
-        ("lr", "--lr", old.lr.to_string(), Some(r.lr.to_string())),
+        ("--lr", old.lr.to_string(), r.lr.to_string()),
         (
-            "momentum",
             "--momentum",
             old.momentum.to_string(),
-            Some(r.momentum.to_string()),
+            r.momentum.to_string(),
         ),
         (
-            "log_every",
             "--log-every",
             old.log_every.to_string(),
-            Some(r.log_every.to_string()),
+            r.log_every.to_string(),
         ),
     ];
     let (mut theirs, mut ours) = (vec![], vec![]);
-    for (id, flag, was, now) in math {
-        let Some(now) = now.filter(|_| given.has(id) && recorded(flag)) else {
-            continue;
-        };
-        if now != was {
+    for (flag, was, now) in math {
+        if given.has(flag) && recorded(flag) && now != was {
             theirs.push(format!("{flag} {was}"));
             ours.push(format!("{flag} {now}"));
         }
@@ -78,7 +69,7 @@ pub fn resumed_settings(
     let mut s = old.clone();
     let mut notes = vec![];
     let text = |v: Option<u64>| v.map(|n| n.to_string());
-    if given.has("epochs") {
+    if given.has("--epochs") {
         let at = saved.position;
         ensure!(
             r.epochs >= at.epoch,
@@ -98,7 +89,7 @@ pub fn resumed_settings(
         );
         s.epochs = r.epochs;
     }
-    if given.has("max_steps") {
+    if given.has("--max-steps") {
         if recorded("--max-steps") {
             changed(
                 &mut notes,
@@ -118,7 +109,7 @@ pub fn resumed_settings(
         ));
     }
     let ck = &args.checkpoints;
-    if given.has("checkpoint_every") {
+    if given.has("--checkpoint-every") {
         if recorded("--checkpoint-every") {
             changed(
                 &mut notes,
@@ -129,7 +120,7 @@ pub fn resumed_settings(
         }
         s.checkpoint_every = ck.checkpoint_every;
     }
-    if given.has("keep_checkpoints") {
+    if given.has("--keep-checkpoints") {
         if recorded("--keep-checkpoints") {
             changed(
                 &mut notes,
@@ -141,25 +132,25 @@ pub fn resumed_settings(
         s.keep_checkpoints = ck.keep_checkpoints;
     }
     // These change no number, or only the float rounding (see `check_and_restore`).
-    if given.has("data_dir") {
+    if given.has("--data-dir") {
         s.data_dir = args.data.data_dir.clone();
     }
-    if given.has("out") {
+    if given.has("--out") {
         s.out = args.out.clone();
     }
-    if given.has("device") {
+    if given.has("--device") {
         s.device = r.device;
     }
-    if given.has("threads") {
+    if given.has("--threads") {
         s.threads = r.train_threads();
     }
-    if given.has("cpu_conv") {
+    if given.has("--cpu-conv") {
         s.cpu_conv = r.cpu_conv.resolve(s.batch_size, s.threads);
     }
     let defaulted: Vec<String> = saved
         .unrecorded
         .iter()
-        .filter(|flag| !given.has(&flag[2..].replace('-', "_")))
+        .filter(|flag| !given.has(flag))
         .filter_map(|&flag| {
             let value = match flag {
                 "--data-dir" => s.data_dir.display().to_string(),
