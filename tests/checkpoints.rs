@@ -644,34 +644,42 @@ fn resume_with_another_kernel_or_thread_count_goes_on_with_a_note() {
     );
 }
 
-/// A checkpoint saved on a GPU goes on on the CPU with a note about the
-/// device alone: its CPU threads and kernel did not shape its numbers.
-#[test]
-fn resume_on_another_device_goes_on_with_a_note() {
-    let dir = scratch();
-    checkpointed(dir.path(), "1");
-    let file = dir.path().join("ck/checkpoint-e0001-s0000050.safetensors");
+/// Runs the Python statement `change` on the JSON `run` metadata of the
+/// checkpoint `file`, in place.
+fn edit_run(file: &Path, change: &str) {
+    let script = format!(
+        "import json, sys\n\
+         from safetensors import safe_open\n\
+         from safetensors.torch import save_file\n\
+         with safe_open(sys.argv[1], 'pt') as f:\n\
+         \x20   meta = f.metadata()\n\
+         \x20   tensors = {{k: f.get_tensor(k) for k in f.keys()}}\n\
+         run = json.loads(meta['run'])\n\
+         {change}\n\
+         meta['run'] = json.dumps(run)\n\
+         save_file(tensors, sys.argv[1], metadata=meta)"
+    );
     let edit = std::process::Command::new(python())
-        .args([
-            "-c",
-            "import json, sys\n\
-             from safetensors import safe_open\n\
-             from safetensors.torch import save_file\n\
-             with safe_open(sys.argv[1], 'pt') as f:\n\
-             \x20   meta = f.metadata()\n\
-             \x20   tensors = {k: f.get_tensor(k) for k in f.keys()}\n\
-             run = json.loads(meta['run'])\n\
-             run['trained_on'] = 'cuda:0'\n\
-             meta['run'] = json.dumps(run)\n\
-             save_file(tensors, sys.argv[1], metadata=meta)",
-        ])
-        .arg(&file)
+        .args(["-c", &script])
+        .arg(file)
         .output()
         .unwrap();
     assert!(
         edit.status.success(),
         "{}",
         String::from_utf8_lossy(&edit.stderr)
+    );
+}
+
+/// A checkpoint saved on a GPU goes on on the CPU with a note about the
+/// device alone: its CPU threads and kernel did not shape its numbers.
+#[test]
+fn resume_on_another_device_goes_on_with_a_note() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    edit_run(
+        &dir.path().join("ck/checkpoint-e0001-s0000050.safetensors"),
+        "run['trained_on'] = 'cuda:0'",
     );
     let args = with(
         train_args("net.safetensors", &["--epochs", "2", "--resume", "ck"]),
@@ -727,6 +735,19 @@ fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
     refused(
         &["--resume", "nowhere"],
         &["checkpoint directory nowhere does not exist"],
+    );
+    // Another list of classes (a dataset of other images).
+    let classes = tempfile::tempdir().unwrap();
+    let edited = classes.path().join("checkpoint-e0001-s0000050.safetensors");
+    std::fs::copy(ck.join("checkpoint-e0001-s0000050.safetensors"), &edited).unwrap();
+    edit_run(&edited, "run['settings']['classes'] = ['cat', 'dog']");
+    let args = with(
+        train_args("other.safetensors", &[]),
+        &["--resume", s(classes.path())],
+    );
+    fails_with(
+        &run_in(dir.path(), &args),
+        &["trained on the classes cat, dog, this training set has plane, car, bird, "],
     );
     // A fresh run may not mix its checkpoints with another run's.
     let out = run_in(

@@ -67,6 +67,10 @@ pub fn resumed_settings(
     );
 
     let mut s = old.clone();
+    // A version 1 checkpoint may predate --log-every's record: what is given holds.
+    if given.has("--log-every") && !recorded("--log-every") {
+        s.log_every = r.log_every;
+    }
     let mut notes = vec![];
     let text = |v: Option<u64>| v.map(|n| n.to_string());
     if given.has("--epochs") {
@@ -314,5 +318,92 @@ fn shell_quote(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::args::tests::parse;
+    use super::*;
+    use crate::checkpoint::Position;
+
+    /// A checkpoint at global step 30 of 50 (10 per epoch) of a run set to
+    /// stop at `max_steps`.
+    fn saved(max_steps: Option<u64>) -> Meta {
+        let settings = Settings {
+            epochs: 5,
+            lr: 0.01,
+            max_steps,
+            ..Settings::tutorial(3)
+        };
+        let position = Position {
+            epoch: 3,
+            step: 10,
+            global_step: 30,
+            running_loss: 0.0,
+        };
+        Meta {
+            position,
+            ..Meta::new(settings, "cpu".into(), 40, None)
+        }
+    }
+
+    fn resumed(meta: &Meta, flags: &[&str]) -> Result<(Settings, Vec<String>)> {
+        let (args, given) = parse(flags).unwrap();
+        resumed_settings(&args, &given, meta, Path::new("c"))
+    }
+
+    #[test]
+    fn a_resume_adopts_everything_and_names_every_conflict() {
+        let meta = saved(None);
+        let (settings, notes) = resumed(&meta, &[]).unwrap();
+        assert_eq!(settings, meta.settings);
+        assert!(notes.is_empty(), "{notes:?}");
+        let err = resumed(&meta, &["--lr", "0.02", "--batch-size", "8", "--seed", "3"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "saved with --batch-size 4, --lr 0.01, this run has --batch-size 8, --lr 0.02;"
+            ),
+            "{err}"
+        );
+        let err = resumed(&meta, &["--epochs", "2"]).unwrap_err().to_string();
+        assert!(err.contains("--epochs 3 or more"), "{err}");
+    }
+
+    #[test]
+    fn a_spent_max_steps_is_dropped_and_a_pending_one_kept() {
+        let (settings, notes) = resumed(&saved(Some(30)), &[]).unwrap();
+        assert_eq!(settings.max_steps, None);
+        assert!(
+            notes[0].contains("stopped at its --max-steps 30"),
+            "{notes:?}"
+        );
+        let (settings, notes) = resumed(&saved(Some(40)), &[]).unwrap();
+        assert_eq!((settings.max_steps, notes.len()), (Some(40), 0));
+        let (settings, notes) = resumed(&saved(Some(30)), &["--max-steps", "45"]).unwrap();
+        assert_eq!(settings.max_steps, Some(45));
+        assert_eq!(
+            notes,
+            ["note: resuming with --max-steps 45 (the checkpoint's run had --max-steps 30)"]
+        );
+    }
+
+    /// A version 1 checkpoint from before --log-every was recorded: the
+    /// flag is taken as given, since there is nothing to compare it with.
+    #[test]
+    fn an_unrecorded_setting_is_not_compared() {
+        let mut meta = saved(None);
+        meta.unrecorded = vec!["--log-every", "--out"];
+        let (settings, notes) = resumed(&meta, &["--log-every", "10"]).unwrap();
+        assert_eq!(settings.log_every, 10);
+        assert_eq!(
+            notes,
+            [
+                "note: c is a version 1 checkpoint, which does not record every setting; this run \
+              has --out cifar_net.safetensors"
+            ]
+        );
     }
 }
