@@ -4,12 +4,17 @@
 //! A checkpoint holds the weights under PyTorch's `state_dict` keys
 //! (`conv1.weight` … `fc3.bias`, f32), the SGD momentum buffer as
 //! `optimizer.momentum_buffer` (flat, in [`PARAMETERS`] order, as
-//! [`Sgd`] keeps it), and in the header's `__metadata__` the format and
-//! version, the model and its parameter shapes, the recipe (seed, batch size,
-//! learning rate, momentum, epochs), the size of the training set, and where
-//! training stands: epoch, step within it, global step and the running-loss
-//! sum. The data order needs no state of its own: [`crate::data::epoch_order`]
-//! is a pure function of the seed and the epoch.
+//! [`Sgd`] keeps it), and in the header's `__metadata__` four strings:
+//! `format` (`tch-cifar-checkpoint`), `version` (2), `model` (`Net`) and
+//! `run`, one JSON value ([`Meta`]): the run's [`Settings`], the device it
+//! trained on, the size and md5 of its training set, and where training
+//! stands (epoch, step within it, global step, running-loss sum). The data
+//! order needs no state of its own: [`crate::data::epoch_order`] is a pure
+//! function of the seed, the epoch and the number of images.
+//!
+//! Version 1 checkpoints (one metadata string per field, without the
+//! settings added since) still load: [`Meta::unrecorded`] lists what they
+//! lack, filled with the defaults.
 //!
 //! Files are named `checkpoint-e{epoch:04}-s{step:07}.safetensors` and are
 //! written with [`fsutil::write_atomically`] (temporary file, fsync, rename,
@@ -18,31 +23,37 @@
 //! fails and falls back to the next older one. Temporary files (names starting
 //! with `.`) are never read, and are cleaned up by the next save.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::ValueEnum;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::device::CpuConv;
+use crate::device::{CpuConv, DeviceArg};
 use crate::fsutil;
 use crate::model::{Model, PARAMETERS};
 use crate::optim::Sgd;
+use crate::settings::{self, Settings};
 
 /// The value of the `format` metadata field.
 pub const FORMAT: &str = "tch-cifar-checkpoint";
-/// The layout version this build writes and reads.
-pub const VERSION: u32 = 1;
-/// The key of the SGD momentum buffer.
+/// The layout version this build writes.
+pub const VERSION: u32 = 2;
+/// The key of the SGD momentum buffer: optimizer state, which
+/// [`Model::load`] leaves out when it reads a checkpoint as weights.
 pub const MOMENTUM_KEY: &str = "optimizer.momentum_buffer";
+/// The metadata field that holds [`Meta`] as JSON.
+const RUN_KEY: &str = "run";
 const PREFIX: &str = "checkpoint-e";
 const SUFFIX: &str = ".safetensors";
 
 /// Where training stands after some steps.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Position {
     /// The epoch in progress, from 1.
     pub epoch: u64,
@@ -78,135 +89,161 @@ impl Position {
     }
 }
 
-/// What a checkpoint records besides its tensors.
-#[derive(Debug, Clone, PartialEq)]
+/// What a checkpoint records besides its tensors: the `run` metadata field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Meta {
-    pub seed: u64,
-    pub batch_size: u64,
-    pub lr: f64,
-    pub momentum: f64,
-    /// The epochs the saving run was going for.
-    pub epochs: u64,
-    /// Steps per loss line: the saved running-loss sum covers the steps
-    /// since the last one. `None` in checkpoints from before it was kept.
-    pub log_every: Option<u64>,
+    pub settings: Settings,
+    /// The device the saving run trained on (`cpu`, `cuda:0`).
+    pub trained_on: String,
     /// Images in the training set: the data order depends on it.
     pub train_images: u64,
-    /// The training set's [`crate::data::Split::md5`]; `None` in checkpoints
-    /// saved before it was recorded.
+    /// The training set's [`crate::data::Split::md5`], where it has one.
     pub train_md5: Option<String>,
-    /// libtorch's CPU threads; another count changes float sums in the last bits.
-    pub threads: i64,
-    /// The CPU convolution kernel (resolved); another one rounds differently.
-    pub cpu_conv: CpuConv,
-    /// Informational: the device the saving run trained on.
-    pub device: String,
     pub position: Position,
+    /// The flags whose settings the file did not record (a version 1
+    /// checkpoint), so [`Meta::settings`] has their defaults.
+    #[serde(skip)]
+    pub unrecorded: Vec<&'static str>,
 }
 
 impl Meta {
+    /// A run's metadata before its first step.
+    pub fn new(
+        settings: Settings,
+        trained_on: String,
+        train_images: u64,
+        train_md5: Option<String>,
+    ) -> Meta {
+        Meta {
+            settings,
+            trained_on,
+            train_images,
+            train_md5,
+            position: Position::START,
+            unrecorded: vec![],
+        }
+    }
+
     pub fn steps_per_epoch(&self) -> u64 {
-        self.train_images.div_ceil(self.batch_size)
+        self.settings.steps_per_epoch(self.train_images)
+    }
+
+    /// Whether the run had trained all it was set to.
+    pub fn finished(&self) -> bool {
+        self.position.global_step >= self.settings.last_step(self.train_images)
     }
 
     fn to_map(&self) -> HashMap<String, String> {
-        let p = &self.position;
-        // Rust prints an f64 with the fewest digits that parse back to the
-        // same bits, so lr, momentum and the running loss round-trip exactly.
+        // serde_json writes an f64 with the fewest digits that parse back to
+        // the same bits, and reads it back exactly (its `float_roundtrip`),
+        // so lr, momentum and the running loss survive bit for bit.
+        let run = serde_json::to_string(self).expect("checkpoint metadata serializes");
         [
             ("format", FORMAT.to_string()),
             ("version", VERSION.to_string()),
             ("model", "Net".to_string()),
-            ("parameters", parameters_json()),
-            ("seed", self.seed.to_string()),
-            ("batch_size", self.batch_size.to_string()),
-            ("lr", self.lr.to_string()),
-            ("momentum", self.momentum.to_string()),
-            ("epochs", self.epochs.to_string()),
-            ("train_images", self.train_images.to_string()),
-            ("threads", self.threads.to_string()),
-            ("cpu_conv", self.cpu_conv.name().to_string()),
-            ("device", self.device.clone()),
-            ("epoch", p.epoch.to_string()),
-            ("step", p.step.to_string()),
-            ("global_step", p.global_step.to_string()),
-            ("running_loss", p.running_loss.to_string()),
-            (
-                "data_order",
-                "data::epoch_order(seed, epoch - 1, train_images)".to_string(),
-            ),
+            (RUN_KEY, run),
         ]
         .into_iter()
-        .chain(self.train_md5.clone().map(|m| ("train_md5", m)))
-        .chain(self.log_every.map(|n| ("log_every", n.to_string())))
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
 
     fn from_map(map: &HashMap<String, String>, path: &Path) -> Result<Meta> {
         let origin = path.display();
-        let text = |key: &str| {
-            map.get(key)
-                .map(String::as_str)
-                .ok_or_else(|| anyhow!("{origin}: the checkpoint metadata lacks `{key}`"))
-        };
-        let format = text("format")?;
+        let format = text(map, "format", path)?;
         ensure!(
             format == FORMAT,
             "{origin}: not a tch-cifar checkpoint (format `{format}`)"
         );
         let version: u32 = field(map, "version", path)?;
-        ensure!(
-            version == VERSION,
-            "{origin}: checkpoint format version {version}, this tch-cifar reads version {VERSION}"
-        );
-        let model = text("model")?;
+        let model = text(map, "model", path)?;
         ensure!(
             model == "Net",
             "{origin}: holds a `{model}` model, this run trains Net"
         );
-        let shapes: BTreeMap<String, Vec<i64>> = serde_json::from_str(text("parameters")?)
-            .with_context(|| format!("{origin}: the checkpoint field `parameters` is not JSON"))?;
-        let expected: BTreeMap<String, Vec<i64>> = serde_json::from_str(&parameters_json())?;
-        ensure!(
-            shapes == expected,
-            "{origin}: its model's parameter shapes {shapes:?} differ from Net's {expected:?}"
-        );
-        let meta = Meta {
+        let meta = match version {
+            1 => Meta::from_v1(map, path)?,
+            VERSION => serde_json::from_str(text(map, RUN_KEY, path)?).with_context(|| {
+                format!("{origin}: the checkpoint field `{RUN_KEY}` is invalid")
+            })?,
+            _ => bail!(
+                "{origin}: checkpoint format version {version}, this tch-cifar reads versions 1 \
+                 to {VERSION}"
+            ),
+        };
+        meta.validate(path)?;
+        Ok(meta)
+    }
+
+    /// A version 1 checkpoint's fields: one string each, without the
+    /// settings that version 2 added.
+    fn from_v1(map: &HashMap<String, String>, path: &Path) -> Result<Meta> {
+        let origin = path.display();
+        let device = text(map, "device", path)?.to_string();
+        let log_every: Option<u64> = map
+            .contains_key("log_every")
+            .then(|| field(map, "log_every", path))
+            .transpose()?;
+        let mut unrecorded = vec![
+            "--data-dir",
+            "--out",
+            "--max-steps",
+            "--checkpoint-every",
+            "--keep-checkpoints",
+        ];
+        if log_every.is_none() {
+            unrecorded.push("--log-every");
+        }
+        let settings = Settings {
             seed: field(map, "seed", path)?,
+            epochs: field(map, "epochs", path)?,
             batch_size: field(map, "batch_size", path)?,
             lr: field(map, "lr", path)?,
             momentum: field(map, "momentum", path)?,
-            epochs: field(map, "epochs", path)?,
-            train_images: field(map, "train_images", path)?,
-            train_md5: map.get("train_md5").cloned(),
-            log_every: map
-                .contains_key("log_every")
-                .then(|| field(map, "log_every", path))
-                .transpose()?,
+            log_every: log_every.unwrap_or(settings::DEFAULT_LOG_EVERY),
+            max_steps: None,
+            // It recorded the device trained on, which is the one asked for
+            // unless that was `auto`.
+            device: device.parse().unwrap_or(DeviceArg::Auto),
             threads: field(map, "threads", path)?,
             // Checkpoints from before --cpu-conv existed were trained with oneDNN.
             cpu_conv: match map.get("cpu_conv") {
                 None => CpuConv::Onednn,
-                Some(name) => match CpuConv::from_str(name, false) {
-                    Ok(CpuConv::Auto) | Err(_) => {
-                        bail!("{origin}: the checkpoint field `cpu_conv` is `{name}`, not onednn or im2col")
-                    }
-                    Ok(conv) => conv,
-                },
+                Some(name) => CpuConv::from_str(name, false).map_err(|_| {
+                    anyhow!("{origin}: the checkpoint field `cpu_conv` is `{name}`")
+                })?,
             },
-            device: text("device")?.to_string(),
+            checkpoint_every: None,
+            keep_checkpoints: settings::DEFAULT_KEEP_CHECKPOINTS,
+            data_dir: settings::DEFAULT_DATA_DIR.into(),
+            out: settings::DEFAULT_OUT.into(),
+            classes: crate::data::CLASSES.map(String::from).to_vec(),
+        };
+        Ok(Meta {
+            settings,
+            trained_on: device,
+            train_images: field(map, "train_images", path)?,
+            train_md5: map.get("train_md5").cloned(),
             position: Position {
                 epoch: field(map, "epoch", path)?,
                 step: field(map, "step", path)?,
                 global_step: field(map, "global_step", path)?,
                 running_loss: field(map, "running_loss", path)?,
             },
-        };
+            unrecorded,
+        })
+    }
+
+    /// What serde cannot check: ranges, and a position the recipe can reach.
+    fn validate(&self, path: &Path) -> Result<()> {
+        let origin = path.display();
+        let s = &self.settings;
         for (key, v) in [
-            ("lr", meta.lr),
-            ("momentum", meta.momentum),
-            ("running_loss", meta.position.running_loss),
+            ("lr", s.lr),
+            ("momentum", s.momentum),
+            ("running_loss", self.position.running_loss),
         ] {
             ensure!(
                 v.is_finite() && v >= 0.0,
@@ -214,14 +251,31 @@ impl Meta {
             );
         }
         ensure!(
-            meta.batch_size > 0 && meta.train_images > 0 && meta.epochs > 0,
+            s.batch_size > 0 && self.train_images > 0 && s.epochs > 0,
             "{origin}: the checkpoint has batch_size {}, train_images {}, epochs {}",
-            meta.batch_size,
-            meta.train_images,
-            meta.epochs
+            s.batch_size,
+            self.train_images,
+            s.epochs
         );
-        let p = meta.position;
-        let per_epoch = meta.steps_per_epoch();
+        for (key, v) in [
+            ("log_every", s.log_every),
+            ("keep_checkpoints", s.keep_checkpoints),
+            ("threads", s.threads.max(0) as u64),
+            ("max_steps", s.max_steps.unwrap_or(1)),
+            ("checkpoint_every", s.checkpoint_every.unwrap_or(1)),
+        ] {
+            ensure!(v > 0, "{origin}: the checkpoint field `{key}` is 0 or less");
+        }
+        ensure!(
+            s.cpu_conv != CpuConv::Auto,
+            "{origin}: the checkpoint field `cpu_conv` is `auto`, not onednn or im2col"
+        );
+        ensure!(
+            !s.classes.is_empty(),
+            "{origin}: the checkpoint lists no classes"
+        );
+        let p = self.position;
+        let per_epoch = self.steps_per_epoch();
         ensure!(
             p.epoch >= 1
                 && p.step <= per_epoch
@@ -234,55 +288,15 @@ impl Meta {
             p.step,
             p.global_step
         );
-        Ok(meta)
-    }
-
-    /// Errors, naming every difference, unless a run with `run`'s recipe
-    /// can continue from this checkpoint. `--epochs` may grow, but may not
-    /// end before the checkpoint's epoch. `path` names the checkpoint.
-    pub fn check_resumable(&self, run: &Meta, path: &Path) -> Result<()> {
-        let mut theirs = vec![];
-        let mut ours = vec![];
-        let mut differ = |flag: &str, a: String, b: String| {
-            if a != b {
-                theirs.push(format!("{flag} {a}"));
-                ours.push(format!("{flag} {b}"));
-            }
-        };
-        differ("--seed", self.seed.to_string(), run.seed.to_string());
-        differ(
-            "--batch-size",
-            self.batch_size.to_string(),
-            run.batch_size.to_string(),
-        );
-        differ("--lr", self.lr.to_string(), run.lr.to_string());
-        differ(
-            "--momentum",
-            self.momentum.to_string(),
-            run.momentum.to_string(),
-        );
-        if let (Some(saved), Some(now)) = (self.log_every, run.log_every) {
-            differ("--log-every", saved.to_string(), now.to_string());
-        }
-        ensure!(
-            theirs.is_empty(),
-            "cannot resume from {}: it was saved with {}, this run has {}",
-            path.display(),
-            theirs.join(", "),
-            ours.join(", ")
-        );
-        ensure!(
-            run.epochs >= self.position.epoch,
-            "cannot resume from {}: it is at epoch {}, step {}, past the end of --epochs {}; \
-             pass --epochs {} or more",
-            path.display(),
-            self.position.epoch,
-            self.position.step,
-            run.epochs,
-            self.position.epoch
-        );
         Ok(())
     }
+}
+
+/// The metadata field `key`, naming the file and field if it is missing.
+fn text<'a>(map: &'a HashMap<String, String>, key: &str, path: &Path) -> Result<&'a str> {
+    map.get(key)
+        .map(String::as_str)
+        .ok_or_else(|| anyhow!("{}: the checkpoint metadata lacks `{key}`", path.display()))
 }
 
 /// Parses the metadata field `key`, naming the file and field on failure.
@@ -290,20 +304,13 @@ fn field<T: FromStr>(map: &HashMap<String, String>, key: &str, path: &Path) -> R
 where
     T::Err: std::fmt::Display,
 {
-    let text = map
-        .get(key)
-        .ok_or_else(|| anyhow!("{}: the checkpoint metadata lacks `{key}`", path.display()))?;
+    let text = text(map, key, path)?;
     text.parse().map_err(|e| {
         anyhow!(
             "{}: the checkpoint field `{key}` is `{text}`: {e}",
             path.display()
         )
     })
-}
-
-fn parameters_json() -> String {
-    let shapes: BTreeMap<&str, &[i64]> = PARAMETERS.into_iter().collect();
-    serde_json::to_string(&shapes).expect("shapes serialize")
 }
 
 /// A checkpoint read and checked, not yet applied to a model.
@@ -399,24 +406,8 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         "{origin}: `{MOMENTUM_KEY}` has shape {:?}, expected [{numel}]",
         momentum_buffer.size()
     );
-    // The same checks as Model::set_state_dict, made here so that a bad
-    // file is skipped before any model is touched.
-    if let Some(key) = weights
-        .keys()
-        .find(|k| !PARAMETERS.iter().any(|(p, _)| p == k))
-    {
-        bail!("{origin}: unexpected key `{key}`");
-    }
-    for (name, shape) in PARAMETERS {
-        let tensor = weights
-            .get(name)
-            .ok_or_else(|| anyhow!("{origin}: missing key `{name}`"))?;
-        ensure!(
-            tensor.size() == shape,
-            "{origin}: key `{name}` has shape {:?}, Net expects {shape:?}",
-            tensor.size()
-        );
-    }
+    // Checked now, so that a bad file is skipped before any model is touched.
+    crate::model::check_state_dict(&weights, path)?;
     Ok(Checkpoint {
         path: path.to_path_buf(),
         meta,
@@ -511,7 +502,7 @@ impl Saver {
                  checkpoint written{}",
                 position.epoch,
                 position.step,
-                crate::train::diverged_hint(self.meta.lr, self.meta.momentum),
+                settings::diverged_hint(self.meta.settings.lr, self.meta.settings.momentum),
                 match self.last() {
                     Some(p) => format!("; the last good one is {}", p.display()),
                     None => String::new(),
@@ -620,19 +611,29 @@ fn f32_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Set (to milliseconds) only by tests: each save then writes half its
-/// bytes, pauses, and writes the rest, so that a test can SIGKILL the process
-/// in the middle of a write every time instead of by luck.
-const STALL_ENV: &str = "TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS";
-
 fn write_checkpoint_bytes(tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let stall = std::env::var(STALL_ENV)
+    #[cfg(feature = "test-hooks")]
+    if let Some(ms) = test_stall_ms() {
+        return stalled_write(tmp, bytes, ms);
+    }
+    std::fs::write(tmp, bytes)
+}
+
+/// With the `test-hooks` feature only (the tests'), set to milliseconds:
+/// each save then writes half its bytes, pauses, and writes the rest, so
+/// that a test can SIGKILL the process in the middle of a write every time
+/// instead of by luck.
+#[cfg(feature = "test-hooks")]
+fn test_stall_ms() -> Option<u64> {
+    std::env::var("TCH_CIFAR_TEST_STALL_CHECKPOINT_WRITE_MS")
+        .ok()?
+        .parse()
         .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    let Some(ms) = stall else {
-        return std::fs::write(tmp, bytes);
-    };
+}
+
+#[cfg(feature = "test-hooks")]
+fn stalled_write(tmp: &Path, bytes: &[u8], ms: u64) -> std::io::Result<()> {
+    use std::io::Write;
     let mut file = std::fs::File::create(tmp)?;
     let (head, tail) = bytes.split_at(bytes.len() / 2);
     file.write_all(head)?;
@@ -647,19 +648,16 @@ mod tests {
     use tch::nn::Module;
 
     fn meta(position: Position) -> Meta {
-        Meta {
-            seed: 3,
-            batch_size: 4,
+        let settings = Settings {
             lr: 0.01,
-            momentum: 0.9,
-            epochs: 2,
-            train_images: 40,
-            train_md5: Some("0123456789abcdef0123456789abcdef".into()),
-            log_every: Some(7),
-            threads: 1,
-            cpu_conv: CpuConv::Im2col,
-            device: "cpu".into(),
+            log_every: 7,
+            max_steps: Some(19),
+            ..Settings::tutorial(3)
+        };
+        let md5 = Some("0123456789abcdef0123456789abcdef".into());
+        Meta {
             position,
+            ..Meta::new(settings, "cpu".into(), 40, md5)
         }
     }
 
@@ -784,76 +782,157 @@ mod tests {
         );
     }
 
-    #[test]
-    fn bad_metadata_is_named() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A copy of the checkpoint at `path` with its metadata map edited by `edit`.
+    fn edited(path: &Path, edit: impl FnOnce(&mut HashMap<String, String>)) -> PathBuf {
+        let bytes = std::fs::read(path).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let mut map = header.metadata().clone().unwrap();
+        edit(&mut map);
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let out = path.with_file_name("edited.safetensors");
+        let encoded = safetensors::serialize(file.tensors(), &Some(map)).unwrap();
+        std::fs::write(&out, encoded).unwrap();
+        out
+    }
+
+    fn saved_once(dir: &Path) -> PathBuf {
         let (model, opt) = trained();
-        let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
-        let path = saver.save(&model, &opt, at(1, 1)).unwrap();
-        let edited = |key: &str, value: Option<&str>| {
-            let bytes = std::fs::read(&path).unwrap();
-            let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
-            let mut map = header.metadata().clone().unwrap();
-            match value {
-                Some(v) => map.insert(key.into(), v.into()),
-                None => map.remove(key),
-            };
-            let file = SafeTensors::deserialize(&bytes).unwrap();
-            let out = dir.path().join("edited.safetensors");
-            safetensors::serialize(file.tensors(), &Some(map))
-                .map(|b| std::fs::write(&out, b))
-                .unwrap()
-                .unwrap();
-            out
-        };
-        let rewrite = |key: &str, value: Option<&str>| {
-            let out = edited(key, value);
-            format!("{:#}", load(&out).err().expect("must be refused"))
-        };
-        let err = rewrite("lr", None);
-        assert!(
-            err.contains("edited.safetensors") && err.contains("lacks `lr`"),
-            "{err}"
-        );
-        let err = rewrite("seed", Some("abc"));
-        assert!(err.contains("field `seed` is `abc`"), "{err}");
-        let err = rewrite("model", Some("ResNet"));
-        assert!(err.contains("`ResNet`"), "{err}");
-        let err = rewrite("version", Some("2"));
-        assert!(err.contains("version 2"), "{err}");
-        let err = rewrite("global_step", Some("7"));
-        assert!(err.contains("inconsistent position"), "{err}");
-        let err = rewrite("cpu_conv", Some("auto"));
-        assert!(err.contains("field `cpu_conv` is `auto`"), "{err}");
-        // Checkpoints from before --cpu-conv: trained with oneDNN.
-        let old = load(&edited("cpu_conv", None)).unwrap();
-        assert_eq!(old.meta.cpu_conv, CpuConv::Onednn);
+        let mut saver = Saver::new(dir.to_path_buf(), 2, meta(at(1, 0)), None);
+        saver.save(&model, &opt, at(1, 1)).unwrap()
     }
 
     #[test]
-    fn recipe_differences_are_all_named() {
-        let saved = meta(at(2, 3));
-        let mut run = saved.clone();
-        saved.check_resumable(&run, Path::new("c")).unwrap();
-        run.lr = 0.001;
-        run.batch_size = 8;
-        let err = saved
-            .check_resumable(&run, Path::new("c"))
-            .unwrap_err()
-            .to_string();
+    fn bad_metadata_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = saved_once(dir.path());
+        let refused = |edit: &dyn Fn(&mut HashMap<String, String>)| {
+            format!(
+                "{:#}",
+                load(&edited(&path, edit)).err().expect("must be refused")
+            )
+        };
+        let run = |edit: fn(&mut serde_json::Value)| {
+            move |map: &mut HashMap<String, String>| {
+                let mut run: serde_json::Value = serde_json::from_str(&map[RUN_KEY]).unwrap();
+                edit(&mut run);
+                map.insert(RUN_KEY.into(), run.to_string());
+            }
+        };
+        let err = refused(&|m| {
+            m.remove(RUN_KEY);
+        });
         assert!(
-            err.contains(
-                "saved with --batch-size 4, --lr 0.01, this run has --batch-size 8, --lr 0.001"
-            ),
+            err.contains("edited.safetensors") && err.contains("lacks `run`"),
             "{err}"
         );
-        let mut run = saved.clone();
-        run.epochs = 1;
-        let err = saved
-            .check_resumable(&run, Path::new("c"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--epochs 2 or more"), "{err}");
+        let err = refused(&run(|r| r["settings"]["seed"] = "abc".into()));
+        assert!(
+            err.contains("field `run` is invalid") && err.contains("abc"),
+            "{err}"
+        );
+        let err = refused(&run(|r| {
+            r["settings"].as_object_mut().unwrap().remove("lr");
+        }));
+        assert!(err.contains("missing field `lr`"), "{err}");
+        let err = refused(&|m| {
+            m.insert("model".into(), "ResNet".into());
+        });
+        assert!(err.contains("`ResNet`"), "{err}");
+        let err = refused(&|m| {
+            m.insert("version".into(), "3".into());
+        });
+        assert!(
+            err.contains("version 3, this tch-cifar reads versions 1 to 2"),
+            "{err}"
+        );
+        let err = refused(&run(|r| r["position"]["global_step"] = 7.into()));
+        assert!(err.contains("inconsistent position"), "{err}");
+        let err = refused(&run(|r| r["settings"]["cpu_conv"] = "auto".into()));
+        assert!(err.contains("field `cpu_conv` is `auto`"), "{err}");
+        let err = refused(&run(|r| r["settings"]["threads"] = 0.into()));
+        assert!(err.contains("field `threads` is 0"), "{err}");
+        let err = refused(&run(|r| r["settings"]["lr"] = (-1.0).into()));
+        assert!(err.contains("field `lr` is -1"), "{err}");
+    }
+
+    /// A version 1 checkpoint, its metadata one string per field as the
+    /// previous layout wrote it (`tests/fixtures/checkpoint-v1-metadata.json`
+    /// holds one written by that code).
+    fn v1_map(m: &Meta) -> HashMap<String, String> {
+        let s = &m.settings;
+        let p = &m.position;
+        [
+            ("format", FORMAT.to_string()),
+            ("version", "1".to_string()),
+            ("model", "Net".to_string()),
+            ("parameters", "{}".to_string()),
+            ("seed", s.seed.to_string()),
+            ("batch_size", s.batch_size.to_string()),
+            ("lr", s.lr.to_string()),
+            ("momentum", s.momentum.to_string()),
+            ("epochs", s.epochs.to_string()),
+            ("train_images", m.train_images.to_string()),
+            ("threads", s.threads.to_string()),
+            ("cpu_conv", s.cpu_conv.name().to_string()),
+            ("device", m.trained_on.clone()),
+            ("epoch", p.epoch.to_string()),
+            ("step", p.step.to_string()),
+            ("global_step", p.global_step.to_string()),
+            ("running_loss", p.running_loss.to_string()),
+            (
+                "data_order",
+                "data::epoch_order(seed, epoch - 1, train_images)".to_string(),
+            ),
+            ("train_md5", m.train_md5.clone().unwrap()),
+            ("log_every", s.log_every.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    #[test]
+    fn version_1_checkpoints_load_with_the_defaults_for_what_they_lack() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = saved_once(dir.path());
+        let mut want = meta(at(1, 1));
+        let v1 = edited(&path, |m| *m = v1_map(&want));
+        let loaded = load(&v1).unwrap();
+        // Not recorded: no --max-steps then, and the defaults of the rest.
+        want.settings.max_steps = None;
+        want.unrecorded = vec![
+            "--data-dir",
+            "--out",
+            "--max-steps",
+            "--checkpoint-every",
+            "--keep-checkpoints",
+        ];
+        assert_eq!(loaded.meta, want);
+        // From before --log-every and --cpu-conv were recorded.
+        let older = edited(&path, |m| {
+            *m = v1_map(&want);
+            m.remove("log_every");
+            m.remove("cpu_conv");
+        });
+        let loaded = load(&older).unwrap();
+        assert_eq!(loaded.meta.settings.cpu_conv, CpuConv::Onednn);
+        assert_eq!(loaded.meta.settings.log_every, settings::DEFAULT_LOG_EVERY);
+        assert!(loaded.meta.unrecorded.contains(&"--log-every"));
+        let err = format!(
+            "{:#}",
+            load(&edited(&path, |m| {
+                *m = v1_map(&want);
+                m.insert("seed".into(), "abc".into());
+            }))
+            .err()
+            .unwrap()
+        );
+        assert!(err.contains("field `seed` is `abc`"), "{err}");
+    }
+
+    #[test]
+    fn the_momentum_key_is_optimizer_state_to_weights_loading() {
+        assert!(MOMENTUM_KEY.starts_with(crate::model::OPTIMIZER_PREFIX));
     }
 
     #[test]

@@ -52,9 +52,6 @@ pub struct CompareArgs {
     pub data: DataArgs,
     #[command(flatten)]
     pub recipe: Recipe,
-    /// Passes over the training set.
-    #[arg(long, default_value_t = crate::train::DEFAULT_EPOCHS, value_parser = clap::value_parser!(u64).range(1..=crate::train::MAX_EPOCHS))]
-    pub epochs: u64,
     /// Write the loss of A, B and C at every mini-batch to this CSV file.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
@@ -883,10 +880,7 @@ pub fn write_plot(path: &Path, history: &History) -> Result<()> {
 /// `tch-cifar compare-losses`.
 pub fn run(args: CompareArgs) -> Result<()> {
     let started = Instant::now();
-    let recipe = &Recipe {
-        epochs: args.epochs,
-        ..args.recipe.clone()
-    };
+    let recipe = &args.recipe;
     let device = recipe.device()?;
     let cpu = recipe.cpu_settings();
     // Until the test set is evaluated.

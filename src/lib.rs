@@ -4,7 +4,8 @@
 //! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
-//! * [`checkpoint`]: saving and resuming a training run.
+//! * [`settings`] and [`checkpoint`]: a training run's settings, and saving and
+//!   resuming it.
 //! * [`compare`]: cross-entropy on logits against softmax + `nll_loss(log p)`.
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
 //! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
@@ -26,4 +27,5 @@ pub mod predict;
 pub mod pth;
 pub mod report;
 pub mod samples;
+pub mod settings;
 pub mod train;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tch_cifar::{compare, evaluate, export, predict, report, samples, train};
 use tracing_subscriber::EnvFilter;
 
@@ -66,8 +66,12 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
         )
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    // `train` also gets its matches, which tell a typed flag from a default.
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(err) => {
             report::print_usage_error_event(&err, std::env::args_os());
             err.exit()
@@ -75,7 +79,7 @@ fn main() -> ExitCode {
     };
     let json = cli.command.json();
     let result = match cli.command {
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(args, matches.subcommand().expect("a subcommand").1),
         Command::Evaluate(args) => evaluate::run(args),
         Command::CompareLosses(args) => compare::run(args),
         Command::Export(args) => export::run(args),

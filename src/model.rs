@@ -162,6 +162,10 @@ pub fn with_torch_rng<T>(seed: Option<u64>, draw: impl FnOnce() -> T) -> T {
     draw()
 }
 
+/// The keys of a training checkpoint's optimizer state, kept beside the
+/// weights: [`Model::load`] leaves them out.
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
 /// A `Net` with its own variable store on `device`.
 ///
 /// All parameters are views into one contiguous tensor, `flat`, in
@@ -208,7 +212,7 @@ impl Model {
     pub fn load(path: &Path, device: Device) -> Result<Model> {
         let mut model = Model::new(device, None);
         let mut tensors = read_state_dict(path)?;
-        tensors.remove(crate::checkpoint::MOMENTUM_KEY);
+        tensors.retain(|key, _| !key.starts_with(OPTIMIZER_PREFIX));
         model.set_state_dict(tensors, path)?;
         Ok(model)
     }
@@ -227,45 +231,19 @@ impl Model {
             .collect()
     }
 
-    /// Copies `tensors` into the parameters; every key must be present,
-    /// none extra, shapes equal. `origin` names the source in errors.
+    /// Copies `tensors` into the parameters after [`check_state_dict`].
     pub fn set_state_dict(
         &mut self,
         tensors: HashMap<String, Tensor>,
         origin: &Path,
     ) -> Result<()> {
-        let origin = origin.display();
+        check_state_dict(&tensors, origin)?;
         let mut vars = self.vs.variables();
-        let extra: Vec<&String> = tensors
-            .keys()
-            .filter(|k| !vars.contains_key(k.as_str()))
-            .collect();
-        if let Some(key) = extra.first() {
-            bail!(
-                "{origin}: unexpected key `{key}` (Net's keys are {})",
-                PARAMETERS.map(|(k, _)| k).join(", ")
-            );
-        }
-        for (name, shape) in PARAMETERS {
-            let Some(src) = tensors.get(name) else {
-                bail!("{origin}: missing key `{name}`");
-            };
-            if src.size() != shape {
-                bail!(
-                    "{origin}: key `{name}` has shape {:?}, Net expects {shape:?}",
-                    src.size()
-                );
-            }
-            if !src.is_floating_point() {
-                bail!(
-                    "{origin}: key `{name}` holds {:?} values, not floats",
-                    src.kind()
-                );
-            }
+        for (name, _) in PARAMETERS {
             let var = vars
                 .get_mut(name)
                 .expect("PARAMETERS lists Net's variables");
-            tch::no_grad(|| var.copy_(&src.to_kind(Kind::Float)));
+            tch::no_grad(|| var.copy_(&tensors[name].to_kind(Kind::Float)));
         }
         Ok(())
     }
@@ -290,6 +268,39 @@ impl Model {
     pub fn save_pth(&self, path: &Path) -> Result<()> {
         crate::pth::write(path, &self.state_dict())
     }
+}
+
+/// Checks that `tensors` are Net's `state_dict`: every key present, none
+/// extra, shapes equal, floats. `origin` names the source in errors.
+pub fn check_state_dict(tensors: &HashMap<String, Tensor>, origin: &Path) -> Result<()> {
+    let origin = origin.display();
+    let extra = tensors
+        .keys()
+        .find(|k| !PARAMETERS.iter().any(|(p, _)| p == k));
+    if let Some(key) = extra {
+        bail!(
+            "{origin}: unexpected key `{key}` (Net's keys are {})",
+            PARAMETERS.map(|(k, _)| k).join(", ")
+        );
+    }
+    for (name, shape) in PARAMETERS {
+        let Some(src) = tensors.get(name) else {
+            bail!("{origin}: missing key `{name}`");
+        };
+        if src.size() != shape {
+            bail!(
+                "{origin}: key `{name}` has shape {:?}, Net expects {shape:?}",
+                src.size()
+            );
+        }
+        if !src.is_floating_point() {
+            bail!(
+                "{origin}: key `{name}` holds {:?} values, not floats",
+                src.kind()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {

@@ -196,6 +196,7 @@ fn resume_command(stderr: &str) -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn sigint_stops_with_130_and_the_resumed_run_matches_an_uninterrupted_one() {
     let dir = scratch();
     let (want, want_text) = reference(dir.path(), "8");
@@ -298,6 +299,7 @@ fn more_epochs_on_resume_continue_the_run_past_torn_and_garbage_files() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
     let dir = scratch();
     let (want, _) = reference(dir.path(), "4");
@@ -376,6 +378,7 @@ fn sigkill_in_the_middle_of_checkpoint_writes_leaves_loadable_checkpoints() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
     let dir = scratch();
     let args = train_args("net.safetensors", &["--epochs", "20", "--max-steps", "990"]);
@@ -403,17 +406,9 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
         stderr(&again)
     );
     assert_eq!(assert_all_loadable(&ck), 1);
+    // The checkpoint holds every setting, --max-steps included.
     let resume = resume_command(&err);
-    assert_eq!(
-        resume[..3],
-        ["train", "--resume", "net.safetensors.checkpoint"]
-    );
-    let max_steps = resume.iter().position(|w| w == "--max-steps");
-    assert_eq!(
-        max_steps.map(|i| resume[i + 1].as_str()),
-        Some("990"),
-        "{resume:?}"
-    );
+    assert_eq!(resume, ["train", "--resume", "net.safetensors.checkpoint"]);
     // Resuming works (stopped again at once: the run is long).
     let run = Running::start(dir.path(), &resume);
     let first = run.wait_for_training();
@@ -439,6 +434,7 @@ fn sigterm_without_a_checkpoint_dir_saves_next_to_the_output() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn a_signal_in_the_last_step_writes_the_weights_and_skips_the_test_set() {
     // 10 images in batches of 5: 2 steps. Each step sleeps 3 s, so a signal
     // sent on step 1's loss line lands in step 2, the last.
@@ -507,6 +503,7 @@ fn a_signal_in_the_last_step_writes_the_weights_and_skips_the_test_set() {
 }
 
 #[test]
+#[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn a_second_signal_exits_at_once_with_130() {
     let dir = scratch();
     let args = train_args(
@@ -565,7 +562,10 @@ fn fails_cleanly_after_start(out: &Output) -> String {
     let err = stderr(out);
     for l in err.lines() {
         assert!(
-            l == line || l.starts_with("training on ") || l.starts_with("resuming from "),
+            l == line
+                || l.starts_with("training on ")
+                || l.starts_with("resuming from ")
+                || l.starts_with("note: resuming with "),
             "unexpected stderr line `{l}` in: {err}"
         );
     }
@@ -644,32 +644,42 @@ fn resume_with_another_kernel_or_thread_count_goes_on_with_a_note() {
     );
 }
 
-/// A checkpoint saved on a GPU goes on on the CPU with a note about the
-/// device alone: its CPU threads and kernel did not shape its numbers.
-#[test]
-fn resume_on_another_device_goes_on_with_a_note() {
-    let dir = scratch();
-    checkpointed(dir.path(), "1");
-    let file = dir.path().join("ck/checkpoint-e0001-s0000050.safetensors");
+/// Runs the Python statement `change` on the JSON `run` metadata of the
+/// checkpoint `file`, in place.
+fn edit_run(file: &Path, change: &str) {
+    let script = format!(
+        "import json, sys\n\
+         from safetensors import safe_open\n\
+         from safetensors.torch import save_file\n\
+         with safe_open(sys.argv[1], 'pt') as f:\n\
+         \x20   meta = f.metadata()\n\
+         \x20   tensors = {{k: f.get_tensor(k) for k in f.keys()}}\n\
+         run = json.loads(meta['run'])\n\
+         {change}\n\
+         meta['run'] = json.dumps(run)\n\
+         save_file(tensors, sys.argv[1], metadata=meta)"
+    );
     let edit = std::process::Command::new(python())
-        .args([
-            "-c",
-            "import sys\n\
-             from safetensors import safe_open\n\
-             from safetensors.torch import save_file\n\
-             with safe_open(sys.argv[1], 'pt') as f:\n\
-             \x20   meta = f.metadata()\n\
-             \x20   tensors = {k: f.get_tensor(k) for k in f.keys()}\n\
-             meta['device'] = 'cuda:0'\n\
-             save_file(tensors, sys.argv[1], metadata=meta)",
-        ])
-        .arg(&file)
+        .args(["-c", &script])
+        .arg(file)
         .output()
         .unwrap();
     assert!(
         edit.status.success(),
         "{}",
         String::from_utf8_lossy(&edit.stderr)
+    );
+}
+
+/// A checkpoint saved on a GPU goes on on the CPU with a note about the
+/// device alone: its CPU threads and kernel did not shape its numbers.
+#[test]
+fn resume_on_another_device_goes_on_with_a_note() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    edit_run(
+        &dir.path().join("ck/checkpoint-e0001-s0000050.safetensors"),
+        "run['trained_on'] = 'cuda:0'",
     );
     let args = with(
         train_args("net.safetensors", &["--epochs", "2", "--resume", "ck"]),
@@ -725,6 +735,19 @@ fn resume_refuses_a_checkpoint_that_differs_from_the_run() {
     refused(
         &["--resume", "nowhere"],
         &["checkpoint directory nowhere does not exist"],
+    );
+    // Another list of classes (a dataset of other images).
+    let classes = tempfile::tempdir().unwrap();
+    let edited = classes.path().join("checkpoint-e0001-s0000050.safetensors");
+    std::fs::copy(ck.join("checkpoint-e0001-s0000050.safetensors"), &edited).unwrap();
+    edit_run(&edited, "run['settings']['classes'] = ['cat', 'dog']");
+    let args = with(
+        train_args("other.safetensors", &[]),
+        &["--resume", s(classes.path())],
+    );
+    fails_with(
+        &run_in(dir.path(), &args),
+        &["trained on the classes cat, dog, this training set has plane, car, bird, "],
     );
     // A fresh run may not mix its checkpoints with another run's.
     let out = run_in(
@@ -815,4 +838,200 @@ fn max_steps_saves_the_epoch_it_closes_and_holds_across_a_resume() {
     ));
     assert_eq!(again["steps"], 50, "{again}");
     assert_eq!(read(dir.path().join("again.safetensors")), weights);
+}
+
+/// `--resume DIR` alone goes on with every setting of the run: its
+/// non-default --lr, --batch-size and --log-every, its --data-dir, --out,
+/// --device and --threads. A stop at --max-steps leaves a checkpoint at that
+/// step, and a resume from it trains on to the end.
+#[test]
+fn a_resume_without_flags_adopts_the_runs_settings_and_matches_an_uninterrupted_run() {
+    let dir = scratch();
+    // 200 images in batches of 8: 25 steps per epoch.
+    let args = |out: &str, extra: &[&str]| {
+        let recipe = ["--lr", "0.02", "--batch-size", "8", "--log-every", "7"];
+        with(
+            train_args(out, &[&["--epochs", "2"], extra].concat()),
+            &recipe,
+        )
+    };
+    let (want, want_text) = {
+        let text = ok(&run_in(dir.path(), &args("reference.safetensors", &[])));
+        (read(dir.path().join("reference.safetensors")), text)
+    };
+    let first = args(
+        "net.safetensors",
+        &["--checkpoint-dir", "ck", "--max-steps", "30", "--json"],
+    );
+    let out = run_in(dir.path(), &first);
+    let summary: serde_json::Value =
+        serde_json::from_str(ok(&out).lines().last().unwrap()).unwrap();
+    let at_stop = Path::new("ck").join("checkpoint-e0002-s0000005.safetensors");
+    assert_eq!(summary["steps"], 30);
+    assert_eq!(
+        summary["checkpoint"],
+        at_stop.to_str().unwrap(),
+        "{summary}"
+    );
+    assert!(
+        stderr(&out).contains("saved the weights to net.safetensors"),
+        "{}",
+        stderr(&out)
+    );
+    let meta = checkpoint::load(&dir.path().join(&at_stop)).unwrap().meta;
+    assert_eq!(meta.position.global_step, 30);
+    assert_eq!(
+        (
+            meta.settings.lr,
+            meta.settings.batch_size,
+            meta.settings.log_every
+        ),
+        (0.02, 8, 7)
+    );
+    let first_text: String = ok(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "loss")
+        .map(|v| {
+            let (e, s, l) = (&v["epoch"], v["step"].as_u64().unwrap(), v["loss"].as_f64());
+            format!("[{e}, {s:5}] loss: {:.3}\n", l.unwrap())
+        })
+        .collect();
+
+    std::fs::remove_file(dir.path().join("net.safetensors")).unwrap();
+    let resumed = run_in(
+        dir.path(),
+        &["train".into(), "--resume".into(), "ck".into()],
+    );
+    let then = ok(&resumed);
+    let err = stderr(&resumed);
+    assert!(
+        err.contains(
+            "note: the checkpoint's run stopped at its --max-steps 30; this one trains on"
+        ) && err.contains("training on cpu (1 thread, ")
+            && err.contains("training to the end of epoch 2")
+            && !err.contains("differ in the last bits"),
+        "{err}"
+    );
+    assert_eq!(read(dir.path().join("net.safetensors")), want);
+    let mut losses = loss_lines(&first_text);
+    losses.extend(loss_lines(&then));
+    assert_eq!(losses, loss_lines(&want_text));
+}
+
+/// A flag that would change the run's numbers is refused with its
+/// difference, even alone; one that only changes the bookkeeping is taken.
+#[test]
+fn a_resume_refuses_a_conflicting_flag_and_takes_a_safe_one_with_a_note() {
+    let dir = scratch();
+    checkpointed(dir.path(), "1");
+    let ck = dir.path().join("ck");
+    let files = tree(&ck);
+    let resume = |extra: &[&str]| {
+        let mut args = vec!["train", "--resume", "ck"];
+        args.extend(extra);
+        run_in(
+            dir.path(),
+            &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    fails_cleanly(
+        &resume(&["--momentum", "0.5"]),
+        &[
+            "saved with --momentum 0.9, this run has --momentum 0.5",
+            "leave them out",
+        ],
+    );
+    // The default value, typed, is a difference too.
+    fails_cleanly(
+        &resume(&["--lr", "0.001"]),
+        &["saved with --lr 0.01, this run has --lr 0.001"],
+    );
+    assert_eq!(tree(&ck), files);
+    let out = resume(&[
+        "--epochs",
+        "2",
+        "--keep-checkpoints",
+        "3",
+        "--out",
+        "other.safetensors",
+    ]);
+    ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("note: resuming with --epochs 2 (the checkpoint's run had --epochs 1)")
+            && err.contains("note: resuming with --keep-checkpoints 3 (the checkpoint's run had --keep-checkpoints 2)"),
+        "{err}"
+    );
+    assert!(dir.path().join("other.safetensors").exists());
+    let newest = checkpoint::newest(&ck).unwrap();
+    assert_eq!(newest.meta.settings.epochs, 2);
+    assert_eq!(newest.meta.settings.keep_checkpoints, 3);
+    assert_eq!(newest.meta.settings.out, Path::new("other.safetensors"));
+}
+
+/// A checkpoint of the previous layout (version 1: one metadata string per
+/// field) resumes, adopting what it recorded. Its metadata is the one the
+/// previous code wrote (`tests/fixtures/checkpoint-v1-metadata.json`); its
+/// tensors are this machine's, so that the end can be compared bit for bit.
+#[test]
+fn a_version_1_checkpoint_still_resumes() {
+    let dir = scratch();
+    // The fixture's run: 5 images a batch (40 steps per epoch), saved at step 35.
+    let recipe = ["--batch-size", "5", "--epochs", "2"];
+    let (want, want_text) = {
+        let text = ok(&run_in(
+            dir.path(),
+            &train_args("reference.safetensors", &recipe),
+        ));
+        (read(dir.path().join("reference.safetensors")), text)
+    };
+    let extra = [
+        "--checkpoint-dir",
+        "ck",
+        "--checkpoint-every",
+        "35",
+        "--max-steps",
+        "36",
+    ];
+    ok(&run_in(
+        dir.path(),
+        &with(train_args("net.safetensors", &recipe), &extra),
+    ));
+    let name = "checkpoint-e0001-s0000035.safetensors";
+    let bytes = read(dir.path().join("ck").join(name));
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let fixture = read(repo_path("tests/fixtures/checkpoint-v1-metadata.json"));
+    let v1: std::collections::HashMap<String, String> = serde_json::from_slice(&fixture).unwrap();
+    assert_eq!(v1["version"], "1");
+    let old = dir.path().join("old");
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(
+        old.join(name),
+        safetensors::serialize(file.tensors(), &Some(v1)).unwrap(),
+    )
+    .unwrap();
+
+    // Version 1 did not record --data-dir and --out: the defaults hold.
+    let out = run_in(
+        dir.path(),
+        &["train".into(), "--resume".into(), "old".into()],
+    );
+    let then = ok(&out);
+    let err = stderr(&out);
+    assert!(
+        err.contains("is a version 1 checkpoint, which does not record every setting; this run has --data-dir data, --out cifar_net.safetensors")
+            && err.contains("at epoch 1, step 35 (global step 35); training to the end of epoch 2"),
+        "{err}"
+    );
+    assert_eq!(read(dir.path().join("cifar_net.safetensors")), want);
+    let after: Vec<String> = loss_lines(&want_text)
+        .into_iter()
+        .skip_while(|l| !l.starts_with("[1,    40]"))
+        .collect();
+    assert_eq!(loss_lines(&then), after);
+    // Its next checkpoints are version 2.
+    let newest = checkpoint::newest(&old).unwrap();
+    assert!(newest.meta.unrecorded.is_empty());
+    assert_eq!(newest.meta.settings.out, Path::new("cifar_net.safetensors"));
 }

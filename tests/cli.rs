@@ -40,7 +40,14 @@ fn train_then_evaluate_prints_the_tutorial_lines_and_beats_chance() {
     let data = dir.path().join("data");
     synthetic(&data, 500, 200, 1, None);
     let weights = dir.path().join("net.safetensors");
-    let text = ok(&train(&data, &weights, &[]));
+    let out = train(&data, &weights, &[]);
+    let text = ok(&out);
+    // Where the weights went, on stderr: stdout is the tutorial's.
+    assert!(
+        stderr(&out).contains(&format!("saved the weights to {}\n", weights.display())),
+        "{}",
+        stderr(&out)
+    );
     // 500 images / batch 4 = 125 steps per epoch: marks at 25, 50, ... 125.
     assert!(text.contains("[1,    25] loss: "), "{text}");
     assert!(text.contains("[3,   125] loss: "), "{text}");
@@ -110,6 +117,7 @@ fn json_lines_end_with_a_complete_summary() {
         assert!(!summary[key].is_null(), "summary lacks {key}: {summary}");
     }
     assert_eq!(summary["device"], "cpu");
+    assert_eq!(summary["weights"], s(&weights));
     assert_eq!(summary["steps"], 50);
     assert_eq!(summary["epochs"], 1);
     assert_eq!(summary["total"], 100);
@@ -335,4 +343,21 @@ fn paths_that_are_not_utf8_are_reported_lossily() {
     let weights = summary["weights"].as_str().unwrap();
     assert!(weights.ends_with("net\u{FFFD}.safetensors"), "{weights}");
     assert!(out.is_file());
+}
+
+/// A negative count gets a range error (not "unexpected argument"), and SGD's
+/// momentum must be below 1.
+#[test]
+fn epochs_and_momentum_are_range_checked() {
+    let refused = |flag: &str, value: &str, needle: &str| {
+        let out = run(&["train", flag, value]);
+        fails_with(
+            &out,
+            &[&format!("invalid value '{value}' for '{flag} "), needle],
+        );
+    };
+    refused("--epochs", "-1", "-1 is not in 1..=1000000");
+    refused("--batch-size", "-4", "-4 is not in 1..=");
+    refused("--momentum", "1.5", "`1.5` is not in [0, 1)");
+    refused("--momentum", "1", "`1` is not in [0, 1)");
 }

@@ -6,11 +6,11 @@
 use tch::{Device, Kind, Tensor};
 use tch_cifar::checkpoint::{Meta, Position, Saver};
 use tch_cifar::data::Split;
-use tch_cifar::device::{CpuConv, DeviceArg};
 use tch_cifar::model::{with_torch_rng, Model};
 use tch_cifar::optim::Sgd;
 use tch_cifar::report::Reporter;
-use tch_cifar::train::{train, Control, Interrupts, Recipe, TrainStats};
+use tch_cifar::settings::Settings;
+use tch_cifar::train::{train, Control, Interrupts, TrainStats};
 
 struct Run {
     /// The error's text has the checkpoint folder replaced by `DIR`.
@@ -34,23 +34,15 @@ fn run(read_every: usize, lr: f64) -> Run {
         labels,
         md5: None,
     };
-    let recipe = Recipe {
+    let recipe = Settings {
+        seed: 3,
         epochs: 2,
-        batch_size: 4,
         lr,
-        momentum: 0.9,
-        seed: Some(3),
-        device: DeviceArg::Cpu,
-        threads: None,
-        cpu_conv: CpuConv::Auto,
         log_every: 3,
-        max_steps: None,
+        ..Settings::tutorial(3)
     };
     let cpu = recipe.cpu_settings();
-    let meta = Meta {
-        train_images: 40,
-        ..recipe.checkpoint_meta(3, Device::Cpu)
-    };
+    let meta = Meta::new(recipe.clone(), "cpu".into(), 40, None);
     let dir = tempfile::tempdir().unwrap();
     let interrupts = Interrupts::new();
     let mut control = Control {
@@ -70,7 +62,6 @@ fn run(read_every: usize, lr: f64) -> Run {
         &mut opt,
         &train_set,
         &recipe,
-        3,
         &mut control,
         &mut Reporter::new(true),
     );

@@ -3,228 +3,44 @@
 //! printed every 2000 mini-batches, then the test-set accuracy.
 //!
 //! Around it, what keeps a long run safe: checkpoints (see
-//! [`crate::checkpoint`]) after every epoch and every `--checkpoint-every`
-//! steps, `--resume` from the newest valid one, a first SIGINT/SIGTERM that
-//! finishes the step, saves and exits with status 130 (a second one exits at
-//! once), and a stop on the first non-finite loss that leaves the saved
-//! files alone.
+//! [`crate::checkpoint`]) after every epoch, every `--checkpoint-every`
+//! steps and at `--max-steps`, `--resume` from the newest valid one with the
+//! run's own settings ([`resume`]), a first SIGINT/SIGTERM that finishes the
+//! step, saves and exits with status 130 ([`Interrupted`]), and a stop on the
+//! first non-finite loss that leaves the saved files alone.
+
+mod args;
+mod folders;
+pub mod resume;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
+use clap::ArgMatches;
 use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Tensor};
 
-use crate::checkpoint::{self, Checkpoint, Meta, Position, Saver};
-use crate::data::{self, DataArgs, Split, CLASSES};
-use crate::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceArg};
+pub use self::args::{
+    describe_device, CheckpointArgs, Given, Recipe, TrainArgs, MAX_EPOCHS, MAX_THREADS,
+};
+use self::folders::{
+    check_no_interrupted_run, interrupt_dir, prepare_checkpoint_dir, remove_checkpoints, same_dir,
+};
+use self::resume::{check_and_restore, evaluate_command, resume_command, resumed_settings};
+use crate::checkpoint::{self, Meta, Position, Saver};
+use crate::data::{self, Split, CLASSES};
+use crate::device::device_name;
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
 use crate::report::{optional_path_json, path_json, step_bar, Diverged, Reporter};
-
-pub const DEFAULT_EPOCHS: u64 = 2;
-pub const DEFAULT_BATCH_SIZE: u64 = 4;
-pub const DEFAULT_LR: f64 = 0.001;
-pub const DEFAULT_MOMENTUM: f64 = 0.9;
-pub const DEFAULT_LOG_EVERY: u64 = 2000;
-pub const DEFAULT_KEEP_CHECKPOINTS: u64 = 2;
-/// More would only wait on each other; libtorch hangs on absurd counts.
-pub const MAX_THREADS: i64 = 1024;
-/// Keeps epochs times steps per epoch far inside u64.
-pub const MAX_EPOCHS: u64 = 1_000_000;
-
-/// The training recipe; the defaults are the tutorial's.
-#[derive(Debug, Clone, clap::Args)]
-pub struct Recipe {
-    /// Passes over the training set: `TrainArgs::epochs` sets it, since its
-    /// default depends on `--resume`.
-    #[arg(skip = DEFAULT_EPOCHS)]
-    pub epochs: u64,
-    /// Images per mini-batch.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
-    pub batch_size: u64,
-    /// SGD learning rate.
-    #[arg(long, default_value_t = DEFAULT_LR, value_parser = parse_non_negative, allow_negative_numbers = true)]
-    pub lr: f64,
-    /// SGD momentum.
-    #[arg(long, default_value_t = DEFAULT_MOMENTUM, value_parser = parse_non_negative, allow_negative_numbers = true)]
-    pub momentum: f64,
-    /// Seed for the initial weights and the data order. The same seed on the
-    /// same data gives the same run on CPU; without one a random seed is
-    /// drawn and reported.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Device: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
-    pub device: DeviceArg,
-    /// CPU threads for libtorch's operators while training [default: 1 for
-    /// batches of up to 16 images, whose operators are too small to share
-    /// out; else one per core]. Evaluation always uses every core.
-    #[arg(long, value_parser = clap::value_parser!(i32).range(1..=MAX_THREADS))]
-    pub threads: Option<i32>,
-    /// Kernel for CPU convolutions while training. Evaluation always uses onednn.
-    #[arg(long, value_enum, default_value_t = CpuConv::Auto, value_name = "KERNEL")]
-    pub cpu_conv: CpuConv,
-    /// Print the running loss every N mini-batches (the tutorial uses 2000).
-    #[arg(long, default_value_t = DEFAULT_LOG_EVERY, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub log_every: u64,
-    /// Stop after this many mini-batches in all: `TrainArgs::max_steps`.
-    #[arg(skip)]
-    pub max_steps: Option<u64>,
-}
-
-fn parse_non_negative(s: &str) -> Result<f64, String> {
-    match s.parse::<f64>() {
-        Ok(v) if !(v.is_finite() && v >= 0.0) => {
-            Err(format!("`{s}` is not a finite, non-negative number"))
-        }
-        // The weights are float32, where a larger value acts as infinity.
-        Ok(v) if v > f32::MAX as f64 => Err(format!(
-            "`{s}` is too large: the weights are float32, whose largest value is {:e}",
-            f32::MAX
-        )),
-        Ok(v) => Ok(v),
-        Err(e) => Err(format!("`{s}`: {e}")),
-    }
-}
-
-impl Recipe {
-    pub fn device(&self) -> Result<Device> {
-        self.device.resolve()
-    }
-
-    /// libtorch's CPU settings while training with this recipe.
-    pub fn cpu_settings(&self) -> CpuSettings {
-        let threads = self.train_threads();
-        CpuSettings {
-            threads,
-            conv: self.cpu_conv.resolve(self.batch_size, threads),
-        }
-    }
-
-    /// `--threads`, or its default for this batch size. At batch size 4 an
-    /// operator is a few microseconds of work, less than it costs to wake a
-    /// second thread, and OpenMP threads that spin-wait for each other turn
-    /// any other load on the machine into a many-fold slowdown.
-    pub fn train_threads(&self) -> i32 {
-        // Read the default before anything changes it.
-        let every_core = default_threads();
-        self.threads
-            .unwrap_or(if self.batch_size <= 16 { 1 } else { every_core })
-    }
-
-    /// The seed given, or a fresh one drawn from the clock and process id.
-    pub fn seed_or_random(&self) -> u64 {
-        self.seed.unwrap_or_else(|| {
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            h.write_u32(std::process::id());
-            // Keep it within i64 so torch's manual_seed takes it as is.
-            h.finish() >> 1
-        })
-    }
-
-    fn json(&self, device: Device, seed: u64) -> serde_json::Value {
-        let cpu = self.cpu_settings();
-        json!({
-            "epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
-            "momentum": self.momentum, "seed": seed, "device": device_name(device),
-            "threads": cpu.threads, "cpu_conv": cpu.conv.name(),
-        })
-    }
-
-    /// What a checkpoint of a run with this recipe records, before the
-    /// training set (its size and md5) and the position are known.
-    pub fn checkpoint_meta(&self, seed: u64, device: Device) -> Meta {
-        let cpu = self.cpu_settings();
-        Meta {
-            seed,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            momentum: self.momentum,
-            epochs: self.epochs,
-            log_every: Some(self.log_every),
-            train_images: 0,
-            train_md5: None,
-            threads: cpu.threads as i64,
-            cpu_conv: cpu.conv,
-            device: device_name(device),
-            position: Position::START,
-        }
-    }
-
-    /// `cpu (1 thread, im2col convolutions)`, or the CUDA device's name.
-    pub fn describe_device(&self, device: Device) -> String {
-        if device != Device::Cpu {
-            return device_name(device);
-        }
-        let cpu = self.cpu_settings();
-        format!(
-            "cpu ({} thread{}, {} convolutions)",
-            cpu.threads,
-            if cpu.threads == 1 { "" } else { "s" },
-            cpu.conv
-        )
-    }
-}
-
-/// Train the tutorial's Net on CIFAR-10, save it, and report test accuracy.
-#[derive(Debug, clap::Args)]
-pub struct TrainArgs {
-    #[command(flatten)]
-    pub data: DataArgs,
-    /// Passes over the training set [default: 2; with --resume, the
-    /// checkpoint's]. A resumed run may be given more epochs than it started with.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_EPOCHS))]
-    pub epochs: Option<u64>,
-    #[command(flatten)]
-    pub recipe: Recipe,
-    /// Where to save the trained weights, keyed like PyTorch's state_dict: in
-    /// torch.save's format for a .pth or .pt name, else as safetensors.
-    #[arg(long, default_value = "cifar_net.safetensors", value_name = "FILE")]
-    pub out: PathBuf,
-    /// Stop after N mini-batches in all, then save and evaluate as usual
-    /// (for quick runs and benchmarks).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_steps: Option<u64>,
-    /// Print one JSON object per line instead of the tutorial's text.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub checkpoints: CheckpointArgs,
-}
-
-/// Checkpointing and resuming.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CheckpointArgs {
-    /// Save a checkpoint into DIR after every epoch (DIR is created if
-    /// missing, and must not hold another run's checkpoints). Without it, an
-    /// interrupted run saves into FILE.checkpoint/ next to --out.
-    #[arg(long, value_name = "DIR")]
-    pub checkpoint_dir: Option<PathBuf>,
-    /// Also save a checkpoint every N steps, counted from the start of
-    /// training. Needs --checkpoint-dir or --resume.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    pub checkpoint_every: Option<u64>,
-    /// Keep the N newest checkpoints; older ones are deleted after each save.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP_CHECKPOINTS, value_parser = clap::value_parser!(u64).range(1..))]
-    pub keep_checkpoints: u64,
-    /// Continue from the newest valid checkpoint in DIR, saving further
-    /// checkpoints there too (unless --checkpoint-dir says otherwise). The
-    /// seed comes from the checkpoint (another --seed is refused);
-    /// --batch-size, --lr, --momentum and --log-every must be the checkpoint's.
-    #[arg(long, value_name = "DIR")]
-    pub resume: Option<PathBuf>,
-}
+pub use crate::settings::{
+    diverged_hint, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM,
+};
 
 /// What a training run did.
 #[derive(Debug, Clone)]
@@ -395,14 +211,22 @@ impl Control<'_> {
     }
 }
 
-/// Set (to milliseconds) only by tests: each step then sleeps that long, so
-/// that a signal sent after the first loss line lands before the run ends
-/// however slowly a loaded machine wakes the test thread.
-const STEP_DELAY_ENV: &str = "TCH_CIFAR_TEST_STEP_DELAY_MS";
-
+/// With the `test-hooks` feature only (the tests'), set to milliseconds:
+/// each step then sleeps that long, so that a signal sent after the first
+/// loss line lands before the run ends however slowly a loaded machine
+/// wakes the test thread.
+#[cfg(feature = "test-hooks")]
 fn test_step_delay() -> Option<Duration> {
-    let ms = std::env::var(STEP_DELAY_ENV).ok()?.parse().ok()?;
+    let ms = std::env::var("TCH_CIFAR_TEST_STEP_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
     Some(Duration::from_millis(ms))
+}
+
+#[cfg(not(feature = "test-hooks"))]
+fn test_step_delay() -> Option<Duration> {
+    None
 }
 
 /// How many steps' losses [`train`] gathers before it reads them on the
@@ -493,20 +317,21 @@ pub fn epoch_batches(
         .map(move |start| order.narrow(0, start, batch.min(n - start)))
 }
 
-/// Trains `model` with `opt` on `train` with the recipe, from
-/// `control.start` to the end of `recipe.epochs`, saving checkpoints as
-/// `control` says. Stops with an error on the first non-finite loss, and
+/// Trains `model` with `opt` on `train` with the run's settings, from
+/// `control.start` to the end of `recipe.epochs` (or `recipe.max_steps`),
+/// saving checkpoints as `control` says, and at `max_steps` when it saves
+/// after every epoch. Stops with an error on the first non-finite loss, and
 /// with [`Interrupted`] after a SIGINT or SIGTERM, unless that came in the
 /// last step: then training ends and [`TrainStats::stopped_at_end`] says so.
 pub fn train(
     model: &Model,
     opt: &mut Sgd,
     train: &Split,
-    recipe: &Recipe,
-    seed: u64,
+    recipe: &Settings,
     control: &mut Control,
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
+    let seed = recipe.seed;
     let device = model.vs.device();
     let n = train.len();
     if n == 0 {
@@ -560,8 +385,9 @@ pub fn train(
                     std::thread::sleep(delay);
                 }
                 let stop = control.interrupts.stop.load(Ordering::Relaxed);
-                let save = control.every.is_some_and(|k| stats.steps.is_multiple_of(k));
                 let last = reached_max_steps(stats.steps);
+                let save = control.every.is_some_and(|k| stats.steps.is_multiple_of(k))
+                    || (last && control.every_epoch);
                 let show = step.is_multiple_of(256);
                 // What follows needs the running loss, so the losses are read first.
                 if !(losses.is_full()
@@ -661,16 +487,6 @@ pub fn train(
     result.map(|()| stats)
 }
 
-/// What to try after a divergence: SGD's momentum must stay below 1, and
-/// within that, a smaller step.
-pub fn diverged_hint(lr: f64, momentum: f64) -> String {
-    if momentum >= 1.0 {
-        format!("Try a momentum below 1 (--momentum {momentum} now)")
-    } else {
-        format!("Try a lower learning rate (--lr {lr} now)")
-    }
-}
-
 /// The end of a divergence message: nothing saved, and the checkpoint to go back to.
 fn not_saved(last_checkpoint: Option<&Path>) -> String {
     match last_checkpoint {
@@ -682,33 +498,37 @@ fn not_saved(last_checkpoint: Option<&Path>) -> String {
     }
 }
 
-/// `tch-cifar train`.
-pub fn run(args: TrainArgs) -> Result<()> {
+/// `tch-cifar train`. `matches` are the subcommand's, which tell the flags
+/// typed from the defaults.
+pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     install_signal_handlers().context("cannot install the signal handlers")?;
-    let TrainArgs {
-        data: data_args,
-        epochs,
-        mut recipe,
-        out,
-        max_steps,
-        json,
-        checkpoints: ck,
-    } = args;
-    recipe.max_steps = max_steps;
-    let device = recipe.device()?;
-    let cpu = recipe.cpu_settings();
-    // Until the test set is evaluated.
-    let training = cpu.apply();
-    crate::fsutil::check_writable(&out)?;
-    crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
-    let (out_format, note) = crate::outputs::weights_format(&out);
-    if let Some(note) = note {
-        eprintln!("note: {note}");
-    }
+    let given = Given::from_matches(matches);
+    let ck = &args.checkpoints;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
     }
     let resumed = ck.resume.as_deref().map(checkpoint::newest).transpose()?;
+    let mut settings = match &resumed {
+        None => args.settings(),
+        Some(c) => {
+            let (settings, notes) = resumed_settings(&args, &given, &c.meta, &c.path)?;
+            for note in notes {
+                eprintln!("{note}");
+            }
+            settings
+        }
+    };
+    let seed = settings.seed;
+    let json = args.json;
+    let out = settings.out.clone();
+    let device = settings.device.resolve()?;
+    // Until the test set is evaluated.
+    let training = settings.cpu_settings().apply();
+    crate::fsutil::check_writable(&out)?;
+    let (out_format, note) = crate::outputs::weights_format(&out);
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
     // Checkpoints go to --checkpoint-dir, else to the folder resumed from.
     let checkpoint_dir = ck.checkpoint_dir.clone().or_else(|| ck.resume.clone());
     match &checkpoint_dir {
@@ -716,43 +536,43 @@ pub fn run(args: TrainArgs) -> Result<()> {
         // An interrupt would save there and delete what is there already.
         None => check_no_interrupted_run(&interrupt_dir(&out))?,
     }
-    let seed = match (&resumed, recipe.seed) {
-        (Some(c), None) => c.meta.seed,
-        _ => recipe.seed_or_random(),
-    };
-    recipe.epochs = epochs
-        .or(resumed.as_ref().map(|c| c.meta.epochs))
-        .unwrap_or(DEFAULT_EPOCHS);
-    let mut meta = recipe.checkpoint_meta(seed, device);
-    if let Some(c) = &resumed {
-        c.meta.check_resumable(&meta, &c.path)?;
-    }
 
+    let data_args = data::DataArgs {
+        data_dir: settings.data_dir.clone(),
+        ..args.data
+    };
+    crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
     let batches = data_args.prepare()?;
     // The test set is loaded once training is over and the training set is
     // gone, which keeps the peak memory down; its file is checked now, so a
     // bad one fails before training rather than after.
     data::read_batch_file(&batches.join(data::TEST_FILE))?;
     let train_set = data::load_train(&batches, device)?;
-    meta.train_images = train_set.len() as u64;
-    meta.train_md5 = train_set.md5.clone();
+    settings.classes = CLASSES.map(String::from).to_vec();
+    let meta = Meta::new(
+        settings,
+        device_name(device),
+        train_set.len() as u64,
+        train_set.md5.clone(),
+    );
+    let settings = &meta.settings;
     let mut reporter = Reporter::new(json);
     eprintln!(
         "training on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
-        recipe.describe_device(device),
+        describe_device(device, settings.cpu_settings()),
         train_set.len()
     );
-    let mut start_event = recipe.json(device, seed);
+    let mut start_event = settings_json(settings, device);
     start_event["event"] = json!("start");
     start_event["train_images"] = json!(train_set.len());
 
     let mut model = Model::new(device, Some(seed));
-    let mut opt = Sgd::new(&model, recipe.lr, recipe.momentum);
+    let mut opt = Sgd::new(&model, settings.lr, settings.momentum);
     let resumed_from = resumed
         .as_ref()
         .map(|c| (c.meta.position.global_step, c.path.clone()));
     let start = match resumed {
-        Some(c) => resume(c, &meta, max_steps, &mut model, &mut opt, &mut start_event)?,
+        Some(c) => check_and_restore(c, &meta, &mut model, &mut opt, &mut start_event)?,
         None => Position::START,
     };
     // The start event has no line in the tutorial's text.
@@ -761,27 +581,27 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
 
     let (dir, keep, every_epoch) = match checkpoint_dir {
-        Some(dir) => (dir, ck.keep_checkpoints as usize, true),
+        Some(dir) => (dir, settings.keep_checkpoints as usize, true),
         // Only an interrupt saves there, and only its newest checkpoint stays.
         None => (interrupt_dir(&out), 1, false),
     };
     // The checkpoint resumed from counts as saved, if it is in that folder.
     let last = resumed_from.filter(|(_, p)| p.parent().is_some_and(|d| same_dir(d, &dir)));
+    let settings = settings.clone();
     let mut control = Control {
         start,
         every_epoch,
-        every: ck.checkpoint_every,
+        every: settings.checkpoint_every,
         interrupts: &INTERRUPTS,
         read_losses_every: read_losses_every(device),
-        resume_command: resume_command(&dir, &data_args, &recipe, &out, json, &ck),
+        resume_command: resume_command(&dir, json),
         saver: Saver::new(dir, keep, meta, last),
     };
     let mut stats = train(
         &model,
         &mut opt,
         &train_set,
-        &recipe,
-        seed,
+        &settings,
         &mut control,
         &mut reporter,
     )?;
@@ -792,7 +612,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
     );
     crate::outputs::write_weights(&model, &out, out_format)?;
-    tracing::info!("weights saved to {}", out.display());
+    eprintln!("saved the weights to {}", out.display());
     // Resumed from its own interrupt folder and now finished, the run has
     // no more use for that folder, which would only block the next run.
     let folder = interrupt_dir(&out);
@@ -811,7 +631,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         );
     }
     if let Some(position) = stats.stopped_at_end.take() {
-        let evaluate = evaluate_command(&data_args, &recipe, &out, json);
+        let evaluate = evaluate_command(&settings, json);
         if reporter.is_json() {
             reporter.emit(
                 String::new,
@@ -832,7 +652,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let eval_start = Instant::now();
     let eval = evaluate(&model.net, &test, 1000);
     let eval_seconds = eval_start.elapsed().as_secs_f64();
-    let mut summary = recipe.json(device, seed);
+    let mut summary = settings_json(&settings, device);
     summary["event"] = json!("summary");
     let fields = summary.as_object_mut().expect("json! object");
     fields.extend(eval.json_fields());
@@ -849,240 +669,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Checks the resumed checkpoint against this run's data, restores it into
-/// `model` and `opt`, and returns where training continues.
-fn resume(
-    c: Checkpoint,
-    run: &Meta,
-    max_steps: Option<u64>,
-    model: &mut Model,
-    opt: &mut Sgd,
-    start_event: &mut serde_json::Value,
-) -> Result<Position> {
-    if c.meta.train_images != run.train_images {
-        bail!(
-            "cannot resume from {}: it was trained on {} images, this training set has {}",
-            c.path.display(),
-            c.meta.train_images,
-            run.train_images
-        );
-    }
-    if let (Some(saved), Some(now)) = (&c.meta.train_md5, &run.train_md5) {
-        ensure!(
-            saved == now,
-            "cannot resume from {}: it was trained on another training set (its batch files \
-             have md5 {saved}, these have {now})",
-            c.path.display()
-        );
-    }
-    // Settings that only change float rounding: the run goes on, with a note.
-    let rounding = |saved: String, now: String, fix: String| {
-        eprintln!(
-            "note: {} was saved with {saved}, this run has {now}; the results will differ in \
-             the last bits from an uninterrupted run ({fix} avoids that)",
-            c.path.display()
-        );
-    };
-    if c.meta.device != run.device {
-        rounding(
-            format!("--device {}", c.meta.device),
-            format!("--device {}", run.device),
-            format!("--device {}", c.meta.device),
-        );
-    } else if run.device == "cpu" {
-        // The CPU settings only matter where the CPU trains.
-        if c.meta.threads != run.threads {
-            rounding(
-                format!("{} CPU threads", c.meta.threads),
-                run.threads.to_string(),
-                format!("--threads {}", c.meta.threads),
-            );
-        }
-        if c.meta.cpu_conv != run.cpu_conv {
-            rounding(
-                format!("--cpu-conv {}", c.meta.cpu_conv),
-                run.cpu_conv.to_string(),
-                format!("--cpu-conv {}", c.meta.cpu_conv),
-            );
-        }
-    }
-    let at = c.meta.position;
-    let until = match max_steps {
-        Some(m) if m < run.epochs * run.steps_per_epoch() => {
-            format!("global step {m} (--max-steps)")
-        }
-        _ => format!("the end of epoch {}", run.epochs),
-    };
-    eprintln!(
-        "resuming from {} at epoch {}, step {} (global step {}); training to {until}",
-        c.path.display(),
-        at.epoch,
-        at.step,
-        at.global_step,
-    );
-    start_event["resumed_from"] = json!({
-        "checkpoint": path_json(&c.path), "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
-    });
-    c.apply(model, opt)?;
-    Ok(at)
-}
-
-/// Creates `dir` if needed and fails early when checkpoints cannot be
-/// written there, or when it holds checkpoints of another run (any but the
-/// folder being resumed from).
-fn prepare_checkpoint_dir(dir: &Path, resume: Option<&Path>) -> Result<()> {
-    if dir.exists() && !dir.is_dir() {
-        bail!("checkpoint directory {} is not a directory", dir.display());
-    }
-    checkpoint::create_dir(dir)?;
-    crate::fsutil::check_dir_writable(dir)
-        .with_context(|| format!("cannot save checkpoints into {}", dir.display()))?;
-    if resume.is_some_and(|r| same_dir(r, dir)) {
-        return Ok(());
-    }
-    if let Some((_, file)) = checkpoint::list(dir)?.last() {
-        bail!(
-            "{} already holds checkpoints ({}): continue that run with --resume {}, or save \
-             into an empty directory",
-            dir.display(),
-            file.file_name().unwrap_or_default().to_string_lossy(),
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// Deletes the checkpoint files in `dir`, then `dir` itself if that leaves
-/// it empty.
-fn remove_checkpoints(dir: &Path) -> Result<()> {
-    for (_, path) in checkpoint::list(dir)? {
-        std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
-    }
-    // Fails, harmlessly, if anything else is in there.
-    let _ = std::fs::remove_dir(dir);
-    Ok(())
-}
-
-/// Refuses to start a run whose interrupt folder holds a checkpoint an
-/// unfinished run could go on from: the new run's interrupt would replace
-/// it. A finished run's checkpoint there (one saved with `--checkpoint-dir`
-/// naming that folder) does not count: there is nothing left to go on with.
-fn check_no_interrupted_run(dir: &Path) -> Result<()> {
-    if !dir.is_dir() {
-        return Ok(());
-    }
-    let newest_valid = checkpoint::list(dir)?
-        .into_iter()
-        .rev()
-        .find_map(|(_, path)| checkpoint::load(&path).ok().map(|c| (path, c.meta)));
-    if let Some((file, meta)) = newest_valid {
-        let finished = meta.position.global_step >= meta.epochs * meta.steps_per_epoch();
-        ensure!(
-            finished,
-            "{} holds the checkpoint of an interrupted run ({}): continue it with --resume {}, \
-             or delete that folder to start a new run",
-            dir.display(),
-            file.file_name().unwrap_or_default().to_string_lossy(),
-            dir.display()
-        );
-    }
-    Ok(())
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
-}
-
-/// Where an interrupt saves without `--checkpoint-dir`: `OUT.checkpoint/`.
-fn interrupt_dir(out: &Path) -> PathBuf {
-    let mut dir = out.as_os_str().to_owned();
-    dir.push(".checkpoint");
-    PathBuf::from(dir)
-}
-
-/// The command line that evaluates `out` on this run's test set.
-fn evaluate_command(data: &DataArgs, recipe: &Recipe, out: &Path, json: bool) -> String {
-    let mut cmd = format!(
-        "tch-cifar evaluate --weights {} --data-dir {}",
-        shell_quote(&out.to_string_lossy()),
-        shell_quote(&data.data_dir.to_string_lossy())
-    );
-    if recipe.device != DeviceArg::Auto {
-        cmd.push_str(&format!(" --device {}", recipe.device));
-    }
-    if json {
-        cmd.push_str(" --json");
-    }
-    cmd
-}
-
-/// The command line that resumes this run from `dir`: the flags that the
-/// checkpoint does not restore by itself, when they differ from the defaults.
-fn resume_command(
-    dir: &Path,
-    data: &DataArgs,
-    recipe: &Recipe,
-    out: &Path,
-    json: bool,
-    ck: &CheckpointArgs,
-) -> String {
-    let mut cmd = format!(
-        "tch-cifar train --resume {}",
-        shell_quote(&dir.to_string_lossy())
-    );
-    let mut flag = |name: &str, value: &str| {
-        cmd.push_str(&format!(" {name} {}", shell_quote(value)));
-    };
-    flag("--data-dir", &data.data_dir.to_string_lossy());
-    flag("--out", &out.to_string_lossy());
-    if recipe.batch_size != DEFAULT_BATCH_SIZE {
-        flag("--batch-size", &recipe.batch_size.to_string());
-    }
-    if recipe.lr != DEFAULT_LR {
-        flag("--lr", &recipe.lr.to_string());
-    }
-    if recipe.momentum != DEFAULT_MOMENTUM {
-        flag("--momentum", &recipe.momentum.to_string());
-    }
-    if recipe.device != DeviceArg::Auto {
-        flag("--device", &recipe.device.to_string());
-    }
-    if let Some(n) = recipe.threads {
-        flag("--threads", &n.to_string());
-    }
-    if recipe.cpu_conv != CpuConv::Auto {
-        flag("--cpu-conv", recipe.cpu_conv.name());
-    }
-    if recipe.log_every != DEFAULT_LOG_EVERY {
-        flag("--log-every", &recipe.log_every.to_string());
-    }
-    // The checkpoint does not keep it, and it counts steps from the start.
-    if let Some(n) = recipe.max_steps {
-        flag("--max-steps", &n.to_string());
-    }
-    if let Some(n) = ck.checkpoint_every {
-        flag("--checkpoint-every", &n.to_string());
-    }
-    if ck.keep_checkpoints != DEFAULT_KEEP_CHECKPOINTS {
-        flag("--keep-checkpoints", &ck.keep_checkpoints.to_string());
-    }
-    if json {
-        cmd.push_str(" --json");
-    }
-    cmd
-}
-
-/// `s` as one word for a POSIX shell.
-fn shell_quote(s: &str) -> String {
-    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-_./:=+,@%".contains(&b);
-    if !s.is_empty() && s.bytes().all(plain) {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
-    }
+/// The settings in the `start` and `summary` events.
+fn settings_json(s: &Settings, device: Device) -> serde_json::Value {
+    json!({
+        "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr,
+        "momentum": s.momentum, "seed": s.seed, "device": device_name(device),
+        "threads": s.threads, "cpu_conv": s.cpu_conv.name(),
+    })
 }
 
 /// The tutorial's peek at the first four test images before the full
@@ -1112,41 +705,22 @@ mod tests {
     use super::*;
     use tch::Kind;
 
-    #[test]
-    fn divergence_hint_names_the_flag_to_change() {
-        assert_eq!(
-            diverged_hint(0.5, 0.9),
-            "Try a lower learning rate (--lr 0.5 now)"
-        );
-        assert_eq!(
-            diverged_hint(0.001, 1.5),
-            "Try a momentum below 1 (--momentum 1.5 now)"
-        );
-    }
-
-    /// The tutorial's recipe at batch size 4 on the CPU, logging every step.
-    fn recipe(lr: f64, epochs: u64) -> Recipe {
-        Recipe {
-            epochs,
-            batch_size: 4,
+    /// The tutorial's recipe on the CPU, logging every step, with `images`
+    /// training images.
+    fn meta(lr: f64, epochs: u64, images: u64) -> Meta {
+        let settings = Settings {
             lr,
-            momentum: 0.9,
-            seed: Some(1),
-            device: DeviceArg::Cpu,
-            threads: None,
-            cpu_conv: CpuConv::Auto,
+            epochs,
             log_every: 1,
-            max_steps: None,
-        }
+            ..Settings::tutorial(1)
+        };
+        Meta::new(settings, "cpu".into(), images, None)
     }
 
     #[test]
     fn only_an_unfinished_run_blocks_its_interrupt_folder() {
         // 40 images: 10 steps per epoch, 20 in all.
-        let meta = Meta {
-            train_images: 40,
-            ..recipe(0.01, 2).checkpoint_meta(1, Device::Cpu)
-        };
+        let meta = meta(0.01, 2, 40);
         let dir = tempfile::tempdir().unwrap();
         check_no_interrupted_run(dir.path()).unwrap();
         let model = Model::new(Device::Cpu, Some(1));
@@ -1182,11 +756,8 @@ mod tests {
             labels: Tensor::from_slice(&[0i64, 1, 2, 3]),
             md5: None,
         };
-        let recipe = recipe(1e30, 1);
-        let meta = Meta {
-            train_images: 4,
-            ..recipe.checkpoint_meta(1, Device::Cpu)
-        };
+        let meta = meta(1e30, 1, 4);
+        let recipe = meta.settings.clone();
         let dir = tempfile::tempdir().unwrap();
         let interrupts = Interrupts::new();
         let mut control = Control {
@@ -1206,7 +777,6 @@ mod tests {
             &mut opt,
             &train_set,
             &recipe,
-            1,
             &mut control,
             &mut reporter,
         )
