@@ -525,6 +525,11 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     // Until the test set is evaluated.
     let training = settings.cpu_settings().apply();
     crate::fsutil::check_writable(&out)?;
+    let data_args = data::DataArgs {
+        data_dir: settings.data_dir.clone(),
+        ..args.data
+    };
+    crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
     let (out_format, note) = crate::outputs::weights_format(&out);
     if let Some(note) = note {
         eprintln!("note: {note}");
@@ -537,11 +542,6 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         None => check_no_interrupted_run(&interrupt_dir(&out))?,
     }
 
-    let data_args = data::DataArgs {
-        data_dir: settings.data_dir.clone(),
-        ..args.data
-    };
-    crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
     let batches = data_args.prepare()?;
     // The test set is loaded once training is over and the training set is
     // gone, which keeps the peak memory down; its file is checked now, so a
