@@ -197,9 +197,11 @@ fn run_one(
         .collect::<Map<_, _>>());
     reporter.emit(
         || {
+            // A blank line between one run's last line and the next's first.
             let mut out = format!(
-                "Net trained four ways in {}, from the same initial weights, on the same \
+                "{}Net trained four ways in {}, from the same initial weights, on the same \
                  mini-batches:",
+                if earlier.is_empty() { "" } else { "\n" },
                 kind_name(kind)
             );
             for r in Role::ALL {

@@ -177,7 +177,7 @@ fn loss_chart(kind: Kind, history: &History) -> LineChart {
         .collect();
     LineChart {
         title: format!(
-            "Training loss in {} (mean over the last {window} mini-batches)",
+            "{}: training loss, mean of {window} mini-batches",
             kind_name(kind)
         ),
         x_label: "mini-batch".into(),
