@@ -100,7 +100,8 @@ pub fn write_csv(path: &Path, runs: &[(Kind, &History)]) -> Result<()> {
                         write!(w, ",{}", num(*l))?;
                     }
                     match divergence.next_if(|d| d.step == step) {
-                        Some(d) => writeln!(w, ",{},{}", d.ab, d.a_rev)?,
+                        // 1e-15 reads better as that than as 0.000000000000001.
+                        Some(d) => writeln!(w, ",{:e},{:e}", d.ab, d.a_rev)?,
                         None => writeln!(w, ",,")?,
                     }
                 }
