@@ -166,6 +166,16 @@ pub fn with_torch_rng<T>(seed: Option<u64>, draw: impl FnOnce() -> T) -> T {
 /// weights: [`Model::load`] leaves them out.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
+/// Makes `params` (in [`PARAMETERS`] order) views into `flat`.
+fn share_storage(mut params: Vec<Tensor>, flat: &Tensor) {
+    let mut offset = 0;
+    for p in &mut params {
+        let numel = p.numel() as i64;
+        p.set_data(&flat.narrow(0, offset, numel).view(p.size().as_slice()));
+        offset += numel;
+    }
+}
+
 /// A `Net` with its own variable store on `device`.
 ///
 /// All parameters are views into one contiguous tensor, `flat`, in
@@ -190,16 +200,19 @@ impl Model {
             (vs, net)
         });
         vs.set_device(device);
-        let mut params = parameters(&vs);
+        let params = parameters(&vs);
         let flat =
             tch::no_grad(|| Tensor::cat(&params.iter().map(|p| p.view(-1)).collect::<Vec<_>>(), 0));
-        let mut offset = 0;
-        for p in &mut params {
-            let numel = p.numel() as i64;
-            p.set_data(&flat.narrow(0, offset, numel).view(p.size().as_slice()));
-            offset += numel;
-        }
+        share_storage(params, &flat);
         Model { vs, net, flat }
+    }
+
+    /// Casts the weights to `kind` (f64 for `compare-losses --dtype f64`);
+    /// the parameters stay views into one flat tensor.
+    pub fn set_kind(&mut self, kind: Kind) {
+        let flat = tch::no_grad(|| self.flat.to_kind(kind));
+        share_storage(self.parameters(), &flat);
+        self.flat = flat;
     }
 
     /// The parameters (sharing storage with the model) in [`PARAMETERS`] order.

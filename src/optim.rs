@@ -17,7 +17,7 @@
 //! momentum buffer is a plain tensor that checkpoints can save and restore.
 
 use anyhow::{ensure, Result};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::model::Model;
 
@@ -36,8 +36,10 @@ impl Sgd {
             params: model.parameters(),
             // Zero is exact for the first step: momentum * 0 + g == g.
             momentum_buffer: flat.zeros_like(),
+            // In the parameters' dtype: f32 for training, f64 in a float64
+            // `compare-losses` run.
             neg_lr: Tensor::from(-lr)
-                .to_kind(Kind::Float)
+                .to_kind(flat.kind())
                 .to_device(flat.device()),
             flat,
             momentum,
@@ -92,7 +94,7 @@ impl Sgd {
 mod tests {
     use super::*;
     use tch::nn::{Module, OptimizerConfig};
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn batch() -> (Tensor, Tensor) {
         let x = crate::model::with_torch_rng(Some(11), || {

@@ -86,6 +86,29 @@ pub struct LineChart {
     pub x_label: String,
     pub y_label: String,
     pub lines: Vec<Line>,
+    /// A log-scale y axis, labeled in powers of ten; points with y <= 0
+    /// are left out.
+    pub log_y: bool,
+}
+
+/// Draws `rows` of charts, each row split evenly across the width and the
+/// rows evenly down the height, as one PNG at `path` (written like
+/// [`write_png`]).
+pub fn save_grid(path: &Path, width: u32, height: u32, rows: &[Vec<&LineChart>]) -> Result<()> {
+    write_png(path, width, height, |root| {
+        root.fill(&WHITE)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("cannot draw {}", path.display()))?;
+        for (row, area) in rows.iter().zip(root.split_evenly((rows.len().max(1), 1))) {
+            for (chart, cell) in row.iter().zip(area.split_evenly((1, row.len().max(1)))) {
+                chart
+                    .draw(&cell)
+                    .map_err(|e| anyhow::anyhow!("{e}"))
+                    .with_context(|| format!("cannot draw {}", path.display()))?;
+            }
+        }
+        Ok(())
+    })
 }
 
 impl LineChart {
@@ -102,10 +125,12 @@ impl LineChart {
 
     fn draw(&self, root: &Canvas<'_>) -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
+        // On a log axis the chart plots log10(y), labeled as powers of ten.
+        let log_y = self.log_y;
         let finite = |l: &Line| {
             l.points
                 .iter()
-                .copied()
+                .map(|&(x, y)| (x, if log_y { y.log10() } else { y }))
                 .filter(|(x, y)| x.is_finite() && y.is_finite())
                 .collect::<Vec<_>>()
         };
@@ -136,9 +161,19 @@ impl LineChart {
                 format!("{x}")
             }
         };
-        chart
-            .configure_mesh()
-            .x_label_formatter(&x_format)
+        // A power of ten at each whole log10, nothing between.
+        let y_format = |y: &f64| {
+            if (y - y.round()).abs() < 1e-6 {
+                format!("1e{}", y.round() as i64)
+            } else {
+                String::new()
+            }
+        };
+        let mut mesh = chart.configure_mesh();
+        if log_y {
+            mesh.y_label_formatter(&y_format);
+        }
+        mesh.x_label_formatter(&x_format)
             .x_desc(&self.x_label)
             .y_desc(&self.y_label)
             .label_style((FONT, 15))
@@ -176,7 +211,12 @@ impl LineChart {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            // A log axis spreads its curves apart: the middle is free.
+            .position(if log_y {
+                SeriesLabelPosition::MiddleRight
+            } else {
+                SeriesLabelPosition::UpperRight
+            })
             .label_font((FONT, 16))
             .background_style(WHITE.mix(0.9))
             .border_style(BLACK)
@@ -235,6 +275,7 @@ mod tests {
             x_label: "x".into(),
             y_label: "y".into(),
             lines: vec![line("solid", None), line("dashed", Some((6, 4)))],
+            log_y: false,
         };
         chart.save(&path, 300, 200).unwrap();
         assert_eq!(&std::fs::read(&path).unwrap()[1..4], b"PNG");

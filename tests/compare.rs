@@ -36,18 +36,43 @@ fn compare(data: &Path, extra: &[&str]) -> Output {
     run(&args)
 }
 
-fn read_csv(path: &Path) -> (String, Vec<Vec<f64>>) {
+/// The CSV's header and its rows, each a dtype and the numbers after it;
+/// an empty cell (a step without a divergence record) reads as NaN.
+fn read_csv(path: &Path) -> (String, Vec<(String, Vec<f64>)>) {
     let text = std::fs::read_to_string(path).unwrap();
     let mut lines = text.lines();
     let header = lines.next().unwrap_or_default().to_string();
     let rows = lines
         .map(|l| {
-            l.split(',')
-                .map(|v| v.parse::<f64>().unwrap_or_else(|e| panic!("{e}: {l}")))
-                .collect()
+            let mut cells = l.split(',');
+            let dtype = cells.next().unwrap_or_default().to_string();
+            let numbers = cells
+                .map(|v| match v {
+                    "" => f64::NAN,
+                    v => v.parse::<f64>().unwrap_or_else(|e| panic!("{e}: {l}")),
+                })
+                .collect();
+            (dtype, numbers)
         })
         .collect();
     (header, rows)
+}
+
+/// The CSV's columns after the dtype.
+const STEP: usize = 0;
+const EPOCH: usize = 1;
+const LOSS_A: usize = 2;
+const LOSS_A_REV: usize = 3;
+const LOSS_B: usize = 4;
+const LOSS_C: usize = 5;
+const PARAM_AB: usize = 6;
+const PARAM_A_REV: usize = 7;
+
+/// The JSON events of a `--json` run, checked to parse.
+fn events(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
 }
 
 #[test]
@@ -59,12 +84,14 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
     let png = dir.path().join("losses.png");
     let text = ok(&compare(&data, &["--csv", s(&csv), "--plot", s(&png)]));
 
-    // Step 0: the three losses and one gradient row per parameter.
+    // Step 0: the four losses and one gradient row per parameter.
     assert!(
         text.contains("Step 0: the first mini-batch, from the shared initial weights"),
         "{text}"
     );
     assert!(text.contains("  loss A "), "{text}");
+    assert!(text.contains("   A' "), "{text}");
+    assert!(text.contains("max|gA-gA'|"), "{text}");
     for (name, _) in tch_cifar::model::PARAMETERS {
         assert!(
             text.contains(&format!("\n  {name:<14}")),
@@ -76,11 +103,14 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
         text.contains("Running loss, mean over 25 mini-batches"),
         "{text}"
     );
+    assert!(text.contains("weight A-B  weight A-A'"), "{text}");
     for step in (25..=STEPS).step_by(25) {
-        assert!(
-            text.contains(&format!("[1, {step:5}]")),
-            "step {step}: {text}"
-        );
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("  [1, {step:5}]")))
+            .unwrap_or_else(|| panic!("step {step}: {text}"));
+        // Four running losses, then two loss and two weight differences.
+        assert_eq!(line.split_whitespace().count(), 2 + 4 + 4, "{line}");
     }
     // The test set, the agreement and the parameter difference.
     assert!(text.contains("Test accuracy on 200 images"), "{text}");
@@ -89,23 +119,29 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
             .lines()
             .find(|l| l.starts_with(&format!("  {row:<24}")))
             .unwrap_or_else(|| panic!("no accuracy row for {row}: {text}"));
-        assert_eq!(line.matches(" %").count(), 3, "{line}");
+        assert_eq!(line.matches(" %").count(), 4, "{line}");
     }
     assert!(
         text.contains("A and B predict the same class on "),
         "{text}"
     );
+    assert!(text.contains("); A and A' on "), "{text}");
     assert!(
         text.contains("Largest parameter difference after 125 steps: |A-B| "),
         "{text}"
     );
+    assert!(text.contains(", |A-A'| "), "{text}");
     assert!(
-        text.contains("|A-C| 0."),
+        text.contains("|A-C| 0;"),
         "A and C run the same kernels: {text}"
+    );
+    assert!(
+        text.contains("Updates skipped on a non-finite loss or gradient: A 0, A' 0, B 0, C 0."),
+        "{text}"
     );
     // The probe, its sentence, and the inference answer.
     assert!(text.contains("Stability probe: "), "{text}");
-    assert!(text.contains("  logits x1000 "), "{text}");
+    assert!(text.contains("  logits x10000 "), "{text}");
     assert!(text.contains("  [0, 104] label 0 "), "{text}");
     assert!(
         text.contains("log(softmax) breaks once the logits are scaled by "),
@@ -119,19 +155,28 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
 
     // The CSV: a header and one row per step, in order.
     let (header, rows) = read_csv(&csv);
-    assert_eq!(header, "step,epoch,loss_a,loss_b,loss_c");
+    assert_eq!(
+        header,
+        "dtype,step,epoch,loss_a,loss_a_rev,loss_b,loss_c,max_param_diff_ab,max_param_diff_a_rev"
+    );
     assert_eq!(rows.len(), STEPS);
-    for (i, row) in rows.iter().enumerate() {
-        assert_eq!(row.len(), 5, "{row:?}");
-        assert_eq!((row[0], row[1]), ((i + 1) as f64, 1.0));
-        assert!(
-            row[2].is_finite() && row[4].is_finite(),
-            "step {}: {row:?}",
-            i + 1
-        );
+    for (i, (dtype, row)) in rows.iter().enumerate() {
+        let step = i + 1;
+        assert_eq!(dtype, "f32");
+        assert_eq!(row.len(), 8, "{row:?}");
+        assert_eq!((row[STEP], row[EPOCH]), (step as f64, 1.0));
+        for col in [LOSS_A, LOSS_A_REV, LOSS_B, LOSS_C] {
+            assert!(row[col].is_finite(), "step {step}: {row:?}");
+        }
         // A and C run the same kernels in the same order: equal to the bit.
-        assert_eq!(row[2], row[4], "step {}", i + 1);
+        assert_eq!(row[LOSS_A], row[LOSS_C], "step {step}");
+        // The divergence every 100 steps and at the last one.
+        let recorded = step.is_multiple_of(100) || step == STEPS;
+        for col in [PARAM_AB, PARAM_A_REV] {
+            assert_eq!(row[col].is_finite(), recorded, "step {step}: {row:?}");
+        }
     }
+    let rows: Vec<&Vec<f64>> = rows.iter().map(|(_, r)| r).collect();
 
     // Over the first 50 steps, A's and B's loss curves agree within 1e-5.
     // A and B are the same function, but log(softmax(z)) and log_softmax(z)
@@ -145,17 +190,17 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
     // lr 0.01. 1e-5 is some 40 ulps, ample room for rounding, and still far
     // below the loss's own movement over these steps (checked below), so
     // the curves coincide as far as any reader can see.
-    let first: Vec<&Vec<f64>> = rows.iter().take(50).collect();
+    let first: Vec<&Vec<f64>> = rows.iter().take(50).copied().collect();
     let max_diff = first
         .iter()
-        .map(|r| (r[2] - r[3]).abs())
+        .map(|r| (r[LOSS_A] - r[LOSS_B]).abs())
         .fold(0.0, f64::max);
     assert!(
         max_diff <= 1e-5,
         "|loss_A - loss_B| up to {max_diff} in 50 steps"
     );
     let (lo, hi) = first.iter().fold((f64::MAX, f64::MIN), |(lo, hi), r| {
-        (lo.min(r[2]), hi.max(r[2]))
+        (lo.min(r[LOSS_A]), hi.max(r[LOSS_A]))
     });
     assert!(
         hi - lo > 0.05,
@@ -177,16 +222,49 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
     );
 }
 
-#[test]
-fn json_lines_are_valid_and_end_with_a_complete_summary() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    synthetic(&data, 500, 100, 2, None);
-    let text = ok(&compare(&data, &["--json"]));
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect();
+/// The fields every `summary` carries, in either dtype (documented in
+/// docs/compare-losses.md).
+const SUMMARY_FIELDS: [&str; 30] = [
+    "dtype",
+    "device",
+    "seed",
+    "steps",
+    "models",
+    "test_images",
+    "agree_ab",
+    "agreement_ab_percent",
+    "agree_a_rev",
+    "agreement_a_rev_percent",
+    "accuracy_gap_ab",
+    "accuracy_gap_a_rev",
+    "max_loss_diff_ab",
+    "max_loss_diff_ab_step",
+    "max_loss_diff_a_rev",
+    "max_loss_diff_a_rev_step",
+    "max_param_diff_ab",
+    "max_param_diff_a_rev",
+    "max_param_diff_ac",
+    "max_abs_weight_a",
+    "param_diff_ab",
+    "param_diff_a_rev",
+    "divergence",
+    "init",
+    "probe_finding",
+    "probe_first_broken_scale_b",
+    "inference",
+    "train_seconds",
+    "seconds",
+    "threads",
+];
+
+/// Checks one run's events, `start` to `summary`, in `dtype` over `steps`
+/// steps with `test` test images, and returns them by name.
+fn check_run<'a>(
+    events: &'a [serde_json::Value],
+    dtype: &str,
+    steps: usize,
+    test: usize,
+) -> std::collections::HashMap<&'a str, &'a serde_json::Value> {
     let kinds: Vec<&str> = events
         .iter()
         .map(|e| {
@@ -195,68 +273,236 @@ fn json_lines_are_valid_and_end_with_a_complete_summary() {
                 .unwrap_or_else(|| panic!("no event: {e}"))
         })
         .collect();
-    assert_eq!(
-        kinds,
-        ["start", "init", "loss", "loss", "loss", "loss", "loss", "test", "probe", "summary"]
-    );
+    let lines = steps / 25;
+    let mut expected = vec!["start", "init"];
+    expected.extend(std::iter::repeat_n("loss", lines));
+    expected.extend(["test", "probe", "summary"]);
+    assert_eq!(kinds, expected);
+    let start = &events[0];
+    assert_eq!(start["dtype"], dtype);
+    for m in ["A", "A_rev", "B", "C"] {
+        assert!(start["models"][m]["loss"].is_string(), "{m}: {start}");
+    }
+    assert_eq!(start["models"]["A_rev"]["reversed_batches"], true);
 
     let init = &events[1];
+    for key in ["loss_a", "loss_a_rev", "loss_b", "loss_c"] {
+        assert!(init[key].is_f64(), "{key} in {init}");
+    }
     assert!(init["loss_diff_ab"].as_f64().unwrap() <= 1e-6, "{init}");
     assert!(init["max_grad_diff_ab"].as_f64().unwrap() <= 1e-5, "{init}");
+    assert!(init["loss_diff_a_rev"].as_f64().unwrap() <= 1e-6, "{init}");
+    assert!(
+        init["max_grad_diff_a_rev"].as_f64().unwrap() <= 1e-5,
+        "{init}"
+    );
     assert_eq!(init["loss_diff_ac"], 0.0, "{init}");
     assert_eq!(init["gradients"].as_object().unwrap().len(), 10, "{init}");
-    for loss in &events[2..7] {
-        for key in ["loss_a", "loss_b", "loss_c", "max_loss_diff_ab_so_far"] {
+    for loss in &events[2..2 + lines] {
+        for key in [
+            "loss_a",
+            "loss_a_rev",
+            "loss_b",
+            "loss_c",
+            "max_loss_diff_ab_so_far",
+            "max_loss_diff_a_rev_so_far",
+            "max_param_diff_ab",
+            "max_param_diff_a_rev",
+        ] {
             assert!(loss[key].is_f64(), "{key} in {loss}");
         }
         assert_eq!(loss["non_finite_b"], 0, "{loss}");
     }
-    let probe = &events[8];
-    let cases = probe["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 6, "{probe}");
-    let extreme = &cases[3];
-    assert_eq!(extreme["scale"], 1000.0);
-    assert_eq!(extreme["grad_a"]["finite"], true, "{extreme}");
-    assert_eq!(extreme["grad_c"]["finite"], true, "{extreme}");
-    assert_eq!(extreme["grad_b"]["finite"], false, "{extreme}");
-    assert_eq!(cases[5]["loss_b"], "inf", "{probe}");
-    assert_eq!(cases[5]["loss_a"], 104.0, "{probe}");
-
-    let summary = events.last().unwrap();
+    let test_event = &events[2 + lines];
     for key in [
         "agreement_ab_percent",
-        "accuracy_gap_ab",
-        "max_loss_diff_ab",
-        "max_param_diff_ab",
-        "max_param_diff_ac",
-        "param_diff_ab",
-        "init",
-        "probe_finding",
-        "inference",
-        "train_seconds",
-        "seconds",
-        "seed",
+        "agreement_a_rev_percent",
+        "accuracy_a_rev",
     ] {
+        assert!(test_event[key].is_f64(), "{key} in {test_event}");
+    }
+    let probe = &events[3 + lines];
+    assert_eq!(probe["dtype"], dtype);
+    let cases = probe["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 7, "{probe}");
+    for case in cases {
+        assert_eq!(case["grad_a"]["finite"], true, "{case}");
+        assert_eq!(case["grad_c"]["finite"], true, "{case}");
+        assert!(case["loss_a"].is_f64() && case["loss_c"].is_f64(), "{case}");
+    }
+    let extreme = &cases[4];
+    assert_eq!(extreme["scale"], 10000.0);
+    assert_eq!(extreme["grad_b"]["finite"], false, "{extreme}");
+    let gap = if dtype == "f64" { 746.0 } else { 104.0 };
+    assert_eq!(cases[6]["loss_b"], "inf", "{probe}");
+    assert_eq!(cases[6]["loss_a"], gap, "{probe}");
+
+    let summary = events.last().unwrap();
+    for key in SUMMARY_FIELDS {
         assert!(!summary[key].is_null(), "summary lacks {key}: {summary}");
     }
+    assert_eq!(summary["dtype"], dtype);
     assert_eq!(summary["device"], "cpu");
-    assert_eq!(summary["steps"], STEPS);
-    assert_eq!(summary["test_images"], 100);
+    assert_eq!(summary["steps"], steps);
+    assert_eq!(summary["test_images"], test);
     assert_eq!(summary["max_param_diff_ac"], 0.0);
-    for m in ["A", "B", "C"] {
+    for m in ["A", "A_rev", "B", "C"] {
         let model = &summary["models"][m];
         let acc = model["accuracy"].as_f64().unwrap_or(-1.0);
         assert!((0.0..=100.0).contains(&acc), "{m}: {model}");
         assert_eq!(model["per_class_accuracy"].as_object().unwrap().len(), 10);
         assert_eq!(model["skipped_steps"], 0, "{m}: {model}");
-        assert_eq!(model["total"], 100);
+        assert_eq!(model["total"], test);
     }
     assert_eq!(
         summary["inference"]["argmax_logits_equals_argmax_softmax"],
-        100
+        test
     );
-    let agree = summary["agreement_ab_percent"].as_f64().unwrap();
-    assert!((0.0..=100.0).contains(&agree));
+    for pair in ["ab", "a_rev"] {
+        let agree = summary[format!("agreement_{pair}_percent")]
+            .as_f64()
+            .unwrap();
+        assert!((0.0..=100.0).contains(&agree));
+        let count = summary[format!("agree_{pair}")].as_u64().unwrap();
+        assert!((agree - 100.0 * count as f64 / test as f64).abs() < 1e-9);
+    }
+    // The divergence series: every 100 steps and the last.
+    let d = &summary["divergence"];
+    assert_eq!(d["every"], 100);
+    let want: Vec<usize> = (1..=steps)
+        .filter(|s| s.is_multiple_of(100) || *s == steps)
+        .collect();
+    assert_eq!(d["step"], serde_json::json!(want), "{d}");
+    for key in ["max_param_diff_ab", "max_param_diff_a_rev"] {
+        let series = d[key].as_array().unwrap();
+        assert_eq!(series.len(), want.len());
+        // The last entry is the final difference the summary reports.
+        assert_eq!(series.last().unwrap(), &summary[key], "{key}");
+    }
+    [
+        ("start", &events[0]),
+        ("init", init),
+        ("test", test_event),
+        ("probe", probe),
+        ("summary", summary),
+    ]
+    .into_iter()
+    .collect()
+}
+
+#[test]
+fn json_lines_are_valid_and_end_with_a_complete_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 500, 100, 2, None);
+    let text = ok(&compare(&data, &["--json"]));
+    check_run(&events(&text), "f32", STEPS, 100);
+}
+
+/// The point of `--dtype f64`: with float64 arithmetic A, A' and B stay the
+/// same network, where float32 rounding has already set them apart. On
+/// this data, at lr 0.01, after 200 steps, measured: the largest parameter
+/// difference is 1.7e-7 (A-B) and 1.5e-7 (A-A') in float32, against
+/// 9.4e-16 and 4.3e-16 in float64.
+#[test]
+fn float64_keeps_a_a_rev_and_b_the_same_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 800, 200, 1, None);
+    let csv = dir.path().join("both.csv");
+    let png = dir.path().join("both.png");
+    let text = ok(&compare(
+        &data,
+        &[
+            "--dtype",
+            "f32,f64",
+            "--json",
+            "--csv",
+            s(&csv),
+            "--plot",
+            s(&png),
+        ],
+    ));
+    let all = events(&text);
+    let split = all
+        .iter()
+        .rposition(|e| e["event"] == "start")
+        .expect("a second run");
+    let f32 = check_run(&all[..split], "f32", 200, 200);
+    let f64 = check_run(&all[split..], "f64", 200, 200);
+    let diff = |run: &std::collections::HashMap<&str, &serde_json::Value>, key: &str| {
+        run["summary"][key].as_f64().unwrap()
+    };
+    for key in ["max_param_diff_ab", "max_param_diff_a_rev"] {
+        let (d32, d64) = (diff(&f32, key), diff(&f64, key));
+        assert!(d64 <= 1e-12, "{key}: {d64} in float64");
+        // Float32 rounding is 2^29 times coarser: the drift shows.
+        assert!(d32 >= 1e-9, "{key}: {d32} in float32");
+        assert!(d32 > 1e4 * d64, "{key}: float32 {d32}, float64 {d64}");
+    }
+    assert_eq!(diff(&f64, "agreement_ab_percent"), 100.0);
+    assert_eq!(diff(&f64, "agreement_a_rev_percent"), 100.0);
+    // At step 0, in float64, the four losses agree to float64 rounding.
+    for key in ["loss_diff_ab", "loss_diff_a_rev"] {
+        assert!(
+            f64["init"][key].as_f64().unwrap() <= 1e-14,
+            "{}",
+            f64["init"]
+        );
+    }
+    // float64's exp underflows 7 times further out: B breaks later.
+    let broken = |run: &std::collections::HashMap<&str, &serde_json::Value>| {
+        run["summary"]["probe_first_broken_scale_b"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        broken(&f64) > broken(&f32),
+        "B breaks at x{} in float64, x{} in float32",
+        broken(&f64),
+        broken(&f32)
+    );
+
+    // The CSV holds both runs, with the divergence every 100 steps.
+    let (header, rows) = read_csv(&csv);
+    assert!(header.ends_with(",max_param_diff_ab,max_param_diff_a_rev"));
+    assert_eq!(rows.len(), 400);
+    for (dtype, rows) in [("f32", &rows[..200]), ("f64", &rows[200..])] {
+        let summary = if dtype == "f32" { &f32 } else { &f64 }["summary"];
+        for (dt, row) in rows {
+            assert_eq!(dt, dtype);
+            let step = row[STEP] as usize;
+            assert_eq!(
+                row[PARAM_AB].is_finite(),
+                step.is_multiple_of(100),
+                "{row:?}"
+            );
+        }
+        let last = &rows[199].1;
+        assert_eq!(
+            last[PARAM_AB],
+            summary["max_param_diff_ab"].as_f64().unwrap()
+        );
+        assert_eq!(
+            last[PARAM_A_REV],
+            summary["max_param_diff_a_rev"].as_f64().unwrap()
+        );
+    }
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+}
+
+#[test]
+fn bad_dtypes_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = compare(dir.path(), &["--dtype", "f16"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    for word in ["--dtype", "f16", "f32", "f64"] {
+        assert!(stderr(&out).contains(word), "{word}: {}", stderr(&out));
+    }
+    fails_with(
+        &compare(dir.path(), &["--dtype", "f64,f64"]),
+        &["--dtype lists f64 twice"],
+    );
 }
 
 #[test]
