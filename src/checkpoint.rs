@@ -29,7 +29,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::device::CpuConv;
 use crate::fsutil;
-use crate::model::{Model, PARAMETERS};
+use crate::model::{parameter_shapes, Model, PARAMETERS};
 use crate::optim::Sgd;
 
 /// The value of the `format` metadata field.
@@ -109,7 +109,8 @@ impl Meta {
         self.train_images.div_ceil(self.batch_size)
     }
 
-    fn to_map(&self) -> HashMap<String, String> {
+    /// The metadata of a checkpoint of a `Net` with `num_classes` outputs.
+    fn to_map(&self, num_classes: i64) -> HashMap<String, String> {
         let p = &self.position;
         // Rust prints an f64 with the fewest digits that parse back to the
         // same bits, so lr, momentum and the running loss round-trip exactly.
@@ -117,7 +118,7 @@ impl Meta {
             ("format", FORMAT.to_string()),
             ("version", VERSION.to_string()),
             ("model", "Net".to_string()),
-            ("parameters", parameters_json()),
+            ("parameters", parameters_json(num_classes)),
             ("seed", self.seed.to_string()),
             ("batch_size", self.batch_size.to_string()),
             ("lr", self.lr.to_string()),
@@ -167,7 +168,9 @@ impl Meta {
         );
         let shapes: BTreeMap<String, Vec<i64>> = serde_json::from_str(text("parameters")?)
             .with_context(|| format!("{origin}: the checkpoint field `parameters` is not JSON"))?;
-        let expected: BTreeMap<String, Vec<i64>> = serde_json::from_str(&parameters_json())?;
+        let num_classes = num_classes_of(&shapes).unwrap_or(crate::data::CLASSES.len() as i64);
+        let expected: BTreeMap<String, Vec<i64>> =
+            serde_json::from_str(&parameters_json(num_classes))?;
         ensure!(
             shapes == expected,
             "{origin}: its model's parameter shapes {shapes:?} differ from Net's {expected:?}"
@@ -301,15 +304,25 @@ where
     })
 }
 
-fn parameters_json() -> String {
-    let shapes: BTreeMap<&str, &[i64]> = PARAMETERS.into_iter().collect();
+fn parameters_json(num_classes: i64) -> String {
+    let shapes: BTreeMap<&str, Vec<i64>> = parameter_shapes(num_classes).into_iter().collect();
     serde_json::to_string(&shapes).expect("shapes serialize")
+}
+
+/// The outputs of the `Net` whose shapes are `shapes` (`fc3.bias`'s length).
+fn num_classes_of(shapes: &BTreeMap<String, Vec<i64>>) -> Option<i64> {
+    match shapes.get("fc3.bias").map(Vec::as_slice) {
+        Some(&[n]) if n >= 1 => Some(n),
+        _ => None,
+    }
 }
 
 /// A checkpoint read and checked, not yet applied to a model.
 pub struct Checkpoint {
     pub path: PathBuf,
     pub meta: Meta,
+    /// The outputs of the checkpoint's `Net`: one per class.
+    pub num_classes: usize,
     weights: HashMap<String, Tensor>,
     momentum_buffer: Tensor,
 }
@@ -317,6 +330,13 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Copies the weights into `model` and the momentum buffer into `opt`.
     pub fn apply(self, model: &mut Model, opt: &mut Sgd) -> Result<()> {
+        ensure!(
+            self.num_classes == model.num_classes(),
+            "cannot resume from {}: its Net has {} outputs (classes), this data has {} classes",
+            self.path.display(),
+            self.num_classes,
+            model.num_classes()
+        );
         model.set_state_dict(self.weights, &self.path)?;
         opt.set_momentum_buffer(&self.momentum_buffer)
             .with_context(|| format!("{}", self.path.display()))
@@ -369,6 +389,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         .as_ref()
         .ok_or_else(|| anyhow!("{origin}: not a tch-cifar checkpoint (no metadata)"))?;
     let meta = Meta::from_map(map, path)?;
+    // from_map checked that the shapes are a Net's.
+    let shapes: BTreeMap<String, Vec<i64>> =
+        serde_json::from_str(map.get("parameters").map_or("{}", String::as_str))
+            .unwrap_or_default();
+    let num_classes = num_classes_of(&shapes).unwrap_or(crate::data::CLASSES.len() as i64);
+    let expected_shapes = parameter_shapes(num_classes);
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("{origin}: not a complete safetensors file ({e:?})"))?;
     let mut weights = HashMap::new();
@@ -390,7 +416,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let momentum_buffer = weights
         .remove(MOMENTUM_KEY)
         .ok_or_else(|| anyhow!("{origin}: missing key `{MOMENTUM_KEY}`"))?;
-    let numel: i64 = PARAMETERS
+    let numel: i64 = expected_shapes
         .iter()
         .map(|(_, s)| s.iter().product::<i64>())
         .sum();
@@ -407,7 +433,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     {
         bail!("{origin}: unexpected key `{key}`");
     }
-    for (name, shape) in PARAMETERS {
+    for (name, shape) in expected_shapes {
         let tensor = weights
             .get(name)
             .ok_or_else(|| anyhow!("{origin}: missing key `{name}`"))?;
@@ -420,6 +446,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint {
         path: path.to_path_buf(),
         meta,
+        num_classes: num_classes as usize,
         weights,
         momentum_buffer,
     })
@@ -522,7 +549,7 @@ impl Saver {
         let momentum = f32_bytes(opt.momentum_buffer())?;
         let mut tensors = Vec::with_capacity(PARAMETERS.len() + 1);
         let mut offset = 0;
-        for (name, shape) in PARAMETERS {
+        for (name, shape) in model.parameter_shapes() {
             let len = 4 * shape.iter().product::<i64>() as usize;
             let dims = shape.iter().map(|&d| d as usize).collect();
             tensors.push((
@@ -541,7 +568,7 @@ impl Saver {
             position,
             ..self.meta.clone()
         };
-        let bytes = safetensors::serialize(tensors, &Some(meta.to_map()))
+        let bytes = safetensors::serialize(tensors, &Some(meta.to_map(model.num_classes() as i64)))
             .map_err(|e| anyhow!("cannot encode checkpoint {}: {e:?}", path.display()))?;
         let encoded = began.elapsed();
         create_dir(&self.dir)?;

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{self, DataArgs, Split, CLASSES};
+use crate::data::{self, DataArgs, Split};
 use crate::device::device_name;
 use crate::evaluate::{evaluate, predict_classes, Evaluation};
 use crate::model::{Model, PARAMETERS};
@@ -787,8 +787,8 @@ fn accuracy_text(evals: &[Evaluation]) -> String {
         pct(Some(evals[1].accuracy()), 2),
         pct(Some(evals[2].accuracy()), 2)
     ));
-    let per: Vec<[Option<f64>; 10]> = evals.iter().map(|e| e.per_class()).collect();
-    for (c, name) in CLASSES.iter().enumerate() {
+    let per: Vec<Vec<Option<f64>>> = evals.iter().map(|e| e.per_class()).collect();
+    for (c, name) in evals[0].classes.iter().enumerate() {
         out.push_str(&format!(
             "\n  {:<24}{:>9}{:>9}{:>9}",
             name,
@@ -894,11 +894,16 @@ pub fn run(args: CompareArgs) -> Result<()> {
     for path in args.csv.iter().chain(&args.plot) {
         crate::fsutil::check_writable(path)?;
     }
-    let batches = args.data.prepare()?;
-    // As in `train`: the test set is loaded after training, but its file is
-    // checked now so that a bad one fails before minutes of training.
-    data::read_batch_file(&batches.join(data::TEST_FILE))?;
-    let train_set = data::load_train(&batches, device)?;
+    let source = args.data.prepare()?;
+    // As in `train`: the test set is loaded after training, but checked now
+    // so that bad test data fails before minutes of training.
+    let (train_set, test_split) = source.load_for_training(device)?;
+    ensure!(
+        train_set.classes.len() == data::CLASSES.len(),
+        "compare-losses trains the tutorial's ten-class Net, and {} has {} classes",
+        source.describe(),
+        train_set.classes.len()
+    );
     let seed = recipe.seed_or_random();
     let mut reporter = Reporter::new(args.json);
     eprintln!(
@@ -956,7 +961,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     drop(training);
     drop(train_set);
 
-    let test = data::load_test(&batches, device)?;
+    let test = test_split.load(device)?;
     let evals: Vec<Evaluation> = trio.iter().map(|c| evaluate(&c.net, &test, 1000)).collect();
     let preds: Vec<Tensor> = trio[..2]
         .iter()
