@@ -184,9 +184,14 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(png) = &args.confusion {
         crate::fsutil::check_writable(png)?;
     }
-    let model = Model::load(&args.weights, device)?;
+    let mut model = Model::load(&args.weights, device)?;
     let source = args.data.prepare()?;
     let test = source.load_test(device)?;
+    if !model.has_class_names() && model.num_classes() == test.classes.len() {
+        // Nothing to check against (weights from PyTorch, or from before
+        // names were saved): the test set's names it is.
+        model.set_classes(test.classes.clone());
+    }
     check_classes(
         &args.weights,
         model.classes(),

@@ -19,7 +19,7 @@ use crate::model::{with_torch_rng, Model};
 /// What the exported module returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Head {
-    /// `Net`'s output as is: the ten logits per image.
+    /// `Net`'s output as is: one logit per class for each image.
     #[default]
     Logits,
     /// The softmax of the logits: each class's probability, summing to 1.
@@ -57,7 +57,7 @@ pub struct ExportArgs {
 }
 
 /// Traces `model` (on the CPU, weights frozen) into a TorchScript module
-/// whose `forward` maps `[N, 3, 32, 32]` images to `[N, 10]` outputs.
+/// whose `forward` maps `[N, 3, 32, 32]` images to `[N, classes]` outputs.
 pub fn trace(model: &mut Model, head: Head) -> Result<CModule> {
     ensure!(
         model.vs.device() == Device::Cpu,

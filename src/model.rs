@@ -195,6 +195,9 @@ pub struct Model {
     pub flat: Tensor,
     /// The class names, one per output, in label order.
     classes: Vec<String>,
+    /// Whether the names came with the weights (or the data), rather than
+    /// being guessed for a file that has none.
+    named: bool,
 }
 
 /// The safetensors metadata key holding the class names, as a JSON list.
@@ -233,6 +236,7 @@ impl Model {
             net,
             flat,
             classes,
+            named: true,
         }
     }
 
@@ -243,6 +247,21 @@ impl Model {
 
     pub fn num_classes(&self) -> usize {
         self.classes.len()
+    }
+
+    /// Whether the class names came with the weights: false for a file
+    /// without them (from before they were saved, or from PyTorch), whose
+    /// names [`Model::load`] made up.
+    pub fn has_class_names(&self) -> bool {
+        self.named
+    }
+
+    /// Renames the classes (as many as before): for weights without names,
+    /// the names of the data they are used on.
+    pub fn set_classes(&mut self, classes: Vec<String>) {
+        assert_eq!(classes.len(), self.classes.len(), "one name per output");
+        self.classes = classes;
+        self.named = true;
     }
 
     /// This model's `state_dict` keys and shapes.
@@ -267,6 +286,7 @@ impl Model {
             .map(|w| w.size())
             .filter(|s| s.len() == 2 && s[0] >= 1)
             .map(|s| s[0] as usize);
+        let named = classes.is_some();
         let classes = match (classes, outputs) {
             (Some(classes), Some(n)) if classes.len() != n => bail!(
                 "{}: lists {} classes, but `fc3.weight` has {n} outputs",
@@ -280,6 +300,7 @@ impl Model {
             (None, _) => crate::data::cifar::classes(),
         };
         let mut model = Model::with_classes(device, None, classes);
+        model.named = named;
         model.set_state_dict(tensors, path)?;
         Ok(model)
     }

@@ -40,7 +40,8 @@ pub fn decode(path: &Path) -> Result<DynamicImage> {
             path.display(),
             MAX_DECODE_BYTES >> 20
         ),
-        e => anyhow::Error::new(e).context(format!("{} is not a readable image", path.display())),
+        // The decoder's message already holds its cause: one line, not a chain.
+        e => anyhow!("{} is not a readable image: {e}", path.display()),
     })?;
     ensure!(
         image.width() > 0 && image.height() > 0,

@@ -125,13 +125,17 @@ impl Tree {
         load(&scan(self.test_dir()?)?, &self.options)
     }
 
-    /// Both splits, after checking that their classes are the same.
+    /// Both splits, after checking that their classes are the same. Neither
+    /// is cached before both have loaded, so a bad training split leaves no
+    /// cache of the test split behind.
     pub fn load_both(&self) -> Result<(Decoded, Decoded)> {
         let train = scan(self.train_dir()?)?;
         let test = scan(self.test_dir()?)?;
         check_same_classes(&train, &test)?;
-        let test = load(&test, &self.options)?;
-        let train = load(&train, &self.options)?;
+        let (test, test_cache) = fetch(&test, &self.options)?;
+        let (train, train_cache) = fetch(&train, &self.options)?;
+        write_cache(test_cache, &test);
+        write_cache(train_cache, &train);
         Ok((train, test))
     }
 }
@@ -208,25 +212,7 @@ pub fn scan(root: &Path) -> Result<Listing> {
         );
         // sorted(os.walk(...)) orders by folder path, then by file name.
         found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-        for (_, _, path) in found {
-            // A broken symlink keeps its place; decoding it names it.
-            let (len, modified_ns) = std::fs::metadata(&path)
-                .map(|m| {
-                    let ns = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_nanos() as i128);
-                    (m.len(), ns)
-                })
-                .unwrap_or((0, -1));
-            files.push(Entry {
-                path,
-                label,
-                len,
-                modified_ns,
-            });
-        }
+        files.extend(found.into_iter().map(|f| Entry { label, ..f.2 }));
     }
     Ok(Listing {
         root: root.to_path_buf(),
@@ -237,17 +223,43 @@ pub fn scan(root: &Path) -> Result<Listing> {
 
 /// `dir`'s entries as (name, path), sorted by name.
 fn read_dir_sorted(dir: &Path) -> Result<Vec<(std::ffi::OsString, PathBuf)>> {
+    Ok(read_dir_typed(dir)?
+        .into_iter()
+        .map(|(name, path, _)| (name, path))
+        .collect())
+}
+
+/// `dir`'s entries as (name, path, type), sorted by name; the type is the
+/// entry's own (a symlink is a symlink), which most file systems give
+/// without a `stat` per entry.
+fn read_dir_typed(dir: &Path) -> Result<Vec<(std::ffi::OsString, PathBuf, std::fs::FileType)>> {
     let read = || -> std::io::Result<Vec<_>> {
         let mut out = vec![];
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
-            out.push((entry.file_name(), entry.path()));
+            out.push((entry.file_name(), entry.path(), entry.file_type()?));
         }
         Ok(out)
     };
     let mut entries = read().with_context(|| format!("cannot read folder {}", dir.display()))?;
     entries.sort_by(|a, b| a.0.as_encoded_bytes().cmp(b.0.as_encoded_bytes()));
     Ok(entries)
+}
+
+/// A file's size and modification time (ns since 1970) for the cache's
+/// key; a file that cannot be read (a broken symlink) gets (0, -1) and
+/// keeps its place, to be named when it fails to decode.
+fn stamp(path: &Path) -> (u64, i128) {
+    std::fs::metadata(path)
+        .map(|m| {
+            let ns = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as i128);
+            (m.len(), ns)
+        })
+        .unwrap_or((0, -1))
 }
 
 /// What identifies a folder however it is reached: its canonical path.
@@ -257,13 +269,14 @@ fn folder_id(dir: &Path) -> Result<PathBuf> {
 }
 
 /// Collects the image files under `dir` (whose path relative to the class
-/// folder is `rel`) as (folder bytes, name bytes, path), following
-/// symlinked folders unless one leads back to a folder in `ancestors`.
+/// folder is `rel`) as (folder bytes, name bytes, entry with label 0),
+/// following symlinked folders unless one leads back to a folder in
+/// `ancestors`.
 fn walk(
     dir: &Path,
     rel: &Path,
     ancestors: &mut Vec<(PathBuf, PathBuf)>,
-    found: &mut Vec<(Vec<u8>, Vec<u8>, PathBuf)>,
+    found: &mut Vec<(Vec<u8>, Vec<u8>, Entry)>,
 ) -> Result<()> {
     let id = folder_id(dir)?;
     if let Some((_, ancestor)) = ancestors.iter().find(|(a, _)| *a == id) {
@@ -274,17 +287,24 @@ fn walk(
         );
     }
     ancestors.push((id, dir.to_path_buf()));
-    for (name, path) in read_dir_sorted(dir)? {
+    for (name, path, kind) in read_dir_typed(dir)? {
         if is_hidden(&name) {
             continue;
         }
-        if path.is_dir() {
+        let is_dir = kind.is_dir() || (kind.is_symlink() && path.is_dir());
+        if is_dir {
             walk(&path, &rel.join(&name), ancestors, found)?;
         } else if is_image_name(&name) {
+            let (len, modified_ns) = stamp(&path);
             found.push((
                 rel.as_os_str().as_encoded_bytes().to_vec(),
                 name.as_encoded_bytes().to_vec(),
-                path,
+                Entry {
+                    path,
+                    label: 0,
+                    len,
+                    modified_ns,
+                },
             ));
         }
     }
@@ -366,21 +386,46 @@ fn normalize(pixels: &[u8]) -> Tensor {
     let mut table = Tensor::empty([256], (Kind::Float, Device::Cpu));
     super::normalize_into(&mut table, &levels);
     let table = Vec::<f32>::try_from(&table).expect("256 floats");
-    let mut out = vec![0f32; pixels.len()];
-    out.par_chunks_mut(1 << 16)
+    let n = (pixels.len() / PLANAR_BYTES) as i64;
+    let out = Tensor::empty([n, 3, 32, 32], (Kind::Float, Device::Cpu));
+    // SAFETY: `out` is a new contiguous f32 tensor on the CPU of exactly
+    // `pixels.len()` elements, and nothing else refers to its memory while
+    // the slice lives. Filling it in place spares a copy of the whole split.
+    let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, pixels.len()) };
+    dst.par_chunks_mut(1 << 16)
         .zip(pixels.par_chunks(1 << 16))
         .for_each(|(dst, src)| {
             for (d, &s) in dst.iter_mut().zip(src) {
                 *d = table[s as usize];
             }
         });
-    let n = (pixels.len() / PLANAR_BYTES) as i64;
-    Tensor::from_slice(&out).view([n, 3, 32, 32])
+    out
 }
 
 /// The split in `listing`, from the cache when it holds these very files
 /// (same paths, sizes and modification times), else decoded and cached.
 pub fn load(listing: &Listing, options: &Options) -> Result<Decoded> {
+    let (decoded, pending) = fetch(listing, options)?;
+    write_cache(pending, &decoded);
+    Ok(decoded)
+}
+
+/// A cache file to write, and its key.
+type PendingCache = Option<(PathBuf, [u8; 16])>;
+
+/// Writes `decoded` into the pending cache file, if any. The cache only
+/// saves time, so a run goes on without it.
+fn write_cache(pending: PendingCache, decoded: &Decoded) {
+    if let Some((file, key)) = pending {
+        if let Err(err) = cache::write(&file, &key, decoded) {
+            eprintln!("warning: the decoded images were not cached: {err:#}");
+        }
+    }
+}
+
+/// [`load`], leaving the cache file to write (when the split was decoded)
+/// to the caller.
+fn fetch(listing: &Listing, options: &Options) -> Result<(Decoded, PendingCache)> {
     let key = cache::key(listing);
     let cache_file = options
         .cache_dir
@@ -392,21 +437,15 @@ pub fn load(listing: &Listing, options: &Options) -> Result<Decoded> {
             None
         })
     });
-    let decoded = match cached {
+    let (decoded, pending) = match cached {
         Some(decoded) => {
             tracing::info!("read {} from the cache", listing.root.display());
-            decoded
+            (decoded, None)
         }
-        None => {
-            let decoded = decode_listing(listing, options.skip_bad_images)?;
-            if let Some(file) = &cache_file {
-                // The cache only saves time: a run goes on without it.
-                if let Err(err) = cache::write(file, &key, &decoded) {
-                    eprintln!("warning: the decoded images were not cached: {err:#}");
-                }
-            }
-            decoded
-        }
+        None => (
+            decode_listing(listing, options.skip_bad_images)?,
+            cache_file.map(|file| (file, key)),
+        ),
     };
     if !decoded.skipped.is_empty() {
         if !options.skip_bad_images {
@@ -428,7 +467,7 @@ pub fn load(listing: &Listing, options: &Options) -> Result<Decoded> {
         "no image in {} could be decoded",
         listing.root.display()
     );
-    Ok(decoded)
+    Ok((decoded, pending))
 }
 
 fn bad_images_message(bad: &[(PathBuf, String)]) -> String {
