@@ -132,13 +132,13 @@ impl DataArgs {
             }));
         }
         let dir = &self.data_dir;
-        if let Some(batches) = locate(dir) {
-            return Ok(Source::Batches(batches));
+        let batches = locate(dir).is_some();
+        if !batches {
+            if let Some(tree) = image_folder::Tree::find(dir, options) {
+                return Ok(Source::Images(tree));
+            }
         }
-        if let Some(tree) = image_folder::Tree::find(dir, options) {
-            return Ok(Source::Images(tree));
-        }
-        if dir.is_dir() && has_subfolders(dir)? {
+        if !batches && dir.is_dir() && has_subfolders(dir)? {
             bail!(
                 "{} is neither CIFAR-10's binary batches ({} … {}, directly or in {}/) nor an \
                  image tree ({}/<class>/<image> and {}/<class>/<image>, or {}/<class>/<image>)",
@@ -151,6 +151,8 @@ impl DataArgs {
                 TEST_SPLIT_NAMES[1],
             );
         }
+        // Batch files already there are taken as they are (with a note when
+        // --archive was given); otherwise CIFAR-10 is fetched.
         let source = match &self.archive {
             Some(path) => download::Source::Archive(path.clone()),
             None => download::Source::Url(self.download_url.clone()),
