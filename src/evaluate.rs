@@ -148,20 +148,11 @@ pub fn check_classes(
     if model == data {
         return Ok(());
     }
-    let only = |a: &[String], b: &[String]| {
-        let names: Vec<&str> = a
-            .iter()
-            .filter(|c| !b.contains(c))
-            .map(String::as_str)
-            .collect();
-        if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(", ")
-        }
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|c| !b.contains(c)).cloned().collect()
     };
-    let sets_equal = only(model, data) == "none" && only(data, model) == "none";
-    if sets_equal && model.len() == data.len() {
+    let (theirs, ours) = (only(model, data), only(data, model));
+    if theirs.is_empty() && ours.is_empty() && model.len() == data.len() {
         bail!(
             "{} was trained on the classes of {source} in another order ({} against {})",
             weights.display(),
@@ -169,12 +160,17 @@ pub fn check_classes(
             data.join(", ")
         );
     }
+    let mut differences = vec![];
+    if !theirs.is_empty() {
+        differences.push(format!("only in the weights: {}", theirs.join(", ")));
+    }
+    if !ours.is_empty() {
+        differences.push(format!("only in the data: {}", ours.join(", ")));
+    }
     bail!(
-        "{} was trained on other classes than those of {source}: only in the weights: {}; only \
-         in the data: {}",
+        "{} was trained on other classes than those of {source}: {}",
         weights.display(),
-        only(model, data),
-        only(data, model)
+        differences.join("; ")
     )
 }
 

@@ -324,19 +324,18 @@ pub fn check_same_classes(train: &Listing, test: &Listing) -> Result<()> {
             .filter(|c| !b.classes.contains(c))
             .map(String::as_str)
             .collect();
-        if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(", ")
+        match names.len() {
+            0 => String::new(),
+            _ => format!("only in {}: {}", a.root.display(), names.join(", ")),
         }
     };
+    let differences: Vec<String> = [only(train, test), only(test, train)]
+        .into_iter()
+        .filter(|d| !d.is_empty())
+        .collect();
     bail!(
-        "the test split's classes differ from the training split's: only in {}: {}; only in {}: \
-         {}",
-        train.root.display(),
-        only(train, test),
-        test.root.display(),
-        only(test, train)
+        "the test split's classes differ from the training split's: {}",
+        differences.join("; ")
     )
 }
 
