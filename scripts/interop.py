@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """The Python side of tch-cifar's round trips with PyTorch.
 
-    interop.py init --seed S [--pth FILE] [--pth-no-crc FILE] [--safetensors FILE]
-        torch.manual_seed(S); Net(), and its state_dict saved as torch.save
-        (.pth; --pth-no-crc after set_crc32_options(False), which writes
-        every CRC as 0) and/or safetensors.
+    interop.py init --seed S [--num-classes N] [--pth FILE] [--pth-no-crc FILE] [--safetensors FILE]
+        torch.manual_seed(S); Net(N) (N = 10 by default: the tutorial's Net()),
+        and its state_dict saved as torch.save (.pth; --pth-no-crc after
+        set_crc32_options(False), which writes every CRC as 0) and/or safetensors.
     interop.py logits --weights FILE --input X.safetensors --out Y.safetensors
         Loads a state_dict (.pth via torch.load(weights_only=True), or
-        safetensors) into the tutorial's Net with load_state_dict (strict) and
-        writes net(input).
+        safetensors) into the tutorial's Net, with as many outputs as the
+        weights' fc3 has, with load_state_dict (strict) and writes net(input).
     interop.py run-script --model model.pt --input X.safetensors --out Y.safetensors
         torch.jit.load(model) and writes model(input).
     interop.py script-info --model model.pt --input X.safetensors --out Y.safetensors
@@ -19,8 +19,14 @@
     interop.py preprocess IMAGE... --out X.safetensors
         PIL + torchvision: RGB, Resize((32, 32)), ToTensor, Normalize(0.5, 0.5).
     interop.py accuracy --data-dir DIR (--weights FILE | --script model.pt) [--json]
-        The tutorial's test loop on DIR/test_batch.bin, printing the same lines
-        as `tch-cifar evaluate`.
+        The tutorial's test loop on DIR/test_batch.bin, or on an image tree's
+        DIR/test/ (or DIR/val/) through torchvision's ImageFolder with
+        Resize((32, 32)), printing the same lines as `tch-cifar evaluate`.
+    interop.py image-folder ROOT [--pixels X.safetensors]
+        torchvision's ImageFolder(ROOT): prints its classes, class_to_idx and
+        samples (paths relative to ROOT) as JSON; --pixels writes the images
+        as Pillow decodes them (convert("RGB"), then Resize((32, 32)) when
+        another size), uint8 [N, 3, 32, 32], with their labels.
 
 The tutorial's own training (saved with torch.save(net.state_dict(), PATH))
 is scripts/pytorch_tutorial.py --save PATH.
@@ -56,15 +62,16 @@ def load_weights(path):
 
 
 def load_net(path):
-    net = Net()
-    net.load_state_dict(load_weights(path))  # strict: every key, no extra
+    state = load_weights(path)
+    net = Net(state["fc3.weight"].shape[0])  # one output per class
+    net.load_state_dict(state)  # strict: every key, no extra
     net.eval()
     return net
 
 
 def cmd_init(args):
     torch.manual_seed(args.seed)
-    net = Net()
+    net = Net(args.num_classes)
     if args.pth:
         torch.save(net.state_dict(), args.pth)
     if args.pth_no_crc:
@@ -135,12 +142,22 @@ def cmd_accuracy(args):
         net = torch.jit.load(args.script)
     else:
         net = load_net(args.weights)
-    testset = BinaryCIFAR10(args.data_dir, train=False, transform=tutorial_transform())
+    tree = [os.path.join(args.data_dir, d) for d in ("test", "val")
+            if os.path.isdir(os.path.join(args.data_dir, d))]
+    if tree:
+        import torchvision.transforms as transforms
+        from torchvision.datasets import ImageFolder
+        transform = transforms.Compose([transforms.Resize((32, 32)), tutorial_transform()])
+        testset = ImageFolder(tree[0], transform=transform)
+        classes = testset.classes
+    else:
+        testset = BinaryCIFAR10(args.data_dir, train=False, transform=tutorial_transform())
+        classes = CLASSES
     testloader = torch.utils.data.DataLoader(testset, batch_size=args.batch_size, shuffle=False)
     correct = 0
     total = 0
-    correct_pred = {classname: 0 for classname in CLASSES}
-    total_pred = {classname: 0 for classname in CLASSES}
+    correct_pred = {classname: 0 for classname in classes}
+    total_pred = {classname: 0 for classname in classes}
     with torch.no_grad():
         for data in testloader:
             images, labels = data
@@ -150,8 +167,8 @@ def cmd_accuracy(args):
             correct += (predicted == labels).sum().item()
             for label, prediction in zip(labels, predicted):
                 if label == prediction:
-                    correct_pred[CLASSES[label]] += 1
-                total_pred[CLASSES[label]] += 1
+                    correct_pred[classes[label]] += 1
+                total_pred[classes[label]] += 1
     if args.json:
         print(json.dumps({"correct": correct, "total": total, "accuracy": 100 * correct / total,
                           "correct_per_class": correct_pred, "total_per_class": total_pred}))
@@ -165,12 +182,34 @@ def cmd_accuracy(args):
         print(f'Accuracy for class: {classname:5s} is {accuracy:.1f} %')
 
 
+def cmd_image_folder(args):
+    import numpy as np
+    import torchvision.transforms as transforms
+    from torchvision.datasets import ImageFolder
+    dataset = ImageFolder(args.root)
+    print(json.dumps({
+        "classes": dataset.classes,
+        "class_to_idx": dataset.class_to_idx,
+        "samples": [[os.path.relpath(p, args.root), i] for p, i in dataset.samples],
+    }))
+    if args.pixels:
+        resize = transforms.Resize((32, 32))
+        pixels = torch.empty((len(dataset), 3, 32, 32), dtype=torch.uint8)
+        for i, (path, _) in enumerate(dataset.samples):
+            image = dataset.loader(path)  # Image.open(f).convert("RGB")
+            if image.size != (32, 32):
+                image = resize(image)
+            pixels[i] = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        save_file({"pixels": pixels, "labels": torch.tensor(dataset.targets)}, args.pixels)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="a freshly initialized Net's state_dict")
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--pth")
     p.add_argument("--pth-no-crc")
     p.add_argument("--safetensors")
@@ -209,6 +248,11 @@ def main():
                         "1000 is what `tch-cifar evaluate` uses)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_accuracy)
+
+    p = sub.add_parser("image-folder", help="torchvision's ImageFolder on a folder of classes")
+    p.add_argument("root")
+    p.add_argument("--pixels", help="write the decoded 32x32 images here (safetensors)")
+    p.set_defaults(func=cmd_image_folder)
 
     args = ap.parse_args()
     args.func(args)

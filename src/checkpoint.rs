@@ -35,7 +35,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::device::{CpuConv, DeviceArg};
 use crate::fsutil;
-use crate::model::{Model, PARAMETERS};
+use crate::model::{parameter_shapes, Model, PARAMETERS};
 use crate::optim::Sgd;
 use crate::settings::{self, Settings};
 
@@ -144,6 +144,12 @@ impl Meta {
             ("version", VERSION.to_string()),
             ("model", "Net".to_string()),
             (RUN_KEY, run),
+            // Where `Model::load` finds a weights file's class names, so
+            // that `evaluate` and `predict` name a checkpoint's classes too.
+            (
+                crate::model::CLASSES_KEY,
+                crate::model::classes_json(&self.settings.classes),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -317,6 +323,8 @@ where
 pub struct Checkpoint {
     pub path: PathBuf,
     pub meta: Meta,
+    /// The outputs of the checkpoint's `Net`: one per class.
+    pub num_classes: usize,
     weights: HashMap<String, Tensor>,
     momentum_buffer: Tensor,
 }
@@ -324,6 +332,13 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Copies the weights into `model` and the momentum buffer into `opt`.
     pub fn apply(self, model: &mut Model, opt: &mut Sgd) -> Result<()> {
+        ensure!(
+            self.num_classes == model.num_classes(),
+            "cannot resume from {}: its Net has {} outputs (classes), this data has {} classes",
+            self.path.display(),
+            self.num_classes,
+            model.num_classes()
+        );
         model.set_state_dict(self.weights, &self.path)?;
         opt.set_momentum_buffer(&self.momentum_buffer)
             .with_context(|| format!("{}", self.path.display()))
@@ -376,6 +391,9 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         .as_ref()
         .ok_or_else(|| anyhow!("{origin}: not a tch-cifar checkpoint (no metadata)"))?;
     let meta = Meta::from_map(map, path)?;
+    // One output per class of the run's data.
+    let num_classes = meta.settings.classes.len() as i64;
+    let expected_shapes = parameter_shapes(num_classes);
     let file = SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("{origin}: not a complete safetensors file ({e:?})"))?;
     let mut weights = HashMap::new();
@@ -397,7 +415,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let momentum_buffer = weights
         .remove(MOMENTUM_KEY)
         .ok_or_else(|| anyhow!("{origin}: missing key `{MOMENTUM_KEY}`"))?;
-    let numel: i64 = PARAMETERS
+    let numel: i64 = expected_shapes
         .iter()
         .map(|(_, s)| s.iter().product::<i64>())
         .sum();
@@ -407,10 +425,11 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         momentum_buffer.size()
     );
     // Checked now, so that a bad file is skipped before any model is touched.
-    crate::model::check_state_dict(&weights, path)?;
+    crate::model::check_state_dict(&weights, &expected_shapes, path)?;
     Ok(Checkpoint {
         path: path.to_path_buf(),
         meta,
+        num_classes: num_classes as usize,
         weights,
         momentum_buffer,
     })
@@ -513,7 +532,7 @@ impl Saver {
         let momentum = f32_bytes(opt.momentum_buffer())?;
         let mut tensors = Vec::with_capacity(PARAMETERS.len() + 1);
         let mut offset = 0;
-        for (name, shape) in PARAMETERS {
+        for (name, shape) in model.parameter_shapes() {
             let len = 4 * shape.iter().product::<i64>() as usize;
             let dims = shape.iter().map(|&d| d as usize).collect();
             tensors.push((

@@ -1,27 +1,28 @@
 //! The tutorial's test step: overall and per-class accuracy of a `Net` on
-//! the test set, and the `evaluate` command that runs it on saved weights.
+//! the test set, and the `evaluate` command that runs it on saved weights
+//! (after checking that the weights' classes are the test set's).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{DataArgs, Split, CLASSES};
+use crate::data::{DataArgs, Split};
 use crate::device::{device_name, DeviceArg};
 use crate::model::Model;
 use crate::report::{path_json, Reporter};
 
-/// Evaluate saved weights on the CIFAR-10 test set.
+/// Evaluate saved weights on the test set (CIFAR-10's, or an image tree's).
 #[derive(Debug, clap::Args)]
 pub struct EvaluateArgs {
     /// Weights to evaluate, keyed like PyTorch's `state_dict`: safetensors
     /// (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Also draw the 10x10 confusion matrix (true class by predicted class) into this PNG.
+    /// Also draw the confusion matrix (true class by predicted class) into this PNG.
     #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png)]
     pub confusion: Option<PathBuf>,
     #[command(flatten)]
@@ -37,10 +38,12 @@ pub struct EvaluateArgs {
     pub json: bool,
 }
 
-/// Counts on one split: `confusion[truth][predicted]`.
+/// Counts on one split: `confusion[truth][predicted]`, a row and a column
+/// per class.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
-    pub confusion: [[i64; 10]; 10],
+    pub classes: Vec<String>,
+    pub confusion: Vec<Vec<i64>>,
 }
 
 impl Evaluation {
@@ -49,7 +52,9 @@ impl Evaluation {
     }
 
     pub fn correct(&self) -> i64 {
-        (0..10).map(|c| self.confusion[c][c]).sum()
+        (0..self.confusion.len())
+            .map(|c| self.confusion[c][c])
+            .sum()
     }
 
     /// Overall accuracy in percent.
@@ -58,11 +63,13 @@ impl Evaluation {
     }
 
     /// Accuracy per true class in percent; `None` for a class with no images.
-    pub fn per_class(&self) -> [Option<f64>; 10] {
-        std::array::from_fn(|c| {
-            let total: i64 = self.confusion[c].iter().sum();
-            (total > 0).then(|| 100.0 * self.confusion[c][c] as f64 / total as f64)
-        })
+    pub fn per_class(&self) -> Vec<Option<f64>> {
+        (0..self.confusion.len())
+            .map(|c| {
+                let total: i64 = self.confusion[c].iter().sum();
+                (total > 0).then(|| 100.0 * self.confusion[c][c] as f64 / total as f64)
+            })
+            .collect()
     }
 
     /// The tutorial's lines: overall accuracy (floored to an integer, as
@@ -73,7 +80,7 @@ impl Evaluation {
             self.total(),
             100 * self.correct() / self.total().max(1)
         );
-        for (name, acc) in CLASSES.iter().zip(self.per_class()) {
+        for (name, acc) in self.classes.iter().zip(self.per_class()) {
             let acc = acc.map_or("n/a (no test images)".to_string(), |a| format!("{a:.1} %"));
             out.push_str(&format!("\nAccuracy for class: {name:5} is {acc}"));
         }
@@ -82,7 +89,8 @@ impl Evaluation {
 
     /// The fields every JSON summary carries.
     pub fn json_fields(&self) -> serde_json::Map<String, serde_json::Value> {
-        let per_class: serde_json::Map<String, serde_json::Value> = CLASSES
+        let per_class: serde_json::Map<String, serde_json::Value> = self
+            .classes
             .iter()
             .zip(self.per_class())
             .map(|(n, a)| (n.to_string(), json!(a)))
@@ -112,20 +120,58 @@ pub fn predict_classes(net: &impl Module, images: &Tensor, batch_size: i64) -> T
     })
 }
 
-/// Runs `net` over `split` and counts right and wrong answers per class.
+/// Runs `net` over `split` and counts right and wrong answers per class
+/// (`net` has one output per class of the split).
 pub fn evaluate(net: &impl Module, split: &Split, batch_size: i64) -> Evaluation {
+    let k = split.classes.len() as i64;
     let preds = predict_classes(net, &split.images, batch_size);
-    // One bincount over truth*10+pred fills the confusion matrix in one sync.
-    let cells = (&split.labels * 10 + preds)
-        .bincount::<Tensor>(None, 100)
+    // One bincount over truth*k+pred fills the confusion matrix in one sync.
+    let cells = (&split.labels * k + preds)
+        .bincount::<Tensor>(None, k * k)
         .to_device(Device::Cpu);
     let cells =
-        Vec::<i64>::try_from(&cells.to_kind(Kind::Int64)).expect("bincount gives 100 counts");
-    let mut confusion = [[0; 10]; 10];
-    for (i, n) in cells.into_iter().enumerate() {
-        confusion[i / 10][i % 10] = n;
+        Vec::<i64>::try_from(&cells.to_kind(Kind::Int64)).expect("bincount gives k*k counts");
+    Evaluation {
+        classes: split.classes.clone(),
+        confusion: cells.chunks(k as usize).map(<[i64]>::to_vec).collect(),
     }
-    Evaluation { confusion }
+}
+
+/// Errors, naming the differences, unless the weights' classes are the
+/// test set's (same names, same order).
+pub fn check_classes(
+    weights: &Path,
+    model: &[String],
+    data: &[String],
+    source: &str,
+) -> Result<()> {
+    if model == data {
+        return Ok(());
+    }
+    let only = |a: &[String], b: &[String]| -> Vec<String> {
+        a.iter().filter(|c| !b.contains(c)).cloned().collect()
+    };
+    let (theirs, ours) = (only(model, data), only(data, model));
+    if theirs.is_empty() && ours.is_empty() && model.len() == data.len() {
+        bail!(
+            "{} was trained on the classes of {source} in another order ({} against {})",
+            weights.display(),
+            model.join(", "),
+            data.join(", ")
+        );
+    }
+    let mut differences = vec![];
+    if !theirs.is_empty() {
+        differences.push(format!("only in the weights: {}", theirs.join(", ")));
+    }
+    if !ours.is_empty() {
+        differences.push(format!("only in the data: {}", ours.join(", ")));
+    }
+    bail!(
+        "{} was trained on other classes than those of {source}: {}",
+        weights.display(),
+        differences.join("; ")
+    )
 }
 
 /// `tch-cifar evaluate`.
@@ -139,9 +185,20 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         &[("--weights", &args.weights)],
         &[("--confusion", args.confusion.as_deref())],
     )?;
-    let model = Model::load(&args.weights, device)?;
-    let batches = args.data.prepare()?;
-    let test = crate::data::load_split(&[batches.join(crate::data::TEST_FILE)], device)?;
+    let mut model = Model::load(&args.weights, device)?;
+    let source = args.data.prepare()?;
+    let test = source.load_test(device)?;
+    if !model.has_class_names() && model.num_classes() == test.classes.len() {
+        // Nothing to check against (weights from PyTorch, or from before
+        // names were saved): the test set's names it is.
+        model.set_classes(test.classes.clone());
+    }
+    check_classes(
+        &args.weights,
+        model.classes(),
+        &test.classes,
+        &source.describe(),
+    )?;
     let start = Instant::now();
     let eval = evaluate(&model.net, &test, args.batch_size);
     let eval_seconds = start.elapsed().as_secs_f64();
@@ -167,9 +224,14 @@ pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-    let cell = 58;
+    // Ten classes get the tutorial-sized 58-pixel cells; more get smaller
+    // ones, with smaller text, down to 16 pixels.
+    let n = eval.classes.len() as i32;
+    let cell = (580 / n.max(1)).clamp(16, 58);
+    let font = |size: i32| (size * cell / 58).max(9);
+    let side = n * cell;
     let (left, top) = (120, 70);
-    let (width, height) = (left + 10 * cell + 20, top + 10 * cell + 70);
+    let (width, height) = (left + side + 20, top + side + 70);
     write_png(path, width as u32, height as u32, |root| {
         let err =
             |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
@@ -186,19 +248,19 @@ pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
                 eval.total(),
                 eval.accuracy()
             ),
-            (left + 5 * cell, 22),
+            (left + side / 2, 22),
             centred(20, &BLACK),
         ))
         .map_err(err)?;
         root.draw(&Text::new(
             "predicted class",
-            (left + 5 * cell, top + 10 * cell + 50),
+            (left + side / 2, top + side + 50),
             centred(18, &BLACK),
         ))
         .map_err(err)?;
         root.draw(&Text::new(
             "true class",
-            (18, top + 5 * cell),
+            (18, top + side / 2),
             centred(18, &BLACK).transform(FontTransform::Rotate270),
         ))
         .map_err(err)?;
@@ -207,9 +269,9 @@ pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
             let row_total = row.iter().sum::<i64>().max(1) as f64;
             let y = top + t as i32 * cell;
             root.draw(&Text::new(
-                CLASSES[t],
+                eval.classes[t].as_str(),
                 (left - 8, y + cell / 2),
-                (FONT, 16)
+                (FONT, font(16).max(12))
                     .into_font()
                     .color(&BLACK)
                     .pos(Pos::new(HPos::Right, VPos::Center)),
@@ -229,29 +291,29 @@ pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
                 root.draw(&Text::new(
                     count.to_string(),
                     (x + cell / 2, y + cell / 2),
-                    centred(15, &ink),
+                    centred(font(15), &ink),
                 ))
                 .map_err(err)?;
             }
         }
-        for (p, name) in CLASSES.iter().enumerate() {
+        for (p, name) in eval.classes.iter().enumerate() {
             root.draw(&Text::new(
-                *name,
-                (left + p as i32 * cell + cell / 2, top + 10 * cell + 16),
-                centred(16, &BLACK),
+                name.as_str(),
+                (left + p as i32 * cell + cell / 2, top + side + 16),
+                centred(font(16).max(10), &BLACK),
             ))
             .map_err(err)?;
         }
         let grid = RGBColor(200, 200, 200);
-        for i in 0..=10 {
+        for i in 0..=n {
             let d = i * cell;
             root.draw(&PathElement::new(
-                vec![(left, top + d), (left + 10 * cell, top + d)],
+                vec![(left, top + d), (left + side, top + d)],
                 grid,
             ))
             .map_err(err)?;
             root.draw(&PathElement::new(
-                vec![(left + d, top), (left + d, top + 10 * cell)],
+                vec![(left + d, top), (left + d, top + side)],
                 grid,
             ))
             .map_err(err)?;
@@ -266,11 +328,14 @@ mod tests {
 
     #[test]
     fn counts_and_text_follow_the_tutorial() {
-        let mut confusion = [[0; 10]; 10];
+        let mut confusion = vec![vec![0; 10]; 10];
         confusion[0][0] = 2; // plane: 2 of 3 right
         confusion[0][1] = 1;
         confusion[3][3] = 1; // cat: 1 of 1
-        let e = Evaluation { confusion };
+        let e = Evaluation {
+            classes: crate::data::cifar::classes(),
+            confusion,
+        };
         assert_eq!((e.correct(), e.total()), (3, 4));
         assert_eq!(e.accuracy(), 75.0);
         let text = e.text();
@@ -311,11 +376,30 @@ mod tests {
             images: Tensor::zeros([5, 3, 32, 32], (Kind::Float, Device::Cpu)),
             labels: Tensor::from_slice(&[2i64, 2, 1, 0, 2]),
             md5: None,
+            classes: crate::data::cifar::classes(),
         };
         let e = evaluate(&Always2, &split, 2);
         assert_eq!(e.correct(), 3);
         assert_eq!(e.confusion[1][2], 1);
         assert_eq!(e.per_class()[2], Some(100.0));
         assert_eq!(e.per_class()[0], Some(0.0));
+    }
+
+    #[test]
+    fn class_lists_must_match() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let w = Path::new("w.safetensors");
+        check_classes(w, &names(&["a", "b"]), &names(&["a", "b"]), "d").unwrap();
+        let err = check_classes(w, &names(&["a", "b"]), &names(&["a", "c"]), "d")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only in the weights: b; only in the data: c"),
+            "{err}"
+        );
+        let err = check_classes(w, &names(&["a", "b"]), &names(&["b", "a"]), "d")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in another order"), "{err}");
     }
 }

@@ -1,7 +1,8 @@
 //! tch-cifar: PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust
 //! with tch, as a library so that the binary and the tests share one code.
 //!
-//! * [`data`] and [`download`]: the binary batches, on disk and as tensors.
+//! * [`data`] and [`download`]: the datasets (CIFAR-10's binary batches, image
+//!   folders), on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`settings`] and [`checkpoint`]: a training run's settings, and saving and

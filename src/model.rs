@@ -12,6 +12,11 @@
 //!         self.fc2 = nn.Linear(120, 84)
 //!         self.fc3 = nn.Linear(84, 10)
 //! ```
+//!
+//! `fc3` has one output per class: ten for CIFAR-10, as many as an image
+//! tree has class folders. The class names are saved with the weights (the
+//! safetensors header's `classes`, a `.pth`'s `_metadata`); weights saved
+//! without them are CIFAR-10's when they have ten outputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -107,7 +112,8 @@ pub struct Net {
     fc3: Linear,
 }
 
-/// The `state_dict` keys and shapes of `Net`, in PyTorch's order.
+/// The `state_dict` keys and shapes of the tutorial's `Net` (ten classes),
+/// in PyTorch's order; [`parameter_shapes`] gives them for any count.
 pub const PARAMETERS: [(&str, &[i64]); 10] = [
     ("conv1.weight", &[6, 3, 5, 5]),
     ("conv1.bias", &[6]),
@@ -121,16 +127,31 @@ pub const PARAMETERS: [(&str, &[i64]); 10] = [
     ("fc3.bias", &[10]),
 ];
 
+/// The `state_dict` keys and shapes of a `Net` with `num_classes` outputs.
+pub fn parameter_shapes(num_classes: i64) -> Vec<(&'static str, Vec<i64>)> {
+    PARAMETERS
+        .iter()
+        .map(|&(name, shape)| {
+            let shape = match name {
+                "fc3.weight" => vec![num_classes, 84],
+                "fc3.bias" => vec![num_classes],
+                _ => shape.to_vec(),
+            };
+            (name, shape)
+        })
+        .collect()
+}
+
 impl Net {
-    /// Creates the layers under `vs`, initialized from torch's global RNG
-    /// (seed it with `tch::manual_seed`).
-    pub fn new(vs: &nn::Path) -> Net {
+    /// Creates the layers under `vs` with `num_classes` outputs, initialized
+    /// from torch's global RNG (seed it with `tch::manual_seed`).
+    pub fn new(vs: &nn::Path, num_classes: i64) -> Net {
         Net {
             conv1: Conv2d::new(vs / "conv1", 3, 6, 5),
             conv2: Conv2d::new(vs / "conv2", 6, 16, 5),
             fc1: Linear::new(vs / "fc1", 16 * 5 * 5, 120),
             fc2: Linear::new(vs / "fc2", 120, 84),
-            fc3: Linear::new(vs / "fc3", 84, 10),
+            fc3: Linear::new(vs / "fc3", 84, num_classes),
         }
     }
 }
@@ -144,7 +165,7 @@ impl Module for Net {
         let x = x.flatten(1, -1); // -> [N, 400]
         let x = self.fc1.forward(&x).relu(); // -> [N, 120]
         let x = self.fc2.forward(&x).relu(); // -> [N, 84]
-        self.fc3.forward(&x) // -> [N, 10] logits
+        self.fc3.forward(&x) // -> [N, classes] logits
     }
 }
 
@@ -186,17 +207,32 @@ pub struct Model {
     pub vs: nn::VarStore,
     pub net: Net,
     pub flat: Tensor,
+    /// The class names, one per output, in label order.
+    classes: Vec<String>,
+    /// Whether the names came with the weights (or the data), rather than
+    /// being guessed for a file that has none.
+    named: bool,
 }
 
+/// The safetensors metadata key holding the class names, as a JSON list.
+pub const CLASSES_KEY: &str = "classes";
+
 impl Model {
-    /// A freshly initialized `Net`; `seed` fixes torch's RNG first.
+    /// A freshly initialized `Net` for CIFAR-10's ten classes; `seed` fixes
+    /// torch's RNG first.
     pub fn new(device: Device, seed: Option<u64>) -> Model {
+        Model::with_classes(device, seed, crate::data::cifar::classes())
+    }
+
+    /// A freshly initialized `Net` with one output per class in `classes`.
+    pub fn with_classes(device: Device, seed: Option<u64>, classes: Vec<String>) -> Model {
+        let num_classes = classes.len() as i64;
         // The weights are drawn on the CPU, as `Net()` in Python draws them
         // before `.to(device)`: a CUDA generator would give other numbers
         // for the same seed.
         let (mut vs, net) = with_torch_rng(seed, || {
             let vs = nn::VarStore::new(Device::Cpu);
-            let net = Net::new(&vs.root());
+            let net = Net::new(&vs.root(), num_classes);
             (vs, net)
         });
         vs.set_device(device);
@@ -204,7 +240,42 @@ impl Model {
         let flat =
             tch::no_grad(|| Tensor::cat(&params.iter().map(|p| p.view(-1)).collect::<Vec<_>>(), 0));
         share_storage(params, &flat);
-        Model { vs, net, flat }
+        Model {
+            vs,
+            net,
+            flat,
+            classes,
+            named: true,
+        }
+    }
+
+    /// The class names, one per output, in label order.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Whether the class names came with the weights: false for a file
+    /// without them (from before they were saved, or from PyTorch), whose
+    /// names [`Model::load`] made up.
+    pub fn has_class_names(&self) -> bool {
+        self.named
+    }
+
+    /// Renames the classes (as many as before): for weights without names,
+    /// the names of the data they are used on.
+    pub fn set_classes(&mut self, classes: Vec<String>) {
+        assert_eq!(classes.len(), self.classes.len(), "one name per output");
+        self.classes = classes;
+        self.named = true;
+    }
+
+    /// This model's `state_dict` keys and shapes.
+    pub fn parameter_shapes(&self) -> Vec<(&'static str, Vec<i64>)> {
+        parameter_shapes(self.classes.len() as i64)
     }
 
     /// Casts the weights to `kind` (f64 for `compare-losses --dtype f64`);
@@ -221,11 +292,32 @@ impl Model {
     }
 
     /// A `Net` on `device` holding the weights in `path`: a `state_dict`
-    /// file, or a training checkpoint (whose SGD momentum is left out).
+    /// file, or a training checkpoint (whose SGD momentum is left out). Its
+    /// classes are the file's; a file without them is CIFAR-10's when `fc3`
+    /// has ten outputs, else its classes are named by their index.
     pub fn load(path: &Path, device: Device) -> Result<Model> {
-        let mut model = Model::new(device, None);
-        let mut tensors = read_state_dict(path)?;
+        let (mut tensors, classes) = read_weights(path)?;
         tensors.retain(|key, _| !key.starts_with(OPTIMIZER_PREFIX));
+        let outputs = tensors
+            .get("fc3.weight")
+            .map(|w| w.size())
+            .filter(|s| s.len() == 2 && s[0] >= 1)
+            .map(|s| s[0] as usize);
+        let named = classes.is_some();
+        let classes = match (classes, outputs) {
+            (Some(classes), Some(n)) if classes.len() != n => bail!(
+                "{}: lists {} classes, but `fc3.weight` has {n} outputs",
+                path.display(),
+                classes.len()
+            ),
+            (Some(classes), _) => classes,
+            (None, Some(n)) if n != crate::data::CLASSES.len() => {
+                (0..n).map(|i| i.to_string()).collect()
+            }
+            (None, _) => crate::data::cifar::classes(),
+        };
+        let mut model = Model::with_classes(device, None, classes);
+        model.named = named;
         model.set_state_dict(tensors, path)?;
         Ok(model)
     }
@@ -250,7 +342,7 @@ impl Model {
         tensors: HashMap<String, Tensor>,
         origin: &Path,
     ) -> Result<()> {
-        check_state_dict(&tensors, origin)?;
+        check_state_dict(&tensors, &self.parameter_shapes(), origin)?;
         let mut vars = self.vs.variables();
         for (name, _) in PARAMETERS {
             let var = vars
@@ -266,26 +358,55 @@ impl Model {
         tch::no_grad(|| self.flat.isfinite().all().int64_value(&[])) != 0
     }
 
-    /// Writes the weights as safetensors, atomically: a temporary file in the
-    /// same folder, synced, then renamed over `path`.
+    /// Writes the weights as safetensors, with the class names in the
+    /// header's metadata, atomically: a temporary file in the same folder,
+    /// synced, then renamed over `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let state = self.state_dict();
+        let bytes = state
+            .iter()
+            .map(|(name, t)| {
+                let numel = t.numel();
+                let mut data = vec![0u8; 4 * numel];
+                t.f_copy_data_u8(&mut data, numel)
+                    .with_context(|| format!("cannot read `{name}`"))?;
+                Ok((name.as_str(), t.size(), data))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let views = bytes
+            .iter()
+            .map(|(name, shape, data)| {
+                let shape = shape.iter().map(|&d| d as usize).collect();
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data)
+                    .map(|v| (*name, v))
+                    .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([(CLASSES_KEY.to_string(), classes_json(&self.classes))]);
+        let file = safetensors::serialize(views, &Some(metadata))
+            .map_err(|e| anyhow::anyhow!("cannot encode weights for {}: {e:?}", path.display()))?;
         crate::fsutil::write_atomically(path, |tmp| {
-            Tensor::write_safetensors(&state, tmp)
+            std::fs::write(tmp, &file)
                 .with_context(|| format!("cannot write weights to {}", tmp.display()))
         })
     }
 
     /// Writes the weights in `torch.save`'s format (an `OrderedDict`, like
-    /// `torch.save(net.state_dict(), PATH)`), atomically.
+    /// `torch.save(net.state_dict(), PATH)`, with the class names in its
+    /// `_metadata`), atomically.
     pub fn save_pth(&self, path: &Path) -> Result<()> {
-        crate::pth::write(path, &self.state_dict())
+        crate::pth::write(path, &self.state_dict(), Some(&self.classes))
     }
 }
 
-/// Checks that `tensors` are Net's `state_dict`: every key present, none
-/// extra, shapes equal, floats. `origin` names the source in errors.
-pub fn check_state_dict(tensors: &HashMap<String, Tensor>, origin: &Path) -> Result<()> {
+/// Checks that `tensors` are Net's `state_dict` with the parameter `shapes`
+/// ([`parameter_shapes`]): every key present, none extra, shapes equal,
+/// floats. `origin` names the source in errors.
+pub fn check_state_dict(
+    tensors: &HashMap<String, Tensor>,
+    shapes: &[(&'static str, Vec<i64>)],
+    origin: &Path,
+) -> Result<()> {
     let origin = origin.display();
     let extra = tensors
         .keys()
@@ -296,11 +417,11 @@ pub fn check_state_dict(tensors: &HashMap<String, Tensor>, origin: &Path) -> Res
             PARAMETERS.map(|(k, _)| k).join(", ")
         );
     }
-    for (name, shape) in PARAMETERS {
-        let Some(src) = tensors.get(name) else {
+    for (name, shape) in shapes {
+        let Some(src) = tensors.get(*name) else {
             bail!("{origin}: missing key `{name}`");
         };
-        if src.size() != shape {
+        if &src.size() != shape {
             bail!(
                 "{origin}: key `{name}` has shape {:?}, Net expects {shape:?}",
                 src.size()
@@ -316,6 +437,28 @@ pub fn check_state_dict(tensors: &HashMap<String, Tensor>, origin: &Path) -> Res
     Ok(())
 }
 
+/// Class names as the JSON list the safetensors metadata holds.
+pub fn classes_json(classes: &[String]) -> String {
+    serde_json::to_string(classes).expect("strings serialize")
+}
+
+/// The class names in safetensors metadata, if it has them.
+pub fn classes_from_metadata(
+    metadata: Option<&HashMap<String, String>>,
+    path: &Path,
+) -> Result<Option<Vec<String>>> {
+    let Some(text) = metadata.and_then(|m| m.get(CLASSES_KEY)) else {
+        return Ok(None);
+    };
+    let classes: Vec<String> = serde_json::from_str(text).with_context(|| {
+        format!(
+            "{}: the metadata field `{CLASSES_KEY}` is not a JSON list of names",
+            path.display()
+        )
+    })?;
+    Ok(Some(classes))
+}
+
 fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {
     let vars = vs.variables();
     PARAMETERS
@@ -328,6 +471,14 @@ fn parameters(vs: &nn::VarStore) -> Vec<Tensor> {
 /// content, not the name: a zip archive is PyTorch's `torch.save` format
 /// (`.pth`, see [`crate::pth`]), anything else must be safetensors.
 pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(read_weights(path)?.0)
+}
+
+/// Named tensors, and the class names their file holds, if any.
+pub type Weights = (HashMap<String, Tensor>, Option<Vec<String>>);
+
+/// [`read_state_dict`], and the class names the file holds, if any.
+pub fn read_weights(path: &Path) -> Result<Weights> {
     if path.is_dir() {
         bail!("{} is a directory, not a weights file", path.display());
     }
@@ -335,7 +486,10 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
         bail!("weights file {} does not exist", path.display());
     }
     match sniff(path)? {
-        Format::Pth => Ok(crate::pth::read(path)?.into_iter().collect()),
+        Format::Pth => {
+            let (tensors, classes) = crate::pth::read_with_classes(path)?;
+            Ok((tensors.into_iter().collect(), classes))
+        }
         Format::LegacyPth => bail!(
             "{} is in torch.save's legacy format (PyTorch < 1.6 or \
              _use_new_zipfile_serialization=False), which is not supported; re-save it with \
@@ -343,14 +497,21 @@ pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>> {
             path.display()
         ),
         Format::Safetensors => {
-            let tensors = Tensor::read_safetensors(path).with_context(|| {
+            let unreadable = || {
                 format!(
                     "cannot read weights from {} (neither a safetensors file nor a .pth \
                      from torch.save)",
                     path.display()
                 )
-            })?;
-            Ok(tensors.into_iter().collect())
+            };
+            let tensors = Tensor::read_safetensors(path).with_context(unreadable)?;
+            let bytes =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .with_context(unreadable)?;
+            let classes = classes_from_metadata(header.metadata().as_ref(), path)?;
+            Ok((tensors.into_iter().collect(), classes))
         }
     }
 }
@@ -527,5 +688,47 @@ mod tests {
         std::fs::write(&garbage, b"not weights at all").unwrap();
         let err = format!("{:#}", Model::load(&garbage, Device::Cpu).unwrap_err());
         assert!(err.contains("garbage.safetensors"), "{err}");
+    }
+
+    #[test]
+    fn class_names_travel_with_the_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = ["cat", "dog", "émeu"].map(String::from).to_vec();
+        let model = Model::with_classes(Device::Cpu, Some(6), names.clone());
+        let out = model
+            .net
+            .forward(&Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)));
+        assert_eq!(out.size(), [2, 3]);
+        assert_eq!(model.flat.size(), [62_006 - 7 * 85]);
+        for file in ["w.safetensors", "w.pth"] {
+            let path = dir.path().join(file);
+            if file.ends_with(".pth") {
+                model.save_pth(&path).unwrap();
+            } else {
+                model.save(&path).unwrap();
+            }
+            let loaded = Model::load(&path, Device::Cpu).unwrap();
+            assert_eq!(loaded.classes(), names, "{file}");
+            assert!(loaded.flat.equal(&model.flat), "{file}");
+        }
+        // Weights without a class list: CIFAR-10's names for ten outputs,
+        // numbers for any other count.
+        let bare = dir.path().join("bare.safetensors");
+        Tensor::write_safetensors(&model.state_dict(), &bare).unwrap();
+        assert_eq!(
+            Model::load(&bare, Device::Cpu).unwrap().classes(),
+            ["0", "1", "2"]
+        );
+        let ten = Model::new(Device::Cpu, Some(1));
+        Tensor::write_safetensors(&ten.state_dict(), &bare).unwrap();
+        assert_eq!(
+            Model::load(&bare, Device::Cpu).unwrap().classes(),
+            crate::data::CLASSES
+        );
+        // Seeded like Net(3) in Python: the first layers' draws are the
+        // ten-class Net's, in the same order.
+        let a = Model::with_classes(Device::Cpu, Some(6), names).state_dict();
+        let b = Model::new(Device::Cpu, Some(6)).state_dict();
+        assert!(a[0].1.equal(&b[0].1));
     }
 }

@@ -6,20 +6,21 @@
 //! log-softmax during training). An image of any size is converted to RGB,
 //! resized to 32x32 with a bilinear, antialiased filter (like torchvision's
 //! `Resize((32, 32))` on a PIL image) and normalized exactly as the training
-//! data is (`ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)`).
+//! data is (`ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)`): the same
+//! code, [`crate::data::decode`], prepares the images of an image tree. The
+//! class names are the weights'.
 //!
 //! Every file gets its line (or JSON object) in the order given; one that
 //! can't be read gets its reason instead, and the command then fails.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{ensure, Context, Result};
-use image::imageops::FilterType;
+use anyhow::Result;
 use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{normalize_into, CLASSES};
+use crate::data::decode;
 use crate::device::DeviceArg;
 use crate::model::Model;
 
@@ -29,14 +30,15 @@ pub struct PredictArgs {
     /// Weights: safetensors (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// PNG or JPEG files, of any size up to about 170 megapixels; each is
-    /// scaled to 32x32 as the CIFAR-10 images are.
+    /// Image files (PNG, JPEG, BMP, PNM, TIFF, WebP), of any size up to about
+    /// 170 megapixels; each is scaled to 32x32 as the training images are.
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
-    /// How many of the most probable classes to print per image.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
-    pub top_k: u8,
-    /// Print one JSON object per image, with all ten probabilities and the logits.
+    /// How many of the most probable classes to print per image (at most
+    /// the weights' number of classes).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub top_k: u16,
+    /// Print one JSON object per image, with every class's probability and the logits.
     #[arg(long)]
     pub json: bool,
     /// Device to run on: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
@@ -44,49 +46,15 @@ pub struct PredictArgs {
     pub device: DeviceArg,
 }
 
-/// Reads a PNG or JPEG file (the format is told by its content) and turns
-/// it into the normalized `[3, 32, 32]` f32 tensor `Net` expects.
+/// Reads an image file (the format is told by its content) and turns it
+/// into the normalized `[3, 32, 32]` f32 tensor `Net` expects.
 pub fn load_image(path: &Path) -> Result<Tensor> {
-    let reader = image::io::Reader::open(path)
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?;
-    let image = reader.decode().map_err(|e| match e {
-        // The image crate's default cap on what one decode may allocate.
-        image::ImageError::Limits(_) => anyhow::anyhow!(
-            "{} is too large to decode: its pixels need more than 512 MiB (about 170 \
-             megapixels); scale it down first",
-            path.display()
-        ),
-        // The decoder's message only: the error's `source()` chain repeats it.
-        e => anyhow::anyhow!(
-            "{} is not a readable PNG or JPEG image: {e}",
-            path.display()
-        ),
-    })?;
-    ensure!(
-        image.width() > 0 && image.height() > 0,
-        "{} is an empty image ({}x{})",
-        path.display(),
-        image.width(),
-        image.height()
-    );
-    Ok(preprocess(&image))
+    Ok(preprocess(&decode::decode(path)?))
 }
 
 /// RGB, resized to 32x32 if needed, then normalized like the training data.
 pub fn preprocess(image: &image::DynamicImage) -> Tensor {
-    let mut rgb = image.to_rgb8();
-    if rgb.dimensions() != (32, 32) {
-        rgb = image::imageops::resize(&rgb, 32, 32, FilterType::Triangle);
-    }
-    // HWC bytes -> CHW, as ToTensor() does.
-    let pixels = Tensor::from_slice(rgb.as_raw())
-        .view([32, 32, 3])
-        .permute([2, 0, 1]);
-    let mut out = Tensor::empty([3, 32, 32], (Kind::Float, Device::Cpu));
-    normalize_into(&mut out, &pixels);
-    out
+    decode::to_tensor(image)
 }
 
 /// One image's result.
@@ -126,29 +94,29 @@ pub fn predict(net: &impl Module, images: &Tensor) -> Result<Vec<Prediction>> {
 }
 
 /// The text lines for one image: its class, then the top `k` classes.
-pub fn text(path: &Path, p: &Prediction, k: usize) -> String {
-    let mut out = format!("{}: {}", path.display(), CLASSES[p.class()]);
+pub fn text(path: &Path, p: &Prediction, k: usize, classes: &[String]) -> String {
+    let mut out = format!("{}: {}", path.display(), classes[p.class()]);
     for c in p.ranking().into_iter().take(k) {
-        out.push_str(&format!("\n  {:5} {:.4}", CLASSES[c], p.probabilities[c]));
+        out.push_str(&format!("\n  {:5} {:.4}", classes[c], p.probabilities[c]));
     }
     out
 }
 
 /// The JSON object for one image.
-pub fn to_json(path: &Path, p: &Prediction, k: usize) -> serde_json::Value {
+pub fn to_json(path: &Path, p: &Prediction, k: usize, classes: &[String]) -> serde_json::Value {
     let class = p.class();
     let top: Vec<serde_json::Value> = p
         .ranking()
         .into_iter()
         .take(k)
-        .map(|c| json!({"class": CLASSES[c], "label": c, "probability": p.probabilities[c]}))
+        .map(|c| json!({"class": classes[c], "label": c, "probability": p.probabilities[c]}))
         .collect();
     json!({
         "image": crate::report::path_json(path),
-        "class": CLASSES[class],
+        "class": classes[class],
         "label": class,
         "top_k": top,
-        "classes": CLASSES,
+        "classes": classes,
         "probabilities": p.probabilities,
         "logits": p.logits,
     })
@@ -168,7 +136,7 @@ pub fn error_json(path: &Path, err: &anyhow::Error) -> serde_json::Value {
 pub fn run(args: PredictArgs) -> Result<()> {
     let device = args.device.resolve()?;
     let model = Model::load(&args.weights, device)?;
-    let k = args.top_k as usize;
+    let k = (args.top_k as usize).min(model.num_classes());
     let mut failed: Vec<anyhow::Error> = vec![];
     // A thousand images per forward pass bounds the memory for long lists.
     for paths in args.images.chunks(1000) {
@@ -188,9 +156,9 @@ pub fn run(args: PredictArgs) -> Result<()> {
                         .next()
                         .expect("one prediction per readable image");
                     if args.json {
-                        to_json(path, &p, k).to_string()
+                        to_json(path, &p, k, model.classes()).to_string()
                     } else {
-                        text(path, &p, k)
+                        text(path, &p, k, model.classes())
                     }
                 }
                 Err(err) => {
@@ -293,9 +261,10 @@ mod tests {
             probabilities: vec![0.05, 0.5, 0.0, 0.3, 0.0, 0.0, 0.0, 0.0, 0.15, 0.0],
         };
         assert_eq!(&p.ranking()[..3], [1, 3, 8]);
-        let t = text(Path::new("x.png"), &p, 2);
+        let classes = crate::data::cifar::classes();
+        let t = text(Path::new("x.png"), &p, 2, &classes);
         assert_eq!(t, "x.png: car\n  car   0.5000\n  cat   0.3000");
-        let j = to_json(Path::new("x.png"), &p, 3);
+        let j = to_json(Path::new("x.png"), &p, 3, &classes);
         assert_eq!(j["class"], "car");
         assert_eq!(j["top_k"].as_array().unwrap().len(), 3);
         assert_eq!(j["probabilities"].as_array().unwrap().len(), 10);

@@ -22,6 +22,11 @@
 //! makes it panic or use memory far beyond the file's size (the pickle's
 //! copies and nesting, and the tensors' sizes, are bounded by it). The
 //! writer emits only globals `weights_only=True` accepts.
+//!
+//! The class names travel in the `OrderedDict`'s `_metadata` attribute,
+//! which `torch.save(net.state_dict())` writes and `load_state_dict` reads:
+//! `state_dict._metadata[""]["classes"]`, a list of strings, beside the
+//! `version` PyTorch keeps there. `load_state_dict` ignores the extra entry.
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -57,15 +62,28 @@ pub fn is_zip(bytes: &[u8]) -> bool {
     bytes.starts_with(ZIP_MAGIC)
 }
 
+/// A `state_dict` in file order, and the class names its `_metadata` holds.
+pub type WithClasses = (Vec<(String, Tensor)>, Option<Vec<String>>);
+
 /// Reads the `state_dict` in the `torch.save` file at `path`, in file order.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    Ok(read_with_classes(path)?.0)
+}
+
+/// [`read`], and the class names in the file's `_metadata`, if any.
+pub fn read_with_classes(path: &Path) -> Result<WithClasses> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    from_bytes(&bytes)
+    from_bytes_with_classes(&bytes)
         .with_context(|| format!("cannot read PyTorch weights from {}", path.display()))
 }
 
 /// Parses a `torch.save` archive holding a `state_dict`.
 pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
+    Ok(from_bytes_with_classes(bytes)?.0)
+}
+
+/// [`from_bytes`], and the class names in the `_metadata`, if any.
+pub fn from_bytes_with_classes(bytes: &[u8]) -> Result<WithClasses> {
     ensure!(
         cfg!(target_endian = "little"),
         "reading .pth files is only implemented on little-endian machines"
@@ -104,9 +122,11 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
         );
     }
     let pickle = archive.read(&pkl, 64 << 20)?;
-    let root = Unpickler::new(&pickle)
+    let mut unpickler = Unpickler::new(&pickle);
+    let root = unpickler
         .run()
         .with_context(|| format!("cannot unpickle {pkl}"))?;
+    let classes = unpickler.classes.take();
     let Value::Dict(dict) = root else {
         bail!(
             "{pkl} holds {}, not a state_dict (a dict of tensors)",
@@ -176,7 +196,7 @@ pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
             .with_context(|| format!("key `{key}`"))?;
         out.push((key, tensor));
     }
-    Ok(out)
+    Ok((out, classes))
 }
 
 /// How many bytes of tensors a file of `file_len` bytes may expand to.
@@ -263,9 +283,10 @@ impl<'a> Archive<'a> {
     }
 }
 
-/// Writes `tensors` as a `torch.save` file of an `OrderedDict`, atomically.
-pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    let bytes = to_bytes(tensors)?;
+/// Writes `tensors` as a `torch.save` file of an `OrderedDict`, atomically,
+/// with `classes` (if given) in its `_metadata`.
+pub fn write(path: &Path, tensors: &[(String, Tensor)], classes: Option<&[String]>) -> Result<()> {
+    let bytes = to_bytes_with_classes(tensors, classes)?;
     crate::fsutil::write_atomically(path, |tmp| {
         std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))
     })
@@ -275,6 +296,14 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 /// an `OrderedDict`, laid out like PyTorch's own: stored entries, storages
 /// aligned to 64 bytes.
 pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    to_bytes_with_classes(tensors, None)
+}
+
+/// [`to_bytes`], with `classes` in the dict's `_metadata`.
+pub fn to_bytes_with_classes(
+    tensors: &[(String, Tensor)],
+    classes: Option<&[String]>,
+) -> Result<Vec<u8>> {
     let mut storages = Vec::with_capacity(tensors.len());
     let mut pickle = Pickler::new();
     pickle.begin_ordered_dict();
@@ -296,6 +325,9 @@ pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         );
     }
     pickle.end_ordered_dict();
+    if let Some(classes) = classes {
+        pickle.build_metadata(classes);
+    }
 
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let options =
@@ -572,6 +604,8 @@ struct Unpickler<'a> {
     memo: HashMap<u32, (Value, u32)>,
     /// Bytes that copies (memo stores and fetches, DUP) may still take.
     copy_budget: u64,
+    /// The class names from a BUILD's `_metadata[""]["classes"]`.
+    classes: Option<Vec<String>>,
 }
 
 /// Copies may take this many bytes per byte of pickle, plus
@@ -624,6 +658,7 @@ impl<'a> Unpickler<'a> {
             copy_budget: (data.len() as u64)
                 .saturating_mul(COPY_BYTES_PER_BYTE)
                 .saturating_add(COPY_BYTES_BASE),
+            classes: None,
         }
     }
 
@@ -793,7 +828,7 @@ impl<'a> Unpickler<'a> {
         self.push_at(v, depth)
     }
 
-    fn run(mut self) -> Result<Value> {
+    fn run(&mut self) -> Result<Value> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -1003,11 +1038,14 @@ impl<'a> Unpickler<'a> {
             }
             b'b' => {
                 // BUILD: PyTorch sets `_metadata` on the OrderedDict; the
-                // weights don't depend on it.
-                let _state = self.pop()?;
+                // weights don't depend on it, but the class names are there.
+                let state = self.pop()?;
                 match self.top()? {
                     Value::Dict(_) => {}
                     other => bail!("BUILD on {}, which takes no state", other.describe()),
+                }
+                if let Some(classes) = metadata_classes(&state)? {
+                    self.classes = Some(classes);
                 }
             }
             other => bail!(
@@ -1017,6 +1055,38 @@ impl<'a> Unpickler<'a> {
         }
         Ok(())
     }
+}
+
+/// `state["_metadata"][""]["classes"]`, when a BUILD's state has it; an
+/// error when it is there but not a list of strings.
+fn metadata_classes(state: &Value) -> Result<Option<Vec<String>>> {
+    let get = |v: &Value, key: &str| -> Option<Value> {
+        let Value::Dict(d) = v else { return None };
+        d.entries
+            .iter()
+            .find(|(k, _)| *k == Value::Str(key.to_string()))
+            .map(|(_, v)| v.clone())
+    };
+    let Some(classes) = get(state, "_metadata")
+        .and_then(|m| get(&m, ""))
+        .and_then(|m| get(&m, "classes"))
+    else {
+        return Ok(None);
+    };
+    let Value::List(items) = classes else {
+        bail!(
+            "_metadata's classes is {}, not a list of strings",
+            classes.describe()
+        );
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            Value::Str(s) => Ok(s),
+            other => bail!("a class name in _metadata is {}", other.describe()),
+        })
+        .collect::<Result<Vec<String>>>()
+        .map(Some)
 }
 
 /// Key/value pairs from a flat run `[k0, v0, k1, v1, ...]`.
@@ -1230,6 +1300,28 @@ impl Pickler {
 
     fn end_ordered_dict(&mut self) {
         self.out.push(b'u'); // SETITEMS
+    }
+
+    /// BUILD on the dict just written with the state
+    /// `{"_metadata": OrderedDict({"": {"version": 1, "classes": [...]}})}`.
+    fn build_metadata(&mut self, classes: &[String]) {
+        self.out.extend([b'}', b'(']); // {  MARK
+        self.str("_metadata");
+        self.begin_ordered_dict();
+        self.str("");
+        self.out.extend([b'}', b'(']);
+        self.str("version");
+        self.int(1);
+        self.str("classes");
+        self.out.extend([b']', b'(']); // []  MARK
+        for class in classes {
+            self.str(class);
+        }
+        self.out.push(b'e'); // APPENDS
+        self.out.push(b'u'); // SETITEMS of the inner dict
+        self.end_ordered_dict();
+        self.out.push(b'u'); // SETITEMS of the state
+        self.out.push(b'b'); // BUILD
     }
 
     fn finish(mut self) -> Vec<u8> {

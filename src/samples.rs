@@ -2,9 +2,9 @@
 //! random mini-batch of training images, drawn as a labeled grid in a PNG,
 //! with the labels also printed as the tutorial prints them.
 //!
-//! The pixels come straight from the batch files: they are what
-//! un-normalizing the training tensors (`img / 2 + 0.5`, as the tutorial's
-//! `imshow` does) gives back.
+//! The pixels come straight from the batch files, or from an image tree's
+//! decoded (and cached) pixels: they are what un-normalizing the training
+//! tensors (`img / 2 + 0.5`, as the tutorial's `imshow` does) gives back.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Context, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::data::{self, DataArgs, CLASSES, IMAGE_BYTES, RECORD_BYTES, TRAIN_FILES};
+use crate::data::{self, DataArgs, Source, CLASSES, IMAGE_BYTES, RECORD_BYTES, TRAIN_FILES};
 use crate::plot::{write_png, FONT};
 
 /// Draw a grid of random training images with their labels.
@@ -43,7 +43,7 @@ pub struct SamplesArgs {
 /// One training image: its label and its 32x32 planar RGB bytes.
 #[derive(Debug, Clone)]
 pub struct Sample {
-    pub label: u8,
+    pub label: usize,
     pub pixels: Vec<u8>,
 }
 
@@ -93,23 +93,29 @@ fn read_record(path: &Path, index: u64) -> Result<Sample> {
         path.display()
     );
     Ok(Sample {
-        label,
+        label: label as usize,
         pixels: record[1..].to_vec(),
     })
 }
 
 /// The labels line the tutorial prints: `' '.join(f'{classes[l]:5s}' ...)`.
-pub fn labels_line(samples: &[Sample]) -> String {
+pub fn labels_line(samples: &[Sample], classes: &[String]) -> String {
     samples
         .iter()
-        .map(|s| format!("{:5}", CLASSES[s.label as usize]))
+        .map(|s| format!("{:5}", classes[s.label]))
         .collect::<Vec<_>>()
         .join(" ")
 }
 
 /// Draws `samples` as a grid, `columns` per row, each image `scale` times
-/// its size with its class name under it.
-pub fn draw_grid(path: &Path, samples: &[Sample], columns: u32, scale: u32) -> Result<()> {
+/// its size with its class name (from `classes`) under it.
+pub fn draw_grid(
+    path: &Path,
+    samples: &[Sample],
+    classes: &[String],
+    columns: u32,
+    scale: u32,
+) -> Result<()> {
     let columns = columns.min(samples.len() as u32).max(1);
     let rows = (samples.len() as u32).div_ceil(columns);
     let side = 32 * scale;
@@ -146,7 +152,7 @@ pub fn draw_grid(path: &Path, samples: &[Sample], columns: u32, scale: u32) -> R
                 }
             }
             root.draw(&Text::new(
-                CLASSES[sample.label as usize],
+                classes[sample.label].as_str(),
                 (x0 + side as i32 / 2, y0 + side as i32 + 3),
                 label_style.clone(),
             ))
@@ -172,7 +178,41 @@ fn random_seed() -> u64 {
 pub fn run(args: SamplesArgs) -> Result<()> {
     crate::fsutil::check_writable(&args.out)?;
     crate::outputs::check_command_outputs(&args.data, &[], &[("--out", Some(args.out.as_path()))])?;
-    let dir = args.data.prepare()?;
+    let seed = args.seed.unwrap_or_else(random_seed);
+    let (samples, classes) = match args.data.prepare()? {
+        Source::Batches(dir) => (
+            batch_samples(&dir, seed, args.count)?,
+            data::cifar::classes(),
+        ),
+        Source::Images(tree) => {
+            let train = tree.load_train()?;
+            let order = data::epoch_order(seed, 0, train.len());
+            let picked = &order[..(args.count as usize).min(order.len())];
+            let samples = picked
+                .iter()
+                .map(|&i| Sample {
+                    label: train.labels[i as usize] as usize,
+                    pixels: train.image(i as usize).to_vec(),
+                })
+                .collect();
+            (samples, train.classes)
+        }
+    };
+    debug_assert!(samples.iter().all(|s| s.pixels.len() == IMAGE_BYTES));
+    draw_grid(
+        &args.out,
+        &samples,
+        &classes,
+        args.columns.into(),
+        args.scale,
+    )?;
+    println!("{}", labels_line(&samples, &classes));
+    Ok(())
+}
+
+/// `count` training records from the batch files in `dir`, picked by the
+/// first epoch's order under `seed`.
+fn batch_samples(dir: &Path, seed: u64, count: u16) -> Result<Vec<Sample>> {
     let total: u64 = TRAIN_FILES
         .iter()
         .map(|f| {
@@ -183,14 +223,9 @@ pub fn run(args: SamplesArgs) -> Result<()> {
         })
         .sum::<Result<u64>>()?;
     ensure!(total > 0, "the training set in {} is empty", dir.display());
-    let seed = args.seed.unwrap_or_else(random_seed);
     let order = data::epoch_order(seed, 0, total as usize);
-    let picked = &order[..(args.count as usize).min(order.len())];
-    let samples = read_records(&dir, picked)?;
-    debug_assert!(samples.iter().all(|s| s.pixels.len() == IMAGE_BYTES));
-    draw_grid(&args.out, &samples, args.columns.into(), args.scale)?;
-    println!("{}", labels_line(&samples));
-    Ok(())
+    let picked = &order[..(count as usize).min(order.len())];
+    read_records(dir, picked)
 }
 
 #[cfg(test)]
@@ -204,7 +239,7 @@ mod tests {
             pixels: vec![0; IMAGE_BYTES],
         };
         assert_eq!(
-            labels_line(&[s(3), s(8), s(0), s(1)]),
+            labels_line(&[s(3), s(8), s(0), s(1)], &data::cifar::classes()),
             "cat   ship  plane car  "
         );
     }
@@ -216,10 +251,10 @@ mod tests {
         let samples: Vec<Sample> = (0..5)
             .map(|i| Sample {
                 label: i,
-                pixels: vec![i * 50; IMAGE_BYTES],
+                pixels: vec![i as u8 * 50; IMAGE_BYTES],
             })
             .collect();
-        draw_grid(&path, &samples, 3, 2).unwrap();
+        draw_grid(&path, &samples, &data::cifar::classes(), 3, 2).unwrap();
         let (w, h) = image::image_dimensions(&path).unwrap();
         // 3 columns of max(64, 60) + 8, 2 rows of 64 + 22 + 8, plus the outer pad.
         assert_eq!((w, h), (3 * 72 + 8, 2 * 94 + 8));

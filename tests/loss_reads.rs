@@ -33,6 +33,7 @@ fn run(read_every: usize, lr: f64) -> Run {
         images,
         labels,
         md5: None,
+        classes: tch_cifar::data::cifar::classes(),
     };
     let recipe = Settings {
         seed: 3,

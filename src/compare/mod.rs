@@ -45,7 +45,7 @@ pub use side_by_side::{side_by_side, Divergence, History, DIVERGENCE_EVERY};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use serde_json::{json, Map, Value};
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
@@ -110,10 +110,11 @@ struct Setup<'a> {
     device: Device,
     cpu: CpuSettings,
     seed: u64,
-    batches: PathBuf,
     train: Split,
     /// Loaded after the first training, then kept.
     test: Option<Split>,
+    /// The test split until it is loaded.
+    test_split: Option<data::TestSplit>,
 }
 
 /// `tch-cifar compare-losses`.
@@ -139,11 +140,16 @@ pub fn run(args: CompareArgs) -> Result<()> {
             ("--plot", args.plot.as_deref()),
         ],
     )?;
-    let batches = args.data.prepare()?;
-    // As in `train`: the test set is loaded after training, but its file is
-    // checked now so that a bad one fails before minutes of training.
-    data::read_batch_file(&batches.join(data::TEST_FILE))?;
-    let train = data::load_train(&batches, device)?;
+    let source = args.data.prepare()?;
+    // As in `train`: the test set is loaded after training, but checked now
+    // so that bad test data fails before minutes of training.
+    let (train, test_split) = source.load_for_training(device)?;
+    ensure!(
+        train.classes.len() == data::CLASSES.len(),
+        "compare-losses trains the tutorial's ten-class Net, and {} has {} classes",
+        source.describe(),
+        train.classes.len()
+    );
     let seed = recipe.seed_or_random();
     let mut reporter = Reporter::new(args.json);
     eprintln!(
@@ -157,9 +163,9 @@ pub fn run(args: CompareArgs) -> Result<()> {
         device,
         cpu: recipe.cpu_settings(),
         seed,
-        batches,
         train,
         test: None,
+        test_split: Some(test_split),
     };
     let mut runs: Vec<(Kind, History)> = Vec::new();
     for p in &args.dtype {
@@ -241,8 +247,8 @@ fn run_one(
     let history = side_by_side(&mut four, &s.train, recipe, seed, reporter)?;
     drop(training);
 
-    if s.test.is_none() {
-        s.test = Some(data::load_test(&s.batches, device)?);
+    if let Some(split) = s.test_split.take() {
+        s.test = Some(split.load(device)?);
     }
     let test = s.test.as_ref().expect("loaded above");
     let evals: Vec<Evaluation> = four.iter().map(|c| evaluate(&c.net, test, 1000)).collect();

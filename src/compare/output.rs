@@ -12,7 +12,6 @@ use tch::Kind;
 use super::contenders::Role;
 use super::probe::kind_name;
 use super::side_by_side::History;
-use crate::data::CLASSES;
 use crate::evaluate::Evaluation;
 use crate::plot::{Line, LineChart};
 use crate::report::Reporter;
@@ -53,8 +52,8 @@ pub fn accuracy_text(evals: &[Evaluation]) -> String {
     for e in evals {
         out.push_str(&format!("{:>9}", pct(Some(e.accuracy()), 2)));
     }
-    let per: Vec<[Option<f64>; 10]> = evals.iter().map(|e| e.per_class()).collect();
-    for (c, name) in CLASSES.iter().enumerate() {
+    let per: Vec<Vec<Option<f64>>> = evals.iter().map(|e| e.per_class()).collect();
+    for (c, name) in evals[0].classes.iter().enumerate() {
         out.push_str(&format!("\n  {name:<24}"));
         for p in &per {
             out.push_str(&format!("{:>9}", pct(p[c], 1)));

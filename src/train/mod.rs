@@ -31,7 +31,7 @@ use self::folders::{
 };
 use self::resume::{check_and_restore, evaluate_command, resume_command, resumed_settings};
 use crate::checkpoint::{self, Meta, Position, Saver};
-use crate::data::{self, Split, CLASSES};
+use crate::data::{self, Split};
 use crate::device::device_name;
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
@@ -542,13 +542,13 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         None => check_no_interrupted_run(&interrupt_dir(&out))?,
     }
 
-    let batches = data_args.prepare()?;
-    // The test set is loaded once training is over and the training set is
-    // gone, which keeps the peak memory down; its file is checked now, so a
-    // bad one fails before training rather than after.
-    data::read_batch_file(&batches.join(data::TEST_FILE))?;
-    let train_set = data::load_train(&batches, device)?;
-    settings.classes = CLASSES.map(String::from).to_vec();
+    let source = data_args.prepare()?;
+    // The test set goes onto the device once training is over and the
+    // training set is gone, which keeps the peak memory down; it is checked
+    // now (an image tree's decoded), so bad test data fails before training
+    // rather than after.
+    let (train_set, test_split) = source.load_for_training(device)?;
+    settings.classes = train_set.classes.clone();
     let meta = Meta::new(
         settings,
         device_name(device),
@@ -566,7 +566,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     start_event["event"] = json!("start");
     start_event["train_images"] = json!(train_set.len());
 
-    let mut model = Model::new(device, Some(seed));
+    let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
     let mut opt = Sgd::new(&model, settings.lr, settings.momentum);
     let resumed_from = resumed
         .as_ref()
@@ -647,7 +647,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         return Err(Interrupted { position, saved }.into());
     }
 
-    let test = data::load_test(&batches, device)?;
+    let test = test_split.load(device)?;
     report_test(&reporter, &model, &test)?;
     let eval_start = Instant::now();
     let eval = evaluate(&model.net, &test, 1000);
@@ -685,7 +685,11 @@ fn report_test(reporter: &Reporter, model: &Model, test: &Split) -> Result<()> {
     let truth: Vec<i64> = Vec::try_from(&test.labels.narrow(0, 0, shown).to_device(Device::Cpu))?;
     let preds = predict_classes(&model.net, &test.images.narrow(0, 0, shown), shown);
     let preds: Vec<i64> = Vec::try_from(&preds.to_device(Device::Cpu))?;
-    let names = |v: &[i64]| v.iter().map(|&c| CLASSES[c as usize]).collect::<Vec<_>>();
+    let names = |v: &[i64]| {
+        v.iter()
+            .map(|&c| test.classes[c as usize].as_str())
+            .collect::<Vec<_>>()
+    };
     let padded = |v: &[i64]| {
         names(v)
             .iter()
@@ -755,6 +759,7 @@ mod tests {
             images: Tensor::full([4, 3, 32, 32], 1e15, (Kind::Float, Device::Cpu)),
             labels: Tensor::from_slice(&[0i64, 1, 2, 3]),
             md5: None,
+            classes: data::cifar::classes(),
         };
         let meta = meta(1e30, 1, 4);
         let recipe = meta.settings.clone();

@@ -1,6 +1,5 @@
 //! CIFAR-10 in its standard binary layout, loaded once into normalized
-//! tensors on the training device, plus the seeded order in which the
-//! training set is visited each epoch.
+//! tensors on the training device.
 //!
 //! A batch file is a run of 3073-byte records: one label byte (0-9) and
 //! 3072 bytes of planar R, G, B pixels (32x32, row-major).
@@ -11,12 +10,18 @@ use anyhow::{bail, ensure, Context, Result};
 use md5::{Digest, Md5};
 use tch::{Device, Kind, Tensor};
 
+use super::{normalize_into, Split};
 use crate::download;
 
 /// Class names in label order, spelled as the PyTorch tutorial prints them.
 pub const CLASSES: [&str; 10] = [
     "plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 ];
+/// [`CLASSES`] as the owned list a [`Split`] carries.
+pub fn classes() -> Vec<String> {
+    CLASSES.map(String::from).to_vec()
+}
+
 pub const IMAGE_BYTES: usize = 3 * 32 * 32;
 pub const RECORD_BYTES: usize = 1 + IMAGE_BYTES;
 pub const TRAIN_FILES: [&str; 5] = [
@@ -29,63 +34,6 @@ pub const TRAIN_FILES: [&str; 5] = [
 pub const TEST_FILE: &str = "test_batch.bin";
 /// The folder the official archive unpacks into.
 pub const BATCHES_DIR: &str = "cifar-10-batches-bin";
-
-/// One split on a device: `images` is `[N, 3, 32, 32]` f32 normalized to
-/// [-1, 1], `labels` is `[N]` i64.
-pub struct Split {
-    pub images: Tensor,
-    pub labels: Tensor,
-    /// The md5 of the batch files' bytes, in order, when read from files:
-    /// what tells one training set from another with as many images.
-    pub md5: Option<String>,
-}
-
-impl Split {
-    pub fn len(&self) -> usize {
-        self.labels.size()[0] as usize
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The images and labels at `index` (an i64 tensor on the split's device).
-    pub fn select(&self, index: &Tensor) -> (Tensor, Tensor) {
-        (
-            self.images.index_select(0, index),
-            self.labels.index_select(0, index),
-        )
-    }
-}
-
-/// Where the dataset is, and where to get it from when it is missing.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DataArgs {
-    /// Folder holding the CIFAR-10 binary batches, directly or in
-    /// cifar-10-batches-bin/; the archive is fetched into it when they are missing.
-    #[arg(long, default_value = "data", value_name = "DIR")]
-    pub data_dir: PathBuf,
-    /// Unpack this local cifar-10-binary.tar.gz instead of downloading it.
-    #[arg(long, value_name = "FILE")]
-    pub archive: Option<PathBuf>,
-    /// Where to download cifar-10-binary.tar.gz from (a mirror, say).
-    #[arg(long, default_value = download::OFFICIAL_URL, value_name = "URL")]
-    pub download_url: String,
-    /// The archive's expected md5 (the official one by default).
-    #[arg(long, default_value = download::OFFICIAL_MD5, value_name = "HEX")]
-    pub md5: String,
-}
-
-impl DataArgs {
-    /// The folder with the batch files, fetched and unpacked if needed.
-    pub fn prepare(&self) -> Result<PathBuf> {
-        let source = match &self.archive {
-            Some(path) => download::Source::Archive(path.clone()),
-            None => download::Source::Url(self.download_url.clone()),
-        };
-        download::ensure_dataset(&self.data_dir, &source, &self.md5)
-    }
-}
 
 pub struct Cifar10 {
     pub train: Split,
@@ -162,17 +110,8 @@ pub fn load_split(paths: &[PathBuf], device: Device) -> Result<Split> {
         images,
         labels: Tensor::from_slice(&labels).to_device(device),
         md5: Some(download::hex(&md5.finalize())),
+        classes: classes(),
     })
-}
-
-/// `ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)` of u8 pixels into the
-/// f32 tensor `dst` of the same shape: the same f32 operations, in the same
-/// order, as torchvision, so the values are bit-equal.
-pub fn normalize_into(dst: &mut Tensor, pixels: &Tensor) {
-    dst.copy_(pixels);
-    let _ = dst.g_div_scalar_(255.0);
-    let _ = dst.g_sub_scalar_(0.5);
-    let _ = dst.g_div_scalar_(0.5);
 }
 
 /// The number of records in a batch file, from its size alone.
@@ -211,30 +150,6 @@ pub fn read_batch_file(path: &Path) -> Result<Vec<u8>> {
         );
     }
     Ok(bytes)
-}
-
-/// The order in which epoch `epoch` visits `n` training images: a
-/// Fisher-Yates shuffle driven by SplitMix64 seeded from `(seed, epoch)`.
-///
-/// Being a pure function of its arguments, it is the whole "data-order RNG
-/// state": a resumed run gets the same orders from the seed and epoch alone.
-pub fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<i64> {
-    let mut state = seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut order: Vec<i64> = (0..n as i64).collect();
-    for i in (1..n).rev() {
-        // Multiply-shift maps 64 random bits onto 0..=i without modulo bias
-        // worth measuring at these sizes.
-        let j = ((next() as u128 * (i as u128 + 1)) >> 64) as usize;
-        order.swap(i, j);
-    }
-    order
 }
 
 #[cfg(test)]
@@ -335,16 +250,5 @@ mod tests {
         }
         assert_eq!(locate(dir.path()), Some(nested.clone()));
         assert_eq!(locate(&nested), Some(nested));
-    }
-
-    #[test]
-    fn epoch_order_is_a_seeded_permutation() {
-        let a = epoch_order(7, 0, 1000);
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
-        assert_eq!(a, epoch_order(7, 0, 1000));
-        assert_ne!(a, epoch_order(7, 1, 1000), "each epoch reshuffles");
-        assert_ne!(a, epoch_order(8, 0, 1000), "the seed matters");
     }
 }
