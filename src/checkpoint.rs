@@ -516,7 +516,7 @@ impl Saver {
         let began = std::time::Instant::now();
         let path = self.dir.join(file_name(&position));
         if !model.is_finite() {
-            bail!(
+            return Err(crate::report::Diverged(format!(
                 "the weights became non-finite at epoch {}, step {}: training diverged. {}. No \
                  checkpoint written{}",
                 position.epoch,
@@ -526,7 +526,8 @@ impl Saver {
                     Some(p) => format!("; the last good one is {}", p.display()),
                     None => String::new(),
                 }
-            );
+            ))
+            .into());
         }
         let weights = f32_bytes(&model.flat)?;
         let momentum = f32_bytes(opt.momentum_buffer())?;

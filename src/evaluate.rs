@@ -18,23 +18,32 @@ use crate::report::{path_json, Reporter};
 /// Evaluate saved weights on the test set (CIFAR-10's, or an image tree's).
 #[derive(Debug, clap::Args)]
 pub struct EvaluateArgs {
-    /// Weights to evaluate, keyed like PyTorch's `state_dict`: safetensors
-    /// (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
+    /// Weights to evaluate: safetensors, a checkpoint or a `.pth`.
+    ///
+    /// Keyed like PyTorch's `state_dict`: safetensors (from `train`), a
+    /// training checkpoint, or a `.pth` from `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Also draw the confusion matrix (true class by predicted class) into this PNG.
-    #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png)]
+    /// Also draw the confusion matrix (true by predicted class) into this PNG.
+    #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png, help_heading = "Output")]
     pub confusion: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataArgs,
-    /// Device to run on: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    /// Device to run on: auto, cpu, cuda or cuda:N.
+    ///
+    /// auto takes cuda:0 if a GPU is available, else the CPU.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "DEVICE",
+        help_heading = "Performance"
+    )]
     pub device: DeviceArg,
     /// Images per forward pass (any size gives the same result).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..), help_heading = "Performance")]
     pub batch_size: i64,
     /// Print one JSON object per line instead of the tutorial's text.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
 }
 

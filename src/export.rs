@@ -52,23 +52,28 @@ pub struct ExportArgs {
     /// Weights to export: safetensors or .pth (torch.save of a state_dict).
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Write a TorchScript module (.pt) with the weights as its parameters.
+    /// Write a TorchScript module (.pt), the weights as its parameters.
     ///
     /// For `torch.jit.load` in Python or `CModule::load` in Rust. Its
     /// `state_dict()` has the tutorial's keys, and it takes a normalized
     /// `[N, 3, 32, 32]` f32 batch.
-    #[arg(long, value_name = "FILE", visible_alias = "out")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        visible_alias = "out",
+        help_heading = "Output"
+    )]
     pub torchscript: Option<PathBuf>,
-    /// What the module returns (with --torchscript).
-    #[arg(long, value_enum, default_value_t = Head::Logits, requires = "torchscript")]
+    /// The module's output, logits or probabilities (with --torchscript).
+    #[arg(long, value_enum, hide_possible_values = true, default_value_t = Head::Logits, requires = "torchscript", help_heading = "Output")]
     pub head: Head,
     /// Write the weights in torch.save format (.pth or .pt).
     ///
     /// For the tutorial's `net.load_state_dict(torch.load(PATH, weights_only=True))`.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub pth: Option<PathBuf>,
     /// Write the weights as safetensors (e.g. to convert a `.pth`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub safetensors: Option<PathBuf>,
 }
 

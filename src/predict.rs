@@ -27,22 +27,35 @@ use crate::model::Model;
 /// Classify image files with saved weights.
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
-    /// Weights: safetensors (from `train`) or a `.pth` from `torch.save(net.state_dict(), PATH)`.
+    /// Weights to classify with: safetensors, a checkpoint or a `.pth`.
+    ///
+    /// Safetensors (from `train`), a training checkpoint, or a `.pth` from
+    /// `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Image files (PNG, JPEG, BMP, PNM, TIFF, WebP), of any size up to about
-    /// 170 megapixels; each is scaled to 32x32 as the training images are.
+    /// Image files: PNG, JPEG, BMP, PNM, TIFF or WebP, of any size.
+    ///
+    /// Up to about 170 megapixels; each is scaled to 32x32 as the training
+    /// images are.
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
-    /// How many of the most probable classes to print per image (at most
-    /// the weights' number of classes).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    /// How many of the most probable classes to print per image.
+    ///
+    /// At most the weights' number of classes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Output")]
     pub top_k: u16,
-    /// Print one JSON object per image, with every class's probability and the logits.
-    #[arg(long)]
+    /// Print one JSON object per image, with every probability and the logits.
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
-    /// Device to run on: auto (cuda:0 if available, else cpu), cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto", value_name = "DEVICE")]
+    /// Device to run on: auto, cpu, cuda or cuda:N.
+    ///
+    /// auto takes cuda:0 if a GPU is available, else the CPU.
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "DEVICE",
+        help_heading = "Performance"
+    )]
     pub device: DeviceArg,
 }
 

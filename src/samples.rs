@@ -21,20 +21,21 @@ use crate::plot::{write_png, FONT};
 #[derive(Debug, clap::Args)]
 pub struct SamplesArgs {
     /// Where to write the PNG grid.
-    #[arg(long, default_value = "samples.png", value_name = "FILE.png", value_parser = crate::plot::parse_png)]
+    #[arg(long, default_value = "samples.png", value_name = "FILE.png", value_parser = crate::plot::parse_png, help_heading = "Output")]
     pub out: PathBuf,
     /// How many images (the tutorial shows one mini-batch of 4).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Output")]
     pub count: u16,
-    /// Seed for picking the images (the same seeded shuffle `train` uses);
-    /// without one, each run picks others.
-    #[arg(long)]
+    /// Seed for picking the images; without one, each run picks others.
+    ///
+    /// The pick is the first images of the seeded shuffle `train` uses.
+    #[arg(long, help_heading = "Output")]
     pub seed: Option<u64>,
     /// Images per row of the grid (torchvision's make_grid uses 8).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Output")]
     pub columns: u16,
-    /// Screen pixels per image pixel, so the 32x32 images are visible.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    /// Screen pixels per image pixel (the images are 32x32).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16), help_heading = "Output")]
     pub scale: u32,
     #[command(flatten)]
     pub data: DataArgs,

@@ -84,22 +84,31 @@ impl Precision {
 pub struct CompareArgs {
     #[command(flatten)]
     pub data: DataArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Recipe")]
     pub recipe: Recipe,
-    /// The floating-point type of data, weights and arithmetic; `f32,f64`
-    /// runs the comparison once in each, one after the other.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    /// Float type of the data, weights and arithmetic: f32, f64 or f32,f64.
+    ///
+    /// `f32,f64` runs the comparison once in each, one after the other.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "f32",
+        help_heading = "Recipe",
+        hide_possible_values = true
+    )]
     pub dtype: Vec<Precision>,
-    /// Write every mini-batch's losses, and every 100 steps the largest
-    /// parameter differences, to this CSV file.
-    #[arg(long, value_name = "FILE")]
+    /// CSV file for every step's losses and the parameter differences.
+    ///
+    /// The losses of every mini-batch, and every 100 steps the largest
+    /// parameter differences.
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub csv: Option<PathBuf>,
-    /// Draw the loss curves and, on a log scale, the parameter differences
-    /// over training, as a PNG file.
-    #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png)]
+    /// PNG chart of the losses and (log scale) the parameter differences.
+    #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png, help_heading = "Output")]
     pub plot: Option<PathBuf>,
     /// Print one JSON object per line instead of tables.
-    #[arg(long)]
+    #[arg(long, help_heading = "Output")]
     pub json: bool,
 }
 

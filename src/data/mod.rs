@@ -62,37 +62,51 @@ impl Split {
 /// Where the dataset is, and where to get it from when it is missing.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataArgs {
-    /// Folder holding the dataset: CIFAR-10's binary batches (directly or in
-    /// cifar-10-batches-bin/; the archive is fetched into a missing or empty
-    /// folder), or images in class folders, DIR/train/<class>/… and
-    /// DIR/test/<class>/… (or DIR/val/<class>/…).
-    #[arg(long, default_value = "data", value_name = "DIR")]
+    /// Dataset folder: CIFAR-10's batches, or images in class folders.
+    ///
+    /// CIFAR-10's batches directly or in cifar-10-batches-bin/ (the archive
+    /// is fetched into a missing or empty folder), or images in class
+    /// folders, DIR/train/<class>/… and DIR/test/<class>/… (or
+    /// DIR/val/<class>/…).
+    #[arg(
+        long,
+        default_value = "data",
+        value_name = "DIR",
+        help_heading = "Data"
+    )]
     pub data_dir: PathBuf,
     /// Training images in class folders, DIR/<class>/…, instead of --data-dir.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Data")]
     pub train_dir: Option<PathBuf>,
     /// Test images in class folders, DIR/<class>/…, instead of --data-dir.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", help_heading = "Data")]
     pub test_dir: Option<PathBuf>,
-    /// Skip image files that do not decode (they are counted and listed on
-    /// stderr) instead of stopping at the first.
-    #[arg(long)]
+    /// Skip image files that do not decode, instead of stopping at the first.
+    ///
+    /// The skipped files are counted and listed on stderr.
+    #[arg(long, help_heading = "Data")]
     pub skip_bad_images: bool,
-    /// Where decoded image folders are cached [default: $TCH_CIFAR_CACHE_DIR,
-    /// else $XDG_CACHE_HOME/tch-cifar, else ~/.cache/tch-cifar].
-    #[arg(long, value_name = "DIR")]
+    /// Where decoded image folders are cached.
+    ///
+    /// [default: $TCH_CIFAR_CACHE_DIR, else $XDG_CACHE_HOME/tch-cifar, else
+    /// ~/.cache/tch-cifar]
+    #[arg(long, value_name = "DIR", help_heading = "Data")]
     pub cache_dir: Option<PathBuf>,
     /// Decode image folders without reading or writing the cache.
-    #[arg(long)]
+    #[arg(long, help_heading = "Data")]
     pub no_cache: bool,
     /// Unpack this local cifar-10-binary.tar.gz instead of downloading it.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = "Data")]
     pub archive: Option<PathBuf>,
     /// Where to download cifar-10-binary.tar.gz from (a mirror, say).
-    #[arg(long, default_value = download::OFFICIAL_URL, value_name = "URL")]
+    ///
+    /// [default: the official URL, https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz]
+    #[arg(long, default_value = download::OFFICIAL_URL, hide_default_value = true, value_name = "URL", help_heading = "Data")]
     pub download_url: String,
-    /// The archive's expected md5 (the official one by default).
-    #[arg(long, default_value = download::OFFICIAL_MD5, value_name = "HEX")]
+    /// The archive's expected md5 [default: the official archive's].
+    ///
+    /// [default: c32a1d4ab5d03f1284b67883e8d87530, the official archive's]
+    #[arg(long, default_value = download::OFFICIAL_MD5, hide_default_value = true, value_name = "HEX", help_heading = "Data")]
     pub md5: String,
 }
 
