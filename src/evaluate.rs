@@ -24,11 +24,11 @@ pub struct EvaluateArgs {
     /// training checkpoint, or a `.pth` from `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
+    #[command(flatten)]
+    pub data: DataArgs,
     /// Also draw the confusion matrix (true by predicted class) into this PNG.
     #[arg(long, value_name = "FILE.png", value_parser = crate::plot::parse_png, help_heading = "Output")]
     pub confusion: Option<PathBuf>,
-    #[command(flatten)]
-    pub data: DataArgs,
     /// Device to run on: auto, cpu, cuda or cuda:N.
     ///
     /// auto takes cuda:0 if a GPU is available, else the CPU.
@@ -240,7 +240,8 @@ pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
     let font = |size: i32| (size * cell / 58).max(9);
     let side = n * cell;
     let (left, top) = (120, 70);
-    let (width, height) = (left + side + 20, top + side + 70);
+    // Wide enough for the title however few the classes.
+    let (width, height) = ((left + side + 20).max(560), top + side + 70);
     write_png(path, width as u32, height as u32, |root| {
         let err =
             |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("cannot draw {}: {e}", path.display());
@@ -257,7 +258,7 @@ pub fn draw_confusion(path: &Path, eval: &Evaluation) -> Result<()> {
                 eval.total(),
                 eval.accuracy()
             ),
-            (left + side / 2, 22),
+            (width / 2, 22),
             centred(20, &BLACK),
         ))
         .map_err(err)?;

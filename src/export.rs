@@ -49,7 +49,7 @@ impl Head {
         .args(["torchscript", "pth", "safetensors"])
 ))]
 pub struct ExportArgs {
-    /// Weights to export: safetensors or .pth (torch.save of a state_dict).
+    /// Weights to export: safetensors, a checkpoint or a .pth (a torch.save state_dict).
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
     /// Write a TorchScript module (.pt), the weights as its parameters.

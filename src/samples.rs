@@ -24,12 +24,12 @@ pub struct SamplesArgs {
     #[arg(long, default_value = "samples.png", value_name = "FILE.png", value_parser = crate::plot::parse_png, help_heading = "Output")]
     pub out: PathBuf,
     /// How many images (the tutorial shows one mini-batch of 4).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Output")]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Data")]
     pub count: u16,
     /// Seed for picking the images; without one, each run picks others.
     ///
     /// The pick is the first images of the seeded shuffle `train` uses.
-    #[arg(long, help_heading = "Output")]
+    #[arg(long, help_heading = "Data")]
     pub seed: Option<u64>,
     /// Images per row of the grid (torchvision's make_grid uses 8).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Output")]

@@ -636,7 +636,7 @@ fn resume_with_another_kernel_or_thread_count_goes_on_with_a_note() {
     ok(&out);
     let err = stderr(&out);
     assert!(
-        err.contains("was saved with 1 CPU threads, this run has 2")
+        err.contains("was saved with --threads 1, this run has --threads 2")
             && err.contains("--threads 1 avoids that")
             && err.contains("with --cpu-conv im2col, this run has onednn")
             && err.contains("--cpu-conv im2col avoids that"),
@@ -693,7 +693,7 @@ fn resume_on_another_device_goes_on_with_a_note() {
             && err.contains("--device cuda:0 avoids that"),
         "{err}"
     );
-    assert!(!err.contains("CPU threads"), "{err}");
+    assert!(!err.contains("this run has --threads"), "{err}");
 }
 
 #[test]

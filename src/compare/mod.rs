@@ -155,7 +155,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
     let (train, test_split) = source.load_for_training(device)?;
     ensure!(
         train.classes.len() == data::CLASSES.len(),
-        "compare-losses trains the tutorial's ten-class Net, and {} has {} classes",
+        "compare-losses trains the tutorial's ten-class Net, and the data ({}) has {} classes",
         source.describe(),
         train.classes.len()
     );

@@ -56,6 +56,8 @@ pub struct Tree {
     pub train: Option<PathBuf>,
     pub test: Option<PathBuf>,
     pub options: Options,
+    /// Named by `--train-dir`/`--test-dir`, not found in `--data-dir`.
+    pub from_flags: bool,
 }
 
 impl Tree {
@@ -71,6 +73,7 @@ impl Tree {
             train,
             test,
             options,
+            from_flags: false,
         })
     }
 
@@ -86,6 +89,11 @@ impl Tree {
     fn train_dir(&self) -> Result<&Path> {
         match (&self.train, &self.test) {
             (Some(dir), _) => Ok(dir),
+            (None, Some(test)) if self.from_flags => bail!(
+                "--test-dir {} names only the test images, and this command also needs training \
+                 images: give --train-dir DIR too (--data-dir is not read with --test-dir)",
+                test.display()
+            ),
             (None, Some(test)) => bail!(
                 "there is no training split beside {}: expected {}/<class>/<image> (or \
                  --train-dir DIR)",
@@ -101,6 +109,11 @@ impl Tree {
     fn test_dir(&self) -> Result<&Path> {
         match (&self.test, &self.train) {
             (Some(dir), _) => Ok(dir),
+            (None, Some(train)) if self.from_flags => bail!(
+                "--train-dir {} names only the training images, and this command also needs test \
+                 images: give --test-dir DIR too (--data-dir is not read with --train-dir)",
+                train.display()
+            ),
             (None, Some(train)) => {
                 let base = crate::fsutil::parent_dir(train);
                 bail!(
@@ -551,6 +564,42 @@ pub fn content_md5(classes: &[String], labels: &[i64], pixels: &[u8]) -> String 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_split_flag_alone_asks_for_the_other() {
+        let options = || Options {
+            skip_bad_images: false,
+            cache_dir: None,
+        };
+        let only = |train: Option<&str>, test: Option<&str>| Tree {
+            train: train.map(PathBuf::from),
+            test: test.map(PathBuf::from),
+            options: options(),
+            from_flags: true,
+        };
+        let err = only(Some("imgs/train"), None).test_dir().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--train-dir imgs/train names only the training images"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("give --test-dir DIR too"), "{err}");
+        let err = only(None, Some("imgs/test")).train_dir().unwrap_err();
+        assert!(
+            err.to_string().contains("give --train-dir DIR too"),
+            "{err}"
+        );
+        // Found in --data-dir, a missing split is named where it was looked for.
+        let found = Tree {
+            from_flags: false,
+            ..only(Some("imgs/train"), None)
+        };
+        let err = found.test_dir().unwrap_err().to_string();
+        assert!(
+            err.starts_with("there is no test split beside imgs/train"),
+            "{err}"
+        );
+    }
 
     fn png(path: &Path, colour: [u8; 3]) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();

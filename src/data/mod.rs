@@ -100,12 +100,13 @@ pub struct DataArgs {
     pub archive: Option<PathBuf>,
     /// Where to download cifar-10-binary.tar.gz from (a mirror, say).
     ///
-    /// [default: the official URL, https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz]
+    /// The official URL by default:
+    /// https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz
     #[arg(long, default_value = download::OFFICIAL_URL, hide_default_value = true, value_name = "URL", help_heading = "Data")]
     pub download_url: String,
     /// The archive's expected md5 [default: the official archive's].
     ///
-    /// [default: c32a1d4ab5d03f1284b67883e8d87530, the official archive's]
+    /// c32a1d4ab5d03f1284b67883e8d87530 by default, the official archive's.
     #[arg(long, default_value = download::OFFICIAL_MD5, hide_default_value = true, value_name = "HEX", help_heading = "Data")]
     pub md5: String,
 }
@@ -143,6 +144,7 @@ impl DataArgs {
                 train: self.train_dir.clone(),
                 test: self.test_dir.clone(),
                 options,
+                from_flags: true,
             }));
         }
         let dir = &self.data_dir;

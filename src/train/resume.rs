@@ -94,6 +94,16 @@ pub fn resumed_settings(
         s.epochs = r.epochs;
     }
     if given.has("--max-steps") {
+        let at = saved.position;
+        if let Some(m) = args.max_steps.filter(|&m| m <= at.global_step) {
+            bail!(
+                "cannot resume from {}: it is at global step {}, and --max-steps {m} would stop it \
+                 before it trains; pass --max-steps {} or more",
+                path.display(),
+                at.global_step,
+                at.global_step + 1
+            );
+        }
         if recorded("--max-steps") {
             changed(
                 &mut notes,
@@ -136,10 +146,22 @@ pub fn resumed_settings(
         s.keep_checkpoints = ck.keep_checkpoints;
     }
     // These change no number, or only the float rounding (see `check_and_restore`).
+    let path_text = |p: &Path| Some(p.display().to_string());
     if given.has("--data-dir") {
+        if recorded("--data-dir") {
+            changed(
+                &mut notes,
+                "--data-dir",
+                path_text(&s.data_dir),
+                path_text(&args.data.data_dir),
+            );
+        }
         s.data_dir = args.data.data_dir.clone();
     }
     if given.has("--out") {
+        if recorded("--out") {
+            changed(&mut notes, "--out", path_text(&s.out), path_text(&args.out));
+        }
         s.out = args.out.clone();
     }
     if given.has("--device") {
@@ -243,8 +265,8 @@ pub fn check_and_restore(
         // The CPU settings only matter where the CPU trains.
         if was.threads != is.threads {
             rounding(
-                format!("{} CPU threads", was.threads),
-                is.threads.to_string(),
+                format!("--threads {}", was.threads),
+                format!("--threads {}", is.threads),
                 format!("--threads {}", was.threads),
             );
         }
@@ -387,6 +409,45 @@ mod tests {
         assert_eq!(
             notes,
             ["note: resuming with --max-steps 45 (the checkpoint's run had --max-steps 30)"]
+        );
+    }
+
+    #[test]
+    fn a_max_steps_at_or_before_the_checkpoint_is_refused() {
+        for m in ["30", "12"] {
+            let err = resumed(&saved(None), &["--max-steps", m])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "at global step 30, and --max-steps {m} would stop it"
+                )),
+                "{err}"
+            );
+            assert!(err.contains("pass --max-steps 31 or more"), "{err}");
+        }
+        assert!(resumed(&saved(None), &["--max-steps", "31"]).is_ok());
+    }
+
+    #[test]
+    fn a_new_out_or_data_dir_is_noted() {
+        let (settings, notes) = resumed(
+            &saved(None),
+            &["--out", "other.safetensors", "--data-dir", "d2"],
+        )
+        .unwrap();
+        assert_eq!(settings.out, Path::new("other.safetensors"));
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("resuming with --out other.safetensors")),
+            "{notes:?}"
+        );
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("resuming with --data-dir d2")),
+            "{notes:?}"
         );
     }
 
