@@ -812,7 +812,7 @@ fn evaluate_takes_a_checkpoint_as_weights() {
 
 /// `--max-steps` counts from the start of training: a run that ends on it at
 /// an epoch's end still saves that epoch's checkpoint, and a resume that is
-/// already there trains no further step.
+/// already there is refused rather than train no step.
 #[test]
 fn max_steps_saves_the_epoch_it_closes_and_holds_across_a_resume() {
     let dir = scratch();
@@ -834,16 +834,25 @@ fn max_steps_saves_the_epoch_it_closes_and_holds_across_a_resume() {
             .to_str()
             .unwrap()
     );
-    let weights = read(dir.path().join("net.safetensors"));
-    let again = summary(&run_in(
+    // A resume that --max-steps would stop before its first step is
+    // refused: it would only overwrite --out with the same weights.
+    let files = tree(&dir.path().join("ck"));
+    let out = run_in(
         dir.path(),
         &train_args(
             "again.safetensors",
-            &["--resume", "ck", "--max-steps", "50", "--json"],
+            &["--resume", "ck", "--max-steps", "50"],
         ),
-    ));
-    assert_eq!(again["steps"], 50, "{again}");
-    assert_eq!(read(dir.path().join("again.safetensors")), weights);
+    );
+    fails_cleanly(
+        &out,
+        &[
+            "at global step 50, and --max-steps 50 would stop it",
+            "--max-steps 51 or more",
+        ],
+    );
+    assert!(!dir.path().join("again.safetensors").exists());
+    assert_eq!(tree(&dir.path().join("ck")), files);
 }
 
 /// `--resume DIR` alone goes on with every setting of the run: its
