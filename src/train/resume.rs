@@ -71,8 +71,10 @@ pub fn resumed_settings(
     if given.has("--log-every") && !recorded("--log-every") {
         s.log_every = r.log_every;
     }
-    let mut notes = vec![];
-    let text = |v: Option<u64>| v.map(|n| n.to_string());
+    let mut notes = Notes {
+        lines: vec![],
+        unrecorded: &saved.unrecorded,
+    };
     if given.has("--epochs") {
         let at = saved.position;
         ensure!(
@@ -85,13 +87,7 @@ pub fn resumed_settings(
             r.epochs,
             at.epoch
         );
-        changed(
-            &mut notes,
-            "--epochs",
-            text(Some(s.epochs)),
-            text(Some(r.epochs)),
-        );
-        s.epochs = r.epochs;
+        notes.take("--epochs", &mut s.epochs, r.epochs, number);
     }
     if given.has("--max-steps") {
         let at = saved.position;
@@ -104,19 +100,11 @@ pub fn resumed_settings(
                 at.global_step + 1
             );
         }
-        if recorded("--max-steps") {
-            changed(
-                &mut notes,
-                "--max-steps",
-                text(s.max_steps),
-                text(args.max_steps),
-            );
-        }
-        s.max_steps = args.max_steps;
+        notes.take("--max-steps", &mut s.max_steps, args.max_steps, optional);
     } else if let Some(m) = s.max_steps.filter(|&m| saved.position.global_step >= m) {
         // The run stopped where it was set to: a resume is for going further.
         s.max_steps = None;
-        notes.push(format!(
+        notes.lines.push(format!(
             "note: the checkpoint's run stopped at its --max-steps {m}; this one trains on to \
              the end of epoch {} (give --max-steps to stop sooner)",
             s.epochs
@@ -124,45 +112,34 @@ pub fn resumed_settings(
     }
     let ck = &args.checkpoints;
     if given.has("--checkpoint-every") {
-        if recorded("--checkpoint-every") {
-            changed(
-                &mut notes,
-                "--checkpoint-every",
-                text(s.checkpoint_every),
-                text(ck.checkpoint_every),
-            );
-        }
-        s.checkpoint_every = ck.checkpoint_every;
+        notes.take(
+            "--checkpoint-every",
+            &mut s.checkpoint_every,
+            ck.checkpoint_every,
+            optional,
+        );
     }
     if given.has("--keep-checkpoints") {
-        if recorded("--keep-checkpoints") {
-            changed(
-                &mut notes,
-                "--keep-checkpoints",
-                text(Some(s.keep_checkpoints)),
-                text(Some(ck.keep_checkpoints)),
-            );
-        }
-        s.keep_checkpoints = ck.keep_checkpoints;
+        notes.take(
+            "--keep-checkpoints",
+            &mut s.keep_checkpoints,
+            ck.keep_checkpoints,
+            number,
+        );
     }
     // These change no number, or only the float rounding (see `check_and_restore`).
-    let path_text = |p: &Path| Some(p.display().to_string());
     if given.has("--data-dir") {
-        if recorded("--data-dir") {
-            changed(
-                &mut notes,
-                "--data-dir",
-                path_text(&s.data_dir),
-                path_text(&args.data.data_dir),
-            );
-        }
-        s.data_dir = args.data.data_dir.clone();
+        notes.take(
+            "--data-dir",
+            &mut s.data_dir,
+            args.data.data_dir.clone(),
+            |p| Some(p.display().to_string()),
+        );
     }
     if given.has("--out") {
-        if recorded("--out") {
-            changed(&mut notes, "--out", path_text(&s.out), path_text(&args.out));
-        }
-        s.out = args.out.clone();
+        notes.take("--out", &mut s.out, args.out.clone(), |p| {
+            Some(p.display().to_string())
+        });
     }
     if given.has("--device") {
         s.device = r.device;
@@ -190,17 +167,48 @@ pub fn resumed_settings(
         })
         .collect();
     if !defaulted.is_empty() {
-        notes.push(format!(
+        notes.lines.push(format!(
             "note: {} is a version 1 checkpoint, which does not record every setting; this run \
              has {}",
             path.display(),
             defaulted.join(", ")
         ));
     }
-    Ok((s, notes))
+    Ok((s, notes.lines))
 }
 
 /// Adds a note when a flag given changes a setting of the checkpoint's.
+/// The notes of a resume, and the flags its checkpoint does not record.
+struct Notes<'a> {
+    lines: Vec<String>,
+    unrecorded: &'a [&'static str],
+}
+
+impl Notes<'_> {
+    /// Takes `now`, a flag given on a resume, for `field`, with a note when
+    /// it differs from the value the checkpoint recorded.
+    fn take<T: PartialEq>(
+        &mut self,
+        flag: &str,
+        field: &mut T,
+        now: T,
+        show: fn(&T) -> Option<String>,
+    ) {
+        if !self.unrecorded.contains(&flag) {
+            changed(&mut self.lines, flag, show(field), show(&now));
+        }
+        *field = now;
+    }
+}
+
+fn number(v: &u64) -> Option<String> {
+    Some(v.to_string())
+}
+
+fn optional(v: &Option<u64>) -> Option<String> {
+    v.map(|n| n.to_string())
+}
+
 fn changed(notes: &mut Vec<String>, flag: &str, was: Option<String>, now: Option<String>) {
     if was != now {
         let show = |v: Option<String>| v.map_or(format!("no {flag}"), |v| format!("{flag} {v}"));
