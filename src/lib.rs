@@ -3,7 +3,8 @@
 //!
 //! * [`data`] and [`download`]: the datasets (CIFAR-10's binary batches, image
 //!   folders), on disk and as tensors.
-//! * [`model`]: the tutorial's `Net` and its weights files.
+//! * [`model`]: the tutorial's `Net` and its weights files; [`airbench`]: the
+//!   fast recipe's network, augmentation and optimizer.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`settings`] and [`checkpoint`]: a training run's settings, and saving and
 //!   resuming it.
@@ -12,6 +13,7 @@
 //! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
 //! * [`outputs`]: output files' formats, and the rule that none overwrites an input.
 
+pub mod airbench;
 pub mod checkpoint;
 pub mod compare;
 pub mod data;

@@ -362,33 +362,8 @@ impl Model {
     /// header's metadata, atomically: a temporary file in the same folder,
     /// synced, then renamed over `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let state = self.state_dict();
-        let bytes = state
-            .iter()
-            .map(|(name, t)| {
-                let numel = t.numel();
-                let mut data = vec![0u8; 4 * numel];
-                t.f_copy_data_u8(&mut data, numel)
-                    .with_context(|| format!("cannot read `{name}`"))?;
-                Ok((name.as_str(), t.size(), data))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let views = bytes
-            .iter()
-            .map(|(name, shape, data)| {
-                let shape = shape.iter().map(|&d| d as usize).collect();
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data)
-                    .map(|v| (*name, v))
-                    .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))
-            })
-            .collect::<Result<Vec<_>>>()?;
         let metadata = HashMap::from([(CLASSES_KEY.to_string(), classes_json(&self.classes))]);
-        let file = safetensors::serialize(views, &Some(metadata))
-            .map_err(|e| anyhow::anyhow!("cannot encode weights for {}: {e:?}", path.display()))?;
-        crate::fsutil::write_atomically(path, |tmp| {
-            std::fs::write(tmp, &file)
-                .with_context(|| format!("cannot write weights to {}", tmp.display()))
-        })
+        write_safetensors(path, &self.state_dict(), metadata)
     }
 
     /// Writes the weights in `torch.save`'s format (an `OrderedDict`, like
@@ -397,6 +372,48 @@ impl Model {
     pub fn save_pth(&self, path: &Path) -> Result<()> {
         crate::pth::write(path, &self.state_dict(), Some(&self.classes))
     }
+}
+
+/// Writes `state` (f32, f64 or i64 tensors) as safetensors with
+/// `metadata` in its header, atomically: a temporary file in the same
+/// folder, synced, then renamed over `path`.
+pub fn write_safetensors(
+    path: &Path,
+    state: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let bytes = state
+        .iter()
+        .map(|(name, t)| {
+            let t = t.detach().to_device(Device::Cpu).contiguous();
+            let (dtype, width) = match t.kind() {
+                Kind::Float => (safetensors::Dtype::F32, 4),
+                Kind::Double => (safetensors::Dtype::F64, 8),
+                Kind::Int64 => (safetensors::Dtype::I64, 8),
+                kind => bail!("cannot write `{name}`: {kind:?} tensors are not supported"),
+            };
+            let numel = t.numel();
+            let mut data = vec![0u8; width * numel];
+            t.f_copy_data_u8(&mut data, numel)
+                .with_context(|| format!("cannot read `{name}`"))?;
+            Ok((name.as_str(), dtype, t.size(), data))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let views = bytes
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            let shape = shape.iter().map(|&d| d as usize).collect();
+            safetensors::tensor::TensorView::new(*dtype, shape, data)
+                .map(|v| (*name, v))
+                .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let file = safetensors::serialize(views, &Some(metadata))
+        .map_err(|e| anyhow::anyhow!("cannot encode weights for {}: {e:?}", path.display()))?;
+    crate::fsutil::write_atomically(path, |tmp| {
+        std::fs::write(tmp, &file)
+            .with_context(|| format!("cannot write weights to {}", tmp.display()))
+    })
 }
 
 /// Checks that `tensors` are Net's `state_dict` with the parameter `shapes`
