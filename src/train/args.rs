@@ -12,8 +12,8 @@ use tch::Device;
 use crate::data::DataArgs;
 use crate::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceArg};
 use crate::settings::{
-    Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_KEEP_CHECKPOINTS, DEFAULT_LOG_EVERY,
-    DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_OUT,
+    ModelKind, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_OUT,
 };
 
 /// More would only wait on each other; libtorch hangs on absurd counts.
@@ -173,6 +173,14 @@ pub fn describe_device(device: Device, cpu: CpuSettings) -> String {
 pub struct TrainArgs {
     #[command(flatten, next_help_heading = "Data")]
     pub data: DataArgs,
+    /// The network and its recipe: net (the tutorial's) or airbench94.
+    ///
+    /// airbench94 has its own fixed recipe (batch 1024, 9.9 epochs, Nesterov
+    /// SGD with a schedule, test-time augmentation); of the recipe's flags
+    /// it takes --epochs (whole epochs, for a shorter run), --seed and the
+    /// performance flags.
+    #[arg(long, value_enum, default_value_t = ModelKind::Net, help_heading = "Recipe")]
+    pub model: ModelKind,
     #[command(flatten, next_help_heading = "Recipe")]
     pub recipe: Recipe,
     /// Stop after N mini-batches in all, then save and evaluate as usual.

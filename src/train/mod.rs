@@ -10,6 +10,7 @@
 //! first non-finite loss that leaves the saved files alone.
 
 mod args;
+mod fast;
 mod folders;
 pub mod resume;
 
@@ -503,6 +504,9 @@ fn not_saved(last_checkpoint: Option<&Path>) -> String {
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     install_signal_handlers().context("cannot install the signal handlers")?;
     let given = Given::from_matches(matches);
+    if args.model == crate::settings::ModelKind::Airbench94 {
+        return fast::run(&args, &given);
+    }
     let ck = &args.checkpoints;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
