@@ -54,7 +54,7 @@ use crate::data::{self, DataArgs, Split};
 use crate::device::{device_name, CpuSettings};
 use crate::evaluate::{evaluate, predict_classes, Evaluation};
 use crate::report::{optional_path_json, Reporter};
-use crate::train::Recipe;
+use crate::train::RecipeArgs;
 use contenders::{largest, pair_key};
 use output::{accuracy_text, sci, text_only};
 use probe::kind_name;
@@ -85,7 +85,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten, next_help_heading = "Recipe")]
-    pub recipe: Recipe,
+    pub recipe: RecipeArgs,
     /// Float type of the data, weights and arithmetic: f32, f64 or f32,f64.
     ///
     /// `f32,f64` runs the comparison once in each, one after the other.
@@ -115,7 +115,7 @@ pub struct CompareArgs {
 /// What every run of one invocation shares.
 struct Setup<'a> {
     args: &'a CompareArgs,
-    recipe: &'a Recipe,
+    recipe: &'a RecipeArgs,
     device: Device,
     cpu: CpuSettings,
     seed: u64,

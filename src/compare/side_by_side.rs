@@ -12,7 +12,8 @@ use super::contenders::{max_abs_diff, pair_key, Contender, InitReport, Role};
 use super::output::{finite_or_string, sci, text_only};
 use crate::data::Split;
 use crate::report::{step_bar, Reporter};
-use crate::train::{epoch_batches, Recipe};
+use crate::train::tutorial::EpochBatches;
+use crate::train::RecipeArgs;
 
 /// How often, in steps, the weights' divergence is recorded.
 pub const DIVERGENCE_EVERY: u64 = 100;
@@ -69,7 +70,7 @@ impl History {
 pub fn side_by_side(
     contenders: &mut [Contender],
     train: &Split,
-    recipe: &Recipe,
+    recipe: &RecipeArgs,
     seed: u64,
     reporter: &mut Reporter,
 ) -> Result<History> {
@@ -104,8 +105,9 @@ pub fn side_by_side(
     for epoch in 1..=recipe.epochs {
         bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
         let mut window = [RunningLoss::default(); 4];
-        for (i, index) in epoch_batches(seed, epoch - 1, n, recipe.batch_size, device).enumerate() {
-            let step = i as u64 + 1;
+        let batches = EpochBatches::new(seed, epoch, n, recipe.batch_size, device);
+        for step in 1..=steps_per_epoch {
+            let index = batches.get(step);
             let global = history.losses.len() as u64 + 1;
             let batch = in_kind(train.select(&index));
             let reversed = in_kind(train.select(&index.flip([0])));

@@ -23,7 +23,7 @@ pub const MAX_EPOCHS: u64 = 1_000_000;
 
 /// The training recipe's flags; the defaults are the tutorial's.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Recipe {
+pub struct RecipeArgs {
     /// Passes over the training set.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_EPOCHS, allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, MAX_EPOCHS))]
@@ -108,7 +108,7 @@ fn parse_momentum(s: &str) -> Result<f64, String> {
     }
 }
 
-impl Recipe {
+impl RecipeArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         self.device.resolve()
     }
@@ -174,7 +174,7 @@ pub struct TrainArgs {
     #[command(flatten, next_help_heading = "Data")]
     pub data: DataArgs,
     #[command(flatten, next_help_heading = "Recipe")]
-    pub recipe: Recipe,
+    pub recipe: RecipeArgs,
     /// Stop after N mini-batches in all, then save and evaluate as usual.
     #[arg(long, value_name = "N", help_heading = "Recipe", allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, u64::MAX))]
