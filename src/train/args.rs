@@ -75,7 +75,7 @@ pub struct RecipeArgs {
 
 /// A whole number within `lo..=hi`. Negative numbers get the range error
 /// too, where clap would take `-1` for a flag.
-fn count(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+pub(crate) fn count(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
     match s.parse::<i128>() {
         Ok(v) if (lo as i128..=hi as i128).contains(&v) => Ok(v as u64),
         Ok(_) => Err(format!("{s} is not in {lo}..={hi}")),

@@ -26,6 +26,7 @@ use clap::ArgMatches;
 use serde_json::json;
 use tch::Device;
 
+pub(crate) use self::args::count;
 pub use self::args::{
     describe_device, CheckpointArgs, Given, RecipeArgs, TrainArgs, MAX_EPOCHS, MAX_THREADS,
 };
