@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use indicatif::ProgressBar;
 use serde_json::json;
 use tch::Tensor;
 
@@ -173,7 +174,7 @@ const SHOW_EVERY: u64 = 256;
 /// ends and [`TrainStats::stopped_at_end`] says so.
 pub fn run<R: Recipe + ?Sized>(
     recipe: &mut R,
-    mut plan: Plan,
+    plan: Plan,
     hooks: &mut [&mut dyn Hook<R>],
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
@@ -185,148 +186,164 @@ pub fn run<R: Recipe + ?Sized>(
         .min(plan.epochs * steps_per_epoch);
     let bar = reporter.attach_bar(step_bar(stop_at));
     bar.set_position(start.global_step);
-    let mut stats = TrainStats {
-        steps: start.global_step,
-        images: 0,
-        train_seconds: 0.0,
-        running_losses: vec![],
-        stopped_at_end: None,
-    };
-    let mut log = LossLog {
+    let mut run = Harness {
+        stats: TrainStats {
+            steps: start.global_step,
+            images: 0,
+            train_seconds: 0.0,
+            running_losses: vec![],
+            stopped_at_end: None,
+        },
         pending: PendingLosses::new(plan.read_losses_every),
-        running: start.running_loss,
+        running_loss: start.running_loss,
         last_mean: f64::NAN,
+        plan,
+        steps_per_epoch,
+        stop_at,
+        bar,
+        began: Instant::now(),
+        step_delay: test_step_delay(),
     };
-    let began = Instant::now();
-    let step_delay = test_step_delay();
-    let interrupts = plan.interrupts;
+    let interrupts = run.plan.interrupts;
     interrupts.exit_now.store(false, Ordering::SeqCst);
-    let mut train = || -> Result<()> {
+    let result = run.epochs(recipe, start, hooks, reporter);
+    interrupts.exit_now.store(true, Ordering::SeqCst);
+    run.stats.train_seconds = run.began.elapsed().as_secs_f64();
+    reporter.finish_bar();
+    result.map(|()| run.stats)
+}
+
+/// A run in progress: the plan, the counts, and the losses on their way
+/// to the host.
+struct Harness<'a> {
+    plan: Plan<'a>,
+    steps_per_epoch: u64,
+    /// The global step this run stops after.
+    stop_at: u64,
+    stats: TrainStats,
+    pending: PendingLosses,
+    /// The first loss summed since the last `--log-every` mark.
+    running_loss: f64,
+    /// The latest loss line's mean, for the progress bar right after it.
+    last_mean: f64,
+    bar: ProgressBar,
+    began: Instant,
+    step_delay: Option<Duration>,
+}
+
+impl Harness<'_> {
+    /// The epochs and their steps from `start`, then the last checks.
+    fn epochs<R: Recipe + ?Sized>(
+        &mut self,
+        recipe: &mut R,
+        start: Position,
+        hooks: &mut [&mut dyn Hook<R>],
+        reporter: &Reporter,
+    ) -> Result<()> {
         let mut at = start;
-        for epoch in start.epoch..=plan.epochs {
+        for epoch in start.epoch..=self.plan.epochs {
             // Before the step: a run resumed at its --max-steps trains none.
-            if stats.steps >= stop_at {
+            if self.stats.steps >= self.stop_at {
                 break;
             }
-            bar.set_prefix(format!("epoch {epoch}/{}", plan.epochs));
+            self.bar
+                .set_prefix(format!("epoch {epoch}/{}", self.plan.epochs));
             let done = if epoch == start.epoch { start.step } else { 0 };
             if epoch != start.epoch {
-                log.running = 0.0;
+                self.running_loss = 0.0;
             }
             recipe.start_epoch(epoch)?;
-            for step in done + 1..=steps_per_epoch {
+            for step in done + 1..=self.steps_per_epoch {
                 let out = recipe.training_step(epoch, step)?;
-                stats.steps += 1;
-                stats.images += out.images;
-                bar.inc(1);
-                if let Some(delay) = step_delay {
-                    std::thread::sleep(delay);
-                }
-                let end = StepEnd {
-                    epoch,
-                    step,
-                    global_step: stats.steps,
-                    epoch_end: step == steps_per_epoch,
-                    last: stats.steps >= stop_at,
-                };
-                let stop = interrupts.stop.load(Ordering::Relaxed);
-                let save = plan.checkpoints.as_ref().is_some_and(|c| {
-                    c.every.is_some_and(|k| end.global_step.is_multiple_of(k))
-                        || (c.every_epoch && (end.last || end.epoch_end))
-                });
-                let show = step.is_multiple_of(SHOW_EVERY);
-                log.pending.push(&out.loss, epoch, step, end.global_step)?;
-                // What follows needs the losses so far, so they are read first.
-                if log.pending.is_full()
-                    || show
-                    || save
-                    || stop
-                    || end.last
-                    || end.epoch_end
-                    || step.is_multiple_of(plan.log_every)
-                    || hooks.iter().any(|h| h.needs_losses(&end))
-                {
-                    log.read(&plan, &mut stats, hooks, reporter)?;
-                }
-                if show {
-                    let rate = stats.images as f64 / began.elapsed().as_secs_f64();
-                    let loss = match step % plan.log_every {
-                        0 => log.last_mean,
-                        n => log.running / n as f64,
-                    };
-                    bar.set_message(format!("loss {loss:.3} {rate:.0} img/s"));
-                }
-                at = Position {
-                    epoch,
-                    step,
-                    global_step: stats.steps,
-                    running_loss: log.running,
-                };
-                for hook in hooks.iter_mut() {
-                    hook.after_step(recipe, &end, reporter)?;
-                }
-                if let Some(c) = plan.checkpoints.as_mut().filter(|_| save) {
-                    c.saver.save(recipe.checkpoint_tensors(), at)?;
-                }
-                // Stopped in the run's last step, training is complete: no
-                // checkpoint to resume, the caller writes --out and stops.
-                if stop && !end.last {
-                    return Err(interrupt(recipe, &mut plan, at, reporter));
-                }
+                let end = self.count(epoch, step, out.images);
+                at = self.after_step(recipe, &out.loss, &end, hooks, reporter)?;
                 if end.last {
                     break;
                 }
             }
         }
-        // A loss is computed before its step's update, so the last update
-        // is checked here: --out must not get weights that diverged.
-        if let Some(hint) = &plan.diverged_hint {
-            if !recipe.is_finite() {
-                return Err(Diverged(format!(
-                    "the weights became non-finite in the last step (epoch {}, step {}): \
-                     training diverged. {hint}. {}",
-                    at.epoch,
-                    at.step,
-                    not_saved(&plan)
-                ))
-                .into());
-            }
-        }
-        // Training is over: from here a signal exits at once. One that came
-        // during the last step or the saves after it still stops the run,
-        // once --out holds the weights.
-        interrupts.exit_now.store(true, Ordering::SeqCst);
-        if interrupts.stop.load(Ordering::SeqCst) {
-            stats.stopped_at_end = Some(at);
-        }
-        Ok(())
-    };
-    let result = train();
-    interrupts.exit_now.store(true, Ordering::SeqCst);
-    stats.train_seconds = began.elapsed().as_secs_f64();
-    reporter.finish_bar();
-    result.map(|()| stats)
-}
+        self.finish(recipe, at)
+    }
 
-/// The losses on their way to the host, and the running loss they add up to.
-struct LossLog {
-    pending: PendingLosses,
-    /// The first loss summed since the last `--log-every` mark.
-    running: f64,
-    /// The latest loss line's mean, for the progress bar right after it.
-    last_mean: f64,
-}
+    /// Counts a step done.
+    fn count(&mut self, epoch: u64, step: u64, images: u64) -> StepEnd {
+        self.stats.steps += 1;
+        self.stats.images += images;
+        self.bar.inc(1);
+        if let Some(delay) = self.step_delay {
+            std::thread::sleep(delay);
+        }
+        StepEnd {
+            epoch,
+            step,
+            global_step: self.stats.steps,
+            epoch_end: step == self.steps_per_epoch,
+            last: self.stats.steps >= self.stop_at,
+        }
+    }
 
-impl LossLog {
+    /// Everything after a step, in order: its loss read (when something
+    /// needs it), the progress bar, the hooks, a checkpoint, an interrupt.
+    /// Returns where the run stands.
+    fn after_step<R: Recipe + ?Sized>(
+        &mut self,
+        recipe: &R,
+        loss: &Tensor,
+        end: &StepEnd,
+        hooks: &mut [&mut dyn Hook<R>],
+        reporter: &Reporter,
+    ) -> Result<Position> {
+        let stop = self.plan.interrupts.stop.load(Ordering::Relaxed);
+        let save = self.plan.checkpoints.as_ref().is_some_and(|c| {
+            c.every.is_some_and(|k| end.global_step.is_multiple_of(k))
+                || (c.every_epoch && (end.last || end.epoch_end))
+        });
+        let show = end.step.is_multiple_of(SHOW_EVERY);
+        self.pending
+            .push(loss, end.epoch, end.step, end.global_step)?;
+        // What follows needs the losses so far, so they are read first.
+        if self.pending.is_full()
+            || show
+            || save
+            || stop
+            || end.last
+            || end.epoch_end
+            || end.step.is_multiple_of(self.plan.log_every)
+            || hooks.iter().any(|h| h.needs_losses(end))
+        {
+            self.read_losses(hooks, reporter)?;
+        }
+        if show {
+            self.show_progress(end.step);
+        }
+        let at = Position {
+            epoch: end.epoch,
+            step: end.step,
+            global_step: end.global_step,
+            running_loss: self.running_loss,
+        };
+        for hook in hooks.iter_mut() {
+            hook.after_step(recipe, end, reporter)?;
+        }
+        if let Some(c) = self.plan.checkpoints.as_mut().filter(|_| save) {
+            c.saver.save(recipe.checkpoint_tensors(), at)?;
+        }
+        // Stopped in the run's last step, training is complete: no
+        // checkpoint to resume, the caller writes --out and stops.
+        if stop && !end.last {
+            return Err(interrupt(recipe, &mut self.plan, at, reporter));
+        }
+        Ok(at)
+    }
+
     /// Reads the pending losses: the divergence check, the running loss
     /// and its lines, then the hooks, step by step.
-    fn read<R: ?Sized>(
+    fn read_losses<R: ?Sized>(
         &mut self,
-        plan: &Plan,
-        stats: &mut TrainStats,
         hooks: &mut [&mut dyn Hook<R>],
         reporter: &Reporter,
     ) -> Result<()> {
+        let plan = &self.plan;
         for losses in self.pending.read()? {
             let StepLosses { epoch, step, .. } = losses;
             if let Some(hint) = &plan.diverged_hint {
@@ -339,22 +356,61 @@ impl LossLog {
                     .into());
                 }
             }
-            self.running += losses.values[0];
+            self.running_loss += losses.values[0];
             if step.is_multiple_of(plan.log_every) {
-                let mean = self.running / plan.log_every as f64;
-                stats.running_losses.push((epoch, step, mean));
+                let mean = self.running_loss / plan.log_every as f64;
+                self.stats.running_losses.push((epoch, step, mean));
                 if plan.loss_lines {
                     reporter.emit(
                         || format!("[{epoch}, {step:5}] loss: {mean:.3}"),
                         json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
                     );
                 }
-                self.running = 0.0;
+                self.running_loss = 0.0;
                 self.last_mean = mean;
             }
             for hook in hooks.iter_mut() {
                 hook.on_losses(&losses, reporter)?;
             }
+        }
+        Ok(())
+    }
+
+    /// The running loss and the speed on the progress bar.
+    fn show_progress(&self, step: u64) {
+        let rate = self.stats.images as f64 / self.began.elapsed().as_secs_f64();
+        let loss = match step % self.plan.log_every {
+            0 => self.last_mean,
+            n => self.running_loss / n as f64,
+        };
+        self.bar
+            .set_message(format!("loss {loss:.3} {rate:.0} img/s"));
+    }
+
+    /// After the last step: the weights' check, and a signal that came
+    /// during it.
+    fn finish<R: Recipe + ?Sized>(&mut self, recipe: &R, at: Position) -> Result<()> {
+        // A loss is computed before its step's update, so the last update
+        // is checked here: --out must not get weights that diverged.
+        if let Some(hint) = &self.plan.diverged_hint {
+            if !recipe.is_finite() {
+                return Err(Diverged(format!(
+                    "the weights became non-finite in the last step (epoch {}, step {}): \
+                     training diverged. {hint}. {}",
+                    at.epoch,
+                    at.step,
+                    not_saved(&self.plan)
+                ))
+                .into());
+            }
+        }
+        // Training is over: from here a signal exits at once. One that came
+        // during the last step or the saves after it still stops the run,
+        // once --out holds the weights.
+        let interrupts = self.plan.interrupts;
+        interrupts.exit_now.store(true, Ordering::SeqCst);
+        if interrupts.stop.load(Ordering::SeqCst) {
+            self.stats.stopped_at_end = Some(at);
         }
         Ok(())
     }
