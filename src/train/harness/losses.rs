@@ -55,12 +55,13 @@ impl PendingLosses {
 
     pub fn push(&mut self, loss: &Tensor, epoch: u64, step: u64, global_step: u64) -> Result<()> {
         if self.capacity == 1 {
-            let values = if loss.dim() == 0 {
-                vec![loss.double_value(&[])]
-            } else {
-                Vec::<f64>::try_from(loss.reshape([-1]).to_kind(tch::Kind::Double))
-                    .context("cannot read the losses")?
-            };
+            let values = match (loss.dim(), loss.kind()) {
+                (0, _) => Ok(vec![loss.double_value(&[])]),
+                // Losses already read on the host (compare-losses').
+                (1, tch::Kind::Double) => Vec::<f64>::try_from(loss),
+                _ => Vec::<f64>::try_from(loss.reshape([-1]).to_kind(tch::Kind::Double)),
+            }
+            .context("cannot read the losses")?;
             self.read.push(values);
         } else {
             let row = loss.reshape([-1]);
