@@ -3,8 +3,9 @@
 //!
 //! A checkpoint holds the weights under PyTorch's `state_dict` keys
 //! (`conv1.weight` … `fc3.bias`, f32), the SGD momentum buffer as
-//! `optimizer.momentum_buffer` (flat, in [`PARAMETERS`] order, as
-//! [`Sgd`] keeps it), and in the header's `__metadata__` four strings:
+//! `optimizer.momentum_buffer` (flat, in [`crate::model::PARAMETERS`] order,
+//! as [`crate::optim::Sgd`] keeps it): whatever tensors the recipe names
+//! ([`Saver::save`]). In the header's `__metadata__` four strings:
 //! `format` (`tch-cifar-checkpoint`), `version` (2), `model` (`Net`) and
 //! `run`, one JSON value ([`Meta`]): the run's [`Settings`], the device it
 //! trained on, the size and md5 of its training set, and where training
@@ -35,8 +36,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::device::{CpuConv, DeviceArg};
 use crate::fsutil;
-use crate::model::{parameter_shapes, Model, PARAMETERS};
-use crate::optim::Sgd;
+use crate::model::parameter_shapes;
 use crate::settings::{self, Settings};
 
 /// The value of the `format` metadata field.
@@ -44,7 +44,7 @@ pub const FORMAT: &str = "tch-cifar-checkpoint";
 /// The layout version this build writes.
 pub const VERSION: u32 = 2;
 /// The key of the SGD momentum buffer: optimizer state, which
-/// [`Model::load`] leaves out when it reads a checkpoint as weights.
+/// [`crate::model::Model::load`] leaves out when it reads a checkpoint as weights.
 pub const MOMENTUM_KEY: &str = "optimizer.momentum_buffer";
 /// The metadata field that holds [`Meta`] as JSON.
 const RUN_KEY: &str = "run";
@@ -325,23 +325,14 @@ pub struct Checkpoint {
     pub meta: Meta,
     /// The outputs of the checkpoint's `Net`: one per class.
     pub num_classes: usize,
-    weights: HashMap<String, Tensor>,
-    momentum_buffer: Tensor,
+    /// Every tensor in the file, by name: the weights and the optimizer state.
+    tensors: HashMap<String, Tensor>,
 }
 
 impl Checkpoint {
-    /// Copies the weights into `model` and the momentum buffer into `opt`.
-    pub fn apply(self, model: &mut Model, opt: &mut Sgd) -> Result<()> {
-        ensure!(
-            self.num_classes == model.num_classes(),
-            "cannot resume from {}: its Net has {} outputs (classes), this data has {} classes",
-            self.path.display(),
-            self.num_classes,
-            model.num_classes()
-        );
-        model.set_state_dict(self.weights, &self.path)?;
-        opt.set_momentum_buffer(&self.momentum_buffer)
-            .with_context(|| format!("{}", self.path.display()))
+    /// The tensors by name, for the recipe to restore.
+    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+        self.tensors
     }
 }
 
@@ -415,23 +406,23 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let momentum_buffer = weights
         .remove(MOMENTUM_KEY)
         .ok_or_else(|| anyhow!("{origin}: missing key `{MOMENTUM_KEY}`"))?;
+    let momentum_shape = momentum_buffer.size();
     let numel: i64 = expected_shapes
         .iter()
         .map(|(_, s)| s.iter().product::<i64>())
         .sum();
     ensure!(
-        momentum_buffer.size() == [numel],
-        "{origin}: `{MOMENTUM_KEY}` has shape {:?}, expected [{numel}]",
-        momentum_buffer.size()
+        momentum_shape == [numel],
+        "{origin}: `{MOMENTUM_KEY}` has shape {momentum_shape:?}, expected [{numel}]",
     );
     // Checked now, so that a bad file is skipped before any model is touched.
     crate::model::check_state_dict(&weights, &expected_shapes, path)?;
+    weights.insert(MOMENTUM_KEY.to_string(), momentum_buffer);
     Ok(Checkpoint {
         path: path.to_path_buf(),
         meta,
         num_classes: num_classes as usize,
-        weights,
-        momentum_buffer,
+        tensors: weights,
     })
 }
 
@@ -503,11 +494,13 @@ impl Saver {
         self.last.as_ref().map(|(_, p)| p.as_path())
     }
 
-    /// Saves the state at `position` unless it is already saved, then drops
-    /// older checkpoints beyond `keep`, files from positions past this one
-    /// (a future abandoned by resuming from an older file), and temporary
-    /// files of interrupted saves. Refuses weights that are not finite.
-    pub fn save(&mut self, model: &Model, opt: &Sgd, position: Position) -> Result<PathBuf> {
+    /// Saves `tensors` (a recipe's, by name: weights, buffers, optimizer
+    /// state) as the state at `position` unless that is already saved, then
+    /// drops older checkpoints beyond `keep`, files from positions past this
+    /// one (a future abandoned by resuming from an older file), and
+    /// temporary files of interrupted saves. Refuses tensors that are not
+    /// finite.
+    pub fn save(&mut self, tensors: Vec<(String, Tensor)>, position: Position) -> Result<PathBuf> {
         if let Some((step, path)) = &self.last {
             if *step == position.global_step {
                 return Ok(path.clone());
@@ -515,9 +508,25 @@ impl Saver {
         }
         let began = std::time::Instant::now();
         let path = self.dir.join(file_name(&position));
-        if !model.is_finite() {
+        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let dims = t.size().iter().map(|&d| d as usize).collect();
+                Ok((
+                    name.clone(),
+                    dims,
+                    f32_bytes(t).with_context(|| format!("`{name}`"))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        if let Some((name, _)) = tensors.iter().find(|(_, t)| !is_finite(t)) {
+            let what = if name.starts_with(crate::model::OPTIMIZER_PREFIX) {
+                format!("the optimizer state `{name}`")
+            } else {
+                "the weights".to_string()
+            };
             return Err(crate::report::Diverged(format!(
-                "the weights became non-finite at epoch {}, step {}: training diverged. {}. No \
+                "{what} became non-finite at epoch {}, step {}: training diverged. {}. No \
                  checkpoint written{}",
                 position.epoch,
                 position.step,
@@ -529,30 +538,19 @@ impl Saver {
             ))
             .into());
         }
-        let weights = f32_bytes(&model.flat)?;
-        let momentum = f32_bytes(opt.momentum_buffer())?;
-        let mut tensors = Vec::with_capacity(PARAMETERS.len() + 1);
-        let mut offset = 0;
-        for (name, shape) in model.parameter_shapes() {
-            let len = 4 * shape.iter().product::<i64>() as usize;
-            let dims = shape.iter().map(|&d| d as usize).collect();
-            tensors.push((
-                name.to_string(),
-                TensorView::new(Dtype::F32, dims, &weights[offset..offset + len])
-                    .map_err(|e| anyhow!("{name}: {e:?}"))?,
-            ));
-            offset += len;
-        }
-        tensors.push((
-            MOMENTUM_KEY.to_string(),
-            TensorView::new(Dtype::F32, vec![momentum.len() / 4], &momentum)
-                .map_err(|e| anyhow!("{MOMENTUM_KEY}: {e:?}"))?,
-        ));
+        let views = bytes
+            .iter()
+            .map(|(name, dims, data)| {
+                TensorView::new(Dtype::F32, dims.clone(), data)
+                    .map(|v| (name.as_str(), v))
+                    .map_err(|e| anyhow!("{name}: {e:?}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let meta = Meta {
             position,
             ..self.meta.clone()
         };
-        let bytes = safetensors::serialize(tensors, &Some(meta.to_map()))
+        let bytes = safetensors::serialize(views, &Some(meta.to_map()))
             .map_err(|e| anyhow!("cannot encode checkpoint {}: {e:?}", path.display()))?;
         let encoded = began.elapsed();
         create_dir(&self.dir)?;
@@ -615,7 +613,12 @@ pub fn create_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A flat f32 tensor's bytes, copied to the CPU. The copy is in native
+/// Whether every entry of `t` is finite.
+fn is_finite(t: &Tensor) -> bool {
+    tch::no_grad(|| t.isfinite().all().int64_value(&[])) != 0
+}
+
+/// An f32 tensor's bytes, copied to the CPU, in row-major order. The copy is in native
 /// byte order, which is safetensors' little-endian on every platform
 /// libtorch ships for.
 fn f32_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
@@ -665,6 +668,8 @@ fn stalled_write(tmp: &Path, bytes: &[u8], ms: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Model;
+    use crate::optim::Sgd;
     use tch::nn::Module;
 
     fn meta(position: Position) -> Meta {
@@ -704,12 +709,19 @@ mod tests {
         (model, opt)
     }
 
+    /// What the tutorial's recipe saves: the `state_dict` and the momentum.
+    fn tensors(model: &Model, opt: &Sgd) -> Vec<(String, Tensor)> {
+        let mut tensors = model.state_dict();
+        tensors.push((MOMENTUM_KEY.into(), opt.momentum_buffer().shallow_clone()));
+        tensors
+    }
+
     #[test]
     fn save_and_load_round_trip_bit_for_bit() {
         let dir = tempfile::tempdir().unwrap();
         let (model, opt) = trained();
         let mut saver = Saver::new(dir.path().join("ck"), 2, meta(at(1, 3)), None);
-        let path = saver.save(&model, &opt, at(1, 3)).unwrap();
+        let path = saver.save(tensors(&model, &opt), at(1, 3)).unwrap();
         assert_eq!(
             path.file_name().unwrap(),
             "checkpoint-e0001-s0000003.safetensors"
@@ -720,11 +732,12 @@ mod tests {
             meta(at(1, 3)),
             "running loss 0.1+0.2 must be exact"
         );
-        let mut copy = Model::new(Device::Cpu, Some(1));
-        let mut copy_opt = Sgd::new(&copy, 0.01, 0.9);
-        loaded.apply(&mut copy, &mut copy_opt).unwrap();
-        assert!(copy.flat.equal(&model.flat));
-        assert!(copy_opt.momentum_buffer().equal(opt.momentum_buffer()));
+        let read = loaded.into_tensors();
+        let saved = tensors(&model, &opt);
+        assert_eq!(read.len(), saved.len());
+        for (name, tensor) in &saved {
+            assert!(read[name].equal(tensor), "{name}");
+        }
         assert!(
             opt.momentum_buffer()
                 .abs()
@@ -742,8 +755,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (model, opt) = trained();
         let mut saver = Saver::new(dir.path().to_path_buf(), 5, meta(at(1, 0)), None);
-        saver.save(&model, &opt, at(1, 5)).unwrap();
-        let good = saver.save(&model, &opt, at(1, 10)).unwrap();
+        saver.save(tensors(&model, &opt), at(1, 5)).unwrap();
+        let good = saver.save(tensors(&model, &opt), at(1, 10)).unwrap();
         let bytes = std::fs::read(&good).unwrap();
         // A torn newer file, a garbage one, and a temp file of a killed save.
         std::fs::write(
@@ -777,7 +790,7 @@ mod tests {
         let (model, opt) = trained();
         let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
         for step in [2, 4, 6] {
-            saver.save(&model, &opt, at(1, step)).unwrap();
+            saver.save(tensors(&model, &opt), at(1, step)).unwrap();
         }
         std::fs::write(dir.path().join(file_name(&at(2, 9))), b"stale").unwrap();
         std::fs::write(
@@ -786,7 +799,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
-        saver.save(&model, &opt, at(1, 8)).unwrap();
+        saver.save(tensors(&model, &opt), at(1, 8)).unwrap();
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -818,7 +831,7 @@ mod tests {
     fn saved_once(dir: &Path) -> PathBuf {
         let (model, opt) = trained();
         let mut saver = Saver::new(dir.to_path_buf(), 2, meta(at(1, 0)), None);
-        saver.save(&model, &opt, at(1, 1)).unwrap()
+        saver.save(tensors(&model, &opt), at(1, 1)).unwrap()
     }
 
     #[test]
@@ -960,9 +973,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (model, opt) = trained();
         let mut saver = Saver::new(dir.path().to_path_buf(), 2, meta(at(1, 0)), None);
-        let good = saver.save(&model, &opt, at(1, 1)).unwrap();
+        let good = saver.save(tensors(&model, &opt), at(1, 1)).unwrap();
         let _ = tch::no_grad(|| model.flat.narrow(0, 5, 1).fill_(f64::NAN));
-        let err = saver.save(&model, &opt, at(1, 2)).unwrap_err().to_string();
+        let err = saver
+            .save(tensors(&model, &opt), at(1, 2))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("epoch 1, step 2") && err.contains("--lr 0.01"),
             "{err}"

@@ -552,3 +552,64 @@ fn a_diverged_run_does_not_claim_the_inference_facts() {
     );
     assert!(!text.contains("softmax keeps their order"), "{text}");
 }
+
+/// The training harness's `--max-steps` and SIGINT, as in `train`: the
+/// first stops each run early and evaluates it, the second stops it with
+/// status 130 (compare-losses saves nothing to resume from).
+#[test]
+fn max_steps_and_sigint_stop_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 500, 200, 1, None);
+    let ev = events(&ok(&compare(&data, &["--max-steps", "60", "--json"])));
+    let start = ev.iter().find(|e| e["event"] == "start").unwrap();
+    assert_eq!(start["steps"], 60);
+    let steps: Vec<u64> = ev
+        .iter()
+        .filter(|e| e["event"] == "loss")
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [25, 50]);
+    assert!(ev.iter().any(|e| e["event"] == "test"), "{ev:?}");
+
+    // Each step sleeps 40 ms: 4 s after the first loss line for the signal.
+    let mut child = tch_cifar()
+        .env("TCH_CIFAR_TEST_STEP_DELAY_MS", "40")
+        .args(["compare-losses", "--device", "cpu", "--data-dir", s(&data)])
+        .args([
+            "--seed",
+            "7",
+            "--epochs",
+            "1",
+            "--log-every",
+            "25",
+            "--threads",
+            "1",
+        ])
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains(r#""event":"loss""#) {
+        let mut line = String::new();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        assert!(n > 0, "the run ended before a loss line: {seen}");
+        seen.push_str(&line);
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::io::Read::read_to_string(&mut stdout, &mut seen).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("interrupted at epoch 1, step ") && err.contains("nothing was saved"),
+        "{err}"
+    );
+    let last = events(&seen).pop().unwrap();
+    assert_eq!(last["event"], "interrupted", "{seen}");
+    assert!(last["step"].as_u64().unwrap() < STEPS as u64, "{seen}");
+}

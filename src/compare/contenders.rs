@@ -201,15 +201,33 @@ impl Contender {
 
     /// The loss on one mini-batch and its flat gradient; no update yet.
     pub fn loss_and_gradient(&self, images: &Tensor, labels: &Tensor) -> (f64, Tensor) {
+        let (loss, grad) = self.unread_loss_and_gradient(images, labels);
+        (loss.double_value(&[]), grad)
+    }
+
+    /// [`Contender::loss_and_gradient`] with the loss left unread, on the device.
+    pub fn unread_loss_and_gradient(&self, images: &Tensor, labels: &Tensor) -> (Tensor, Tensor) {
         let loss = self.net.head.loss(&self.net.forward(images), labels);
         let grad = self.opt.gradient(&loss);
-        (loss.double_value(&[]), grad)
+        (loss, grad)
     }
 
     /// Applies `grad` if it and `loss` are finite; otherwise leaves the
     /// weights and momentum as they are, counts the step and returns false.
     pub fn update(&mut self, step: u64, loss: f64, grad: &Tensor) -> bool {
-        if loss.is_finite() && all_finite(grad) {
+        self.update_checked(step, loss, grad, all_finite(grad))
+    }
+
+    /// [`Contender::update`] with `grad`'s check already read
+    /// ([`finite_sum`] is finite).
+    pub fn update_checked(
+        &mut self,
+        step: u64,
+        loss: f64,
+        grad: &Tensor,
+        grad_finite: bool,
+    ) -> bool {
+        if loss.is_finite() && grad_finite {
             self.opt.apply(grad);
             true
         } else {
@@ -236,7 +254,12 @@ impl Contender {
 /// reduction instead of `isfinite().all()`'s two keeps the per-step cost
 /// down at batch size 4, where every operation counts.
 pub fn all_finite(t: &Tensor) -> bool {
-    t.sum(t.kind()).double_value(&[]).is_finite()
+    finite_sum(t).double_value(&[]).is_finite()
+}
+
+/// The sum whose finiteness [`all_finite`] reads, left on the device.
+pub fn finite_sum(t: &Tensor) -> Tensor {
+    t.sum(t.kind())
 }
 
 /// A, A', B and C from one seed in `kind`, checked to hold identical weights.

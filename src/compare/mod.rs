@@ -45,7 +45,7 @@ pub use side_by_side::{side_by_side, Divergence, History, DIVERGENCE_EVERY};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
@@ -54,7 +54,7 @@ use crate::data::{self, DataArgs, Split};
 use crate::device::{device_name, CpuSettings};
 use crate::evaluate::{evaluate, predict_classes, Evaluation};
 use crate::report::{optional_path_json, Reporter};
-use crate::train::Recipe;
+use crate::train::RecipeArgs;
 use contenders::{largest, pair_key};
 use output::{accuracy_text, sci, text_only};
 use probe::kind_name;
@@ -85,7 +85,7 @@ pub struct CompareArgs {
     #[command(flatten)]
     pub data: DataArgs,
     #[command(flatten, next_help_heading = "Recipe")]
-    pub recipe: Recipe,
+    pub recipe: RecipeArgs,
     /// Float type of the data, weights and arithmetic: f32, f64 or f32,f64.
     ///
     /// `f32,f64` runs the comparison once in each, one after the other.
@@ -98,6 +98,10 @@ pub struct CompareArgs {
         hide_possible_values = true
     )]
     pub dtype: Vec<Precision>,
+    /// Stop each run after N mini-batches in all, then evaluate as usual.
+    #[arg(long, value_name = "N", help_heading = "Recipe", allow_negative_numbers = true,
+          value_parser = |s: &str| crate::train::count(s, 1, u64::MAX))]
+    pub max_steps: Option<u64>,
     /// CSV file for every step's losses and the parameter differences.
     ///
     /// The losses of every mini-batch, and every 100 steps the largest
@@ -115,7 +119,7 @@ pub struct CompareArgs {
 /// What every run of one invocation shares.
 struct Setup<'a> {
     args: &'a CompareArgs,
-    recipe: &'a Recipe,
+    recipe: &'a RecipeArgs,
     device: Device,
     cpu: CpuSettings,
     seed: u64,
@@ -128,6 +132,8 @@ struct Setup<'a> {
 
 /// `tch-cifar compare-losses`.
 pub fn run(args: CompareArgs) -> Result<()> {
+    crate::train::harness::install_signal_handlers()
+        .context("cannot install the signal handlers")?;
     for (i, p) in args.dtype.iter().enumerate() {
         if args.dtype[..i].contains(p) {
             bail!(
@@ -195,11 +201,13 @@ fn run_one(
     let started = Instant::now();
     let (args, recipe, device, seed) = (s.args, s.recipe, s.device, s.seed);
     let steps_per_epoch = s.train.len().div_ceil(recipe.batch_size as usize) as u64;
+    let all_steps = recipe.epochs * steps_per_epoch;
+    let steps = args.max_steps.map_or(all_steps, |m| m.min(all_steps));
     let setup = json!({
         "dtype": dtype_flag(kind),
         "device": device_name(device), "seed": seed, "epochs": recipe.epochs,
         "batch_size": recipe.batch_size, "lr": recipe.lr, "momentum": recipe.momentum,
-        "train_images": s.train.len(), "steps": recipe.epochs * steps_per_epoch,
+        "train_images": s.train.len(), "steps": steps,
         "threads": s.cpu.threads, "cpu_conv": s.cpu.conv.name(),
     });
     let mut start = setup.clone();
@@ -236,14 +244,19 @@ fn run_one(
             }
             out.push_str(&format!(
                 "\n{}, {} training images, seed {seed}, {} epoch{} of {steps_per_epoch} \
-                 mini-batches of {}, lr {}, momentum {}\n",
+                 mini-batches of {}, lr {}, momentum {}{}\n",
                 device_name(device),
                 s.train.len(),
                 recipe.epochs,
                 if recipe.epochs == 1 { "" } else { "s" },
                 recipe.batch_size,
                 recipe.lr,
-                recipe.momentum
+                recipe.momentum,
+                if steps < all_steps {
+                    format!(", stopping after {steps} steps (--max-steps)")
+                } else {
+                    String::new()
+                }
             ));
             out
         },
@@ -253,7 +266,7 @@ fn run_one(
     // The training's CPU settings, until the test set is evaluated.
     let training = s.cpu.apply();
     let mut four = contenders(device, kind, seed, recipe.lr, recipe.momentum)?;
-    let history = side_by_side(&mut four, &s.train, recipe, seed, reporter)?;
+    let history = side_by_side(&mut four, &s.train, recipe, args.max_steps, seed, reporter)?;
     drop(training);
 
     if let Some(split) = s.test_split.take() {

@@ -1,18 +1,22 @@
 //! The side-by-side training: every contender on the same mini-batches
 //! (A' on each one reversed), with the running losses and how far the
-//! weights drift apart.
-
-use std::time::Instant;
+//! weights drift apart: one [`Recipe`] for the training harness, and its
+//! table as a [`Hook`].
 
 use anyhow::{ensure, Result};
 use serde_json::json;
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
-use super::contenders::{max_abs_diff, pair_key, Contender, InitReport, Role};
+use super::contenders::{finite_sum, max_abs_diff, pair_key, Contender, InitReport, Role};
 use super::output::{finite_or_string, sci, text_only};
+use crate::checkpoint::Position;
 use crate::data::Split;
-use crate::report::{step_bar, Reporter};
-use crate::train::{epoch_batches, Recipe};
+use crate::report::Reporter;
+use crate::train::harness::{
+    self, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput, INTERRUPTS,
+};
+use crate::train::tutorial::EpochBatches;
+use crate::train::RecipeArgs;
 
 /// How often, in steps, the weights' divergence is recorded.
 pub const DIVERGENCE_EVERY: u64 = 100;
@@ -64,12 +68,14 @@ impl History {
 }
 
 /// Trains the contenders (in [`Role::ALL`] order) on `train` with one
-/// shared sequence of mini-batches, reporting step 0 and the running
-/// losses.
+/// shared sequence of mini-batches, through the training harness (which
+/// gives it `--max-steps` and SIGINT/SIGTERM), reporting step 0 and the
+/// running losses.
 pub fn side_by_side(
     contenders: &mut [Contender],
     train: &Split,
-    recipe: &Recipe,
+    recipe: &RecipeArgs,
+    max_steps: Option<u64>,
     seed: u64,
     reporter: &mut Reporter,
 ) -> Result<History> {
@@ -78,119 +84,245 @@ pub fn side_by_side(
         contenders.iter().map(|c| c.role).eq(Role::ALL),
         "contenders in Role::ALL order"
     );
-    let device = contenders[0].flat().device();
-    // The images in the contenders' dtype (a float32 to float64 cast is exact).
-    let kind = contenders[0].flat().kind();
-    let in_kind = |(images, labels): (Tensor, Tensor)| {
-        if images.kind() == kind {
+    let mut four = SideBySide {
+        device: contenders[0].flat().device(),
+        kind: contenders[0].flat().kind(),
+        contenders,
+        train,
+        seed,
+        batch_size: recipe.batch_size,
+        batches: None,
+        global_step: 0,
+        init: None,
+    };
+    let steps_per_epoch = four.steps_per_epoch();
+    let total = recipe.epochs * steps_per_epoch;
+    let mut table = Table {
+        log_every: recipe.log_every,
+        epoch: 0,
+        window: [RunningLoss::default(); 4],
+        history: History {
+            losses: Vec::with_capacity(total as usize),
+            steps_per_epoch,
+            init: None,
+            max_loss_diff: [None; 4],
+            divergence: Vec::with_capacity((total / DIVERGENCE_EVERY + 1) as usize),
+            train_seconds: 0.0,
+        },
+    };
+    let plan = Plan {
+        start: Position::START,
+        epochs: recipe.epochs,
+        max_steps,
+        log_every: recipe.log_every,
+        loss_lines: false,
+        // The step reads its losses itself (a skipped update depends on them).
+        read_losses_every: 1,
+        interrupts: &INTERRUPTS,
+        checkpoints: None,
+        // A non-finite loss or gradient skips that contender's update instead.
+        diverged_hint: None,
+    };
+    let stats = harness::run(&mut four, plan, &mut [&mut table], reporter)?;
+    table.history.train_seconds = stats.train_seconds;
+    Ok(table.history)
+}
+
+/// The four trainings as one recipe: each step trains every contender on
+/// the same mini-batch (A' on it reversed).
+struct SideBySide<'a> {
+    contenders: &'a mut [Contender],
+    train: &'a Split,
+    device: Device,
+    /// The contenders' dtype, which the images are cast to (a float32 to
+    /// float64 cast is exact).
+    kind: Kind,
+    seed: u64,
+    batch_size: u64,
+    batches: Option<EpochBatches>,
+    global_step: u64,
+    /// The losses and gradients of the first step, until the table takes them.
+    init: Option<InitReport>,
+}
+
+impl SideBySide<'_> {
+    fn in_kind(&self, (images, labels): (Tensor, Tensor)) -> (Tensor, Tensor) {
+        if images.kind() == self.kind {
             (images, labels)
         } else {
-            (images.to_kind(kind), labels)
-        }
-    };
-    let n = train.len();
-    let steps_per_epoch = n.div_ceil(recipe.batch_size as usize) as u64;
-    let total = recipe.epochs * steps_per_epoch;
-    let mut history = History {
-        losses: Vec::with_capacity(total as usize),
-        steps_per_epoch,
-        init: None,
-        max_loss_diff: [None; 4],
-        divergence: Vec::with_capacity((total / DIVERGENCE_EVERY + 1) as usize),
-        train_seconds: 0.0,
-    };
-    let bar = reporter.attach_bar(step_bar(total));
-    let start = Instant::now();
-    for epoch in 1..=recipe.epochs {
-        bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
-        let mut window = [RunningLoss::default(); 4];
-        for (i, index) in epoch_batches(seed, epoch - 1, n, recipe.batch_size, device).enumerate() {
-            let step = i as u64 + 1;
-            let global = history.losses.len() as u64 + 1;
-            let batch = in_kind(train.select(&index));
-            let reversed = in_kind(train.select(&index.flip([0])));
-            let results: Vec<(f64, Tensor)> = contenders
-                .iter()
-                .map(|c| {
-                    let (images, labels) = if c.role.reversed() { &reversed } else { &batch };
-                    c.loss_and_gradient(images, labels)
-                })
-                .collect();
-            let losses = [0, 1, 2, 3].map(|i| results[i].0);
-            if global == 1 {
-                let init = InitReport::new(losses, [0, 1, 2, 3].map(|i| &results[i].1));
-                reporter.emit(|| init.text(), init.json());
-                text_only(reporter, loss_header(recipe.log_every));
-                history.init = Some(init);
-            }
-            for (c, (loss, grad)) in contenders.iter_mut().zip(&results) {
-                if !c.update(global, *loss, grad) && c.skipped == 1 {
-                    let letter = c.role.letter();
-                    reporter.emit(
-                        || {
-                            format!(
-                                "  step {global}: {letter}'s loss is {loss} or its gradient is not \
-                                 finite; {letter} skips this update (and any later such step, counted)"
-                            )
-                        },
-                        json!({"event": "non_finite", "model": letter, "step": global,
-                               "epoch": epoch, "loss": finite_or_string(*loss)}),
-                    );
-                }
-            }
-            for (w, &l) in window.iter_mut().zip(&losses) {
-                w.add(l);
-            }
-            for r in Role::ALL {
-                let (a, x) = (losses[0], losses[r.index()]);
-                if a.is_finite() && x.is_finite() {
-                    let d = (a - x).abs();
-                    let max = &mut history.max_loss_diff[r.index()];
-                    if max.is_none_or(|(m, _)| d > m) {
-                        *max = Some((d, global));
-                    }
-                }
-            }
-            history.losses.push(losses);
-            if global.is_multiple_of(DIVERGENCE_EVERY) || global == total {
-                history.divergence.push(Divergence::of(contenders, global));
-            }
-            if step.is_multiple_of(recipe.log_every) {
-                let now = match history.divergence.last() {
-                    Some(d) if d.step == global => *d,
-                    _ => Divergence::of(contenders, global),
-                };
-                let max_diff = |r: Role| history.max_loss_diff(r).map(|(d, _)| d);
-                let mut event = json!({"event": "loss", "epoch": epoch, "step": step,
-                                       "max_param_diff_ab": now.ab,
-                                       "max_param_diff_a_rev": now.a_rev});
-                for r in Role::ALL {
-                    event[format!("loss_{}", r.key())] = json!(window[r.index()].mean());
-                    event[format!("non_finite_{}", r.key())] = json!(window[r.index()].non_finite);
-                }
-                for r in [Role::B, Role::AReversed] {
-                    event[format!("max_loss_diff_{}_so_far", pair_key(r))] = json!(max_diff(r));
-                }
-                reporter.emit(
-                    || {
-                        loss_line(
-                            epoch,
-                            step,
-                            &window,
-                            [max_diff(Role::B), max_diff(Role::AReversed)],
-                            now,
-                        )
-                    },
-                    event,
-                );
-                window = [RunningLoss::default(); 4];
-            }
-            bar.inc(1);
+            (images.to_kind(self.kind), labels)
         }
     }
-    history.train_seconds = start.elapsed().as_secs_f64();
-    reporter.finish_bar();
-    Ok(history)
+}
+
+impl Recipe for SideBySide<'_> {
+    fn steps_per_epoch(&self) -> u64 {
+        self.train.len().div_ceil(self.batch_size as usize) as u64
+    }
+
+    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+        let n = self.train.len();
+        self.batches = Some(EpochBatches::new(
+            self.seed,
+            epoch,
+            n,
+            self.batch_size,
+            self.device,
+        ));
+        Ok(())
+    }
+
+    fn training_step(&mut self, _epoch: u64, step: u64) -> Result<StepOutput> {
+        self.global_step += 1;
+        let index = self.batches.as_ref().expect("start_epoch first").get(step);
+        let batch = self.in_kind(self.train.select(&index));
+        let reversed = self.in_kind(self.train.select(&index.flip([0])));
+        let results: Vec<(Tensor, Tensor)> = self
+            .contenders
+            .iter()
+            .map(|c| {
+                let (images, labels) = if c.role.reversed() { &reversed } else { &batch };
+                c.unread_loss_and_gradient(images, labels)
+            })
+            .collect();
+        // Each update depends on its loss and gradient being finite: one
+        // read on the host for the four losses and the four gradient sums.
+        let mut checks: Vec<Tensor> = results.iter().map(|(l, _)| l.shallow_clone()).collect();
+        checks.extend(results.iter().map(|(_, g)| finite_sum(g)));
+        let read = Vec::<f64>::try_from(Tensor::stack(&checks, 0).to_kind(Kind::Double))?;
+        let losses = [0, 1, 2, 3].map(|i| read[i]);
+        if self.global_step == 1 {
+            let grads = [0, 1, 2, 3].map(|i| &results[i].1);
+            self.init = Some(InitReport::new(losses, grads));
+        }
+        let global = self.global_step;
+        for (i, (c, (_, grad))) in self.contenders.iter_mut().zip(&results).enumerate() {
+            c.update_checked(global, losses[i], grad, read[4 + i].is_finite());
+        }
+        Ok(StepOutput {
+            // Already on the host.
+            loss: Tensor::from_slice(&losses),
+            images: index.size()[0] as u64,
+        })
+    }
+
+    /// `compare-losses` keeps no checkpoints.
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+
+    /// A non-finite update is skipped, so the weights stay finite.
+    fn is_finite(&self) -> bool {
+        true
+    }
+}
+
+/// The side-by-side table: the first step's report, the running losses of
+/// the four, how far they drift apart, and the skipped updates.
+struct Table {
+    log_every: u64,
+    /// The epoch of `window`.
+    epoch: u64,
+    window: [RunningLoss; 4],
+    history: History,
+}
+
+impl Hook<SideBySide<'_>> for Table {
+    fn needs_losses(&self, end: &StepEnd) -> bool {
+        end.step.is_multiple_of(self.log_every)
+    }
+
+    fn on_losses(&mut self, step: &StepLosses, _: &Reporter) -> Result<()> {
+        let losses: [f64; 4] = step.values[..].try_into().expect("a loss per contender");
+        if step.epoch != self.epoch {
+            self.epoch = step.epoch;
+            self.window = [RunningLoss::default(); 4];
+        }
+        for (w, &l) in self.window.iter_mut().zip(&losses) {
+            w.add(l);
+        }
+        for r in Role::ALL {
+            let (a, x) = (losses[0], losses[r.index()]);
+            if a.is_finite() && x.is_finite() {
+                let d = (a - x).abs();
+                let max = &mut self.history.max_loss_diff[r.index()];
+                if max.is_none_or(|(m, _)| d > m) {
+                    *max = Some((d, step.global_step));
+                }
+            }
+        }
+        self.history.losses.push(losses);
+        Ok(())
+    }
+
+    fn after_step(
+        &mut self,
+        four: &SideBySide<'_>,
+        end: &StepEnd,
+        reporter: &Reporter,
+    ) -> Result<()> {
+        let (epoch, step, global) = (end.epoch, end.step, end.global_step);
+        if let Some(init) = four.init.as_ref().filter(|_| global == 1) {
+            reporter.emit(|| init.text(), init.json());
+            text_only(reporter, loss_header(self.log_every));
+            self.history.init = Some(init.clone());
+        }
+        let losses = self.history.losses.last().expect("read before after_step");
+        for c in four.contenders.iter() {
+            if c.skipped == 1 && c.first_skipped == Some(global) {
+                let letter = c.role.letter();
+                let loss = losses[c.role.index()];
+                reporter.emit(
+                    || {
+                        format!(
+                            "  step {global}: {letter}'s loss is {loss} or its gradient is not \
+                             finite; {letter} skips this update (and any later such step, counted)"
+                        )
+                    },
+                    json!({"event": "non_finite", "model": letter, "step": global,
+                           "epoch": epoch, "loss": finite_or_string(loss)}),
+                );
+            }
+        }
+        let history = &mut self.history;
+        if global.is_multiple_of(DIVERGENCE_EVERY) || end.last {
+            history
+                .divergence
+                .push(Divergence::of(four.contenders, global));
+        }
+        if step.is_multiple_of(self.log_every) {
+            let now = match history.divergence.last() {
+                Some(d) if d.step == global => *d,
+                _ => Divergence::of(four.contenders, global),
+            };
+            let max_diff = |r: Role| history.max_loss_diff(r).map(|(d, _)| d);
+            let window = &self.window;
+            let mut event = json!({"event": "loss", "epoch": epoch, "step": step,
+                                   "max_param_diff_ab": now.ab,
+                                   "max_param_diff_a_rev": now.a_rev});
+            for r in Role::ALL {
+                event[format!("loss_{}", r.key())] = json!(window[r.index()].mean());
+                event[format!("non_finite_{}", r.key())] = json!(window[r.index()].non_finite);
+            }
+            for r in [Role::B, Role::AReversed] {
+                event[format!("max_loss_diff_{}_so_far", pair_key(r))] = json!(max_diff(r));
+            }
+            reporter.emit(
+                || {
+                    loss_line(
+                        epoch,
+                        step,
+                        window,
+                        [max_diff(Role::B), max_diff(Role::AReversed)],
+                        now,
+                    )
+                },
+                event,
+            );
+            self.window = [RunningLoss::default(); 4];
+        }
+        Ok(())
+    }
 }
 
 /// The tutorial's running loss, over the finite losses of the window; the

@@ -23,7 +23,7 @@ pub const MAX_EPOCHS: u64 = 1_000_000;
 
 /// The training recipe's flags; the defaults are the tutorial's.
 #[derive(Debug, Clone, clap::Args)]
-pub struct Recipe {
+pub struct RecipeArgs {
     /// Passes over the training set.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_EPOCHS, allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, MAX_EPOCHS))]
@@ -75,7 +75,7 @@ pub struct Recipe {
 
 /// A whole number within `lo..=hi`. Negative numbers get the range error
 /// too, where clap would take `-1` for a flag.
-fn count(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+pub(crate) fn count(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
     match s.parse::<i128>() {
         Ok(v) if (lo as i128..=hi as i128).contains(&v) => Ok(v as u64),
         Ok(_) => Err(format!("{s} is not in {lo}..={hi}")),
@@ -108,7 +108,7 @@ fn parse_momentum(s: &str) -> Result<f64, String> {
     }
 }
 
-impl Recipe {
+impl RecipeArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         self.device.resolve()
     }
@@ -182,7 +182,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = ModelKind::Net, help_heading = "Recipe")]
     pub model: ModelKind,
     #[command(flatten, next_help_heading = "Recipe")]
-    pub recipe: Recipe,
+    pub recipe: RecipeArgs,
     /// Stop after N mini-batches in all, then save and evaluate as usual.
     #[arg(long, value_name = "N", help_heading = "Recipe", allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, u64::MAX))]

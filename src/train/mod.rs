@@ -1,163 +1,56 @@
-//! The tutorial's training recipe: `Net` on logits with cross-entropy, SGD
-//! with momentum on mini-batches reshuffled every epoch, the running loss
-//! printed every 2000 mini-batches, then the test-set accuracy.
+//! `tch-cifar train`: the tutorial's training recipe, `Net` on logits with
+//! cross-entropy, SGD with momentum on mini-batches reshuffled every epoch,
+//! the running loss printed every 2000 mini-batches, then the test-set
+//! accuracy.
 //!
-//! Around it, what keeps a long run safe: checkpoints (see
-//! [`crate::checkpoint`]) after every epoch, every `--checkpoint-every`
-//! steps and at `--max-steps`, `--resume` from the newest valid one with the
-//! run's own settings ([`resume`]), a first SIGINT/SIGTERM that finishes the
-//! step, saves and exits with status 130 ([`Interrupted`]), and a stop on the
-//! first non-finite loss that leaves the saved files alone.
+//! The step itself, as the tutorial writes it, is
+//! [`tutorial::training_step`]; [`tutorial::Tutorial`] is the recipe around
+//! it (its batches, its checkpoint tensors). The [`harness`] drives it and
+//! keeps a long run safe: checkpoints (see [`crate::checkpoint`]) after
+//! every epoch, every `--checkpoint-every` steps and at `--max-steps`, a
+//! first SIGINT/SIGTERM that finishes the step, saves and exits with status
+//! 130 ([`Interrupted`]), and a stop on the first non-finite loss that
+//! leaves the saved files alone. `--resume` goes on from the newest valid
+//! checkpoint with the run's own settings ([`resume`]).
 
 mod args;
 mod fast;
 mod folders;
+pub mod harness;
 pub mod resume;
+pub mod tutorial;
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::ArgMatches;
 use serde_json::json;
-use tch::nn::Module;
-use tch::{Device, Tensor};
+use tch::Device;
 
+pub(crate) use self::args::count;
 pub use self::args::{
-    describe_device, CheckpointArgs, Given, Recipe, TrainArgs, MAX_EPOCHS, MAX_THREADS,
+    describe_device, CheckpointArgs, Given, RecipeArgs, TrainArgs, MAX_EPOCHS, MAX_THREADS,
 };
 use self::folders::{
     check_no_interrupted_run, interrupt_dir, prepare_checkpoint_dir, remove_checkpoints, same_dir,
 };
-use self::resume::{check_and_restore, evaluate_command, resume_command, resumed_settings};
+use self::harness::{install_signal_handlers, Checkpoints, Plan};
+pub use self::harness::{
+    read_losses_every, Interrupted, Interrupts, Saved, TrainStats, INTERRUPTS,
+};
+use self::resume::{check_resume, evaluate_command, resume_command, resumed_settings};
+use self::tutorial::Tutorial;
 use crate::checkpoint::{self, Meta, Position, Saver};
 use crate::data::{self, Split};
 use crate::device::device_name;
 use crate::evaluate::{evaluate, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
-use crate::report::{optional_path_json, path_json, step_bar, Diverged, Reporter};
+use crate::report::{optional_path_json, path_json, Reporter};
 pub use crate::settings::{
     diverged_hint, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_KEEP_CHECKPOINTS,
     DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM,
 };
-
-/// What a training run did.
-#[derive(Debug, Clone)]
-pub struct TrainStats {
-    /// Steps since the start of training, those before a resume included.
-    pub steps: u64,
-    /// Images trained on by this process.
-    pub images: u64,
-    pub train_seconds: f64,
-    /// `(epoch, step, mean loss)` at each `--log-every` mark, 1-based like the tutorial.
-    pub running_losses: Vec<(u64, u64, f64)>,
-    /// Where training ended, when a SIGINT or SIGTERM came during its last
-    /// step or the saves after it: training is complete, but the caller
-    /// should stop rather than go on.
-    pub stopped_at_end: Option<Position>,
-}
-
-impl TrainStats {
-    pub fn images_per_second(&self) -> f64 {
-        self.images as f64 / self.train_seconds.max(1e-9)
-    }
-}
-
-/// What SIGINT and SIGTERM do, as two flags the signal handlers read or set.
-pub struct Interrupts {
-    /// Set by the first signal: the loop finishes its step, saves and stops.
-    /// Once it is set, the next signal exits at once.
-    pub stop: AtomicBool,
-    /// While set (outside the training loop, where there is no step to
-    /// finish and nothing to save), a signal exits with status 130 at once.
-    pub exit_now: AtomicBool,
-}
-
-impl Interrupts {
-    pub const fn new() -> Interrupts {
-        Interrupts {
-            stop: AtomicBool::new(false),
-            exit_now: AtomicBool::new(true),
-        }
-    }
-}
-
-impl Default for Interrupts {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-static INTERRUPTS: Interrupts = Interrupts::new();
-static FILE_SIZE_LIMIT_HIT: AtomicBool = AtomicBool::new(false);
-
-/// Routes SIGINT and SIGTERM to [`INTERRUPTS`], and keeps SIGXFSZ from
-/// killing the process.
-fn install_signal_handlers() -> Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
-    use signal_hook::flag;
-    for signal in [SIGINT, SIGTERM] {
-        // Actions run in this order, so the exits see the flags as they were
-        // before this signal set `stop`.
-        flag::register_conditional_shutdown(signal, 130, &INTERRUPTS.stop)?;
-        flag::register_conditional_shutdown(signal, 130, &INTERRUPTS.exit_now)?;
-        flag::register(signal, &INTERRUPTS.stop)?;
-    }
-    // Past `ulimit -f` the kernel sends SIGXFSZ, whose default action kills
-    // the process mid-write; handled, the write fails with EFBIG instead and
-    // is reported like a full disk.
-    flag::register(SIGXFSZ, &FILE_SIZE_LIMIT_HIT)?;
-    Ok(())
-}
-
-/// The run stopped on SIGINT or SIGTERM, with what it had saved. `main`
-/// prints it and exits with status 130.
-#[derive(Debug)]
-pub struct Interrupted {
-    pub position: Position,
-    pub saved: Saved,
-}
-
-/// What an interrupted run saved to go on from.
-#[derive(Debug)]
-pub enum Saved {
-    /// A checkpoint, and the command that continues the run from it.
-    Checkpoint { path: PathBuf, resume: String },
-    /// Stopped in its last step, the run had finished training: `--out`
-    /// holds the weights, and the command evaluates them, which the run
-    /// skipped.
-    Weights { path: PathBuf, evaluate: String },
-}
-
-impl std::fmt::Display for Interrupted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let Position { epoch, step, .. } = self.position;
-        match &self.saved {
-            Saved::Checkpoint { path, resume } => {
-                let dir = path.parent().unwrap_or(Path::new("."));
-                let file = path.file_name().unwrap_or_default();
-                write!(
-                    f,
-                    "interrupted at epoch {epoch}, step {step}; checkpoint in {} ({}); resume \
-                     with: {resume}",
-                    dir.display(),
-                    file.to_string_lossy(),
-                )
-            }
-            Saved::Weights { path, evaluate } => write!(
-                f,
-                "interrupted in the last step (epoch {epoch}, step {step}): training is \
-                 complete and {} holds the weights, but the test set was not evaluated; \
-                 evaluate with: {evaluate}",
-                path.display()
-            ),
-        }
-    }
-}
-
-impl std::error::Error for Interrupted {}
 
 /// Where a run starts, and how it saves and stops.
 pub struct Control<'a> {
@@ -175,328 +68,39 @@ pub struct Control<'a> {
     pub resume_command: String,
 }
 
-impl Control<'_> {
-    /// Saves at `at` for an interrupt and returns the error that ends the run.
-    fn interrupt(
-        &mut self,
-        model: &Model,
-        opt: &Sgd,
-        at: Position,
-        reporter: &Reporter,
-    ) -> anyhow::Error {
-        let checkpoint = match self.saver.save(model, opt, at) {
-            Ok(path) => path,
-            Err(err) => {
-                return err.context(format!(
-                    "interrupted at epoch {}, step {}",
-                    at.epoch, at.step
-                ))
-            }
-        };
-        if reporter.is_json() {
-            reporter.emit(
-                String::new,
-                json!({"event": "interrupted", "epoch": at.epoch, "step": at.step,
-                       "global_step": at.global_step, "checkpoint": path_json(&checkpoint),
-                       "resume": self.resume_command}),
-            );
-        }
-        Interrupted {
-            position: at,
-            saved: Saved::Checkpoint {
-                path: checkpoint,
-                resume: self.resume_command.clone(),
-            },
-        }
-        .into()
-    }
-}
-
-/// With the `test-hooks` feature only (the tests'), set to milliseconds:
-/// each step then sleeps that long, so that a signal sent after the first
-/// loss line lands before the run ends however slowly a loaded machine
-/// wakes the test thread.
-#[cfg(feature = "test-hooks")]
-fn test_step_delay() -> Option<Duration> {
-    let ms = std::env::var("TCH_CIFAR_TEST_STEP_DELAY_MS")
-        .ok()?
-        .parse()
-        .ok()?;
-    Some(Duration::from_millis(ms))
-}
-
-#[cfg(not(feature = "test-hooks"))]
-fn test_step_delay() -> Option<Duration> {
-    None
-}
-
-/// How many steps' losses [`train`] gathers before it reads them on the
-/// host: 1 on the CPU, a few hundred on a GPU.
-///
-/// Reading a loss (PyTorch's `loss.item()`) makes the host wait until the
-/// device has finished the step. On the CPU the step is already finished.
-/// On a GPU the host would stop queueing work on every step and wait for the
-/// device instead, so the losses stay in a buffer on the device and come back
-/// in one copy. A non-finite loss still stops the run at the step it names,
-/// a few hundred steps later at most and before anything is saved.
-pub fn read_losses_every(device: Device) -> usize {
-    match device {
-        Device::Cpu => 1,
-        _ => 256,
-    }
-}
-
-/// The losses of the steps not yet read on the host. Whatever the batching,
-/// each loss reads as the same float, in step order.
-struct PendingLosses {
-    /// One slot per step, on the device; `None` reads each loss at once.
-    buffer: Option<Tensor>,
-    capacity: usize,
-    /// `(epoch, step)` of each pending loss.
-    steps: Vec<(u64, u64)>,
-    /// The losses read at once (without a buffer).
-    values: Vec<f64>,
-}
-
-impl PendingLosses {
-    fn new(device: Device, capacity: usize) -> PendingLosses {
-        let capacity = capacity.max(1);
-        PendingLosses {
-            buffer: (capacity > 1)
-                .then(|| Tensor::zeros([capacity as i64], (tch::Kind::Float, device))),
-            capacity,
-            steps: Vec::with_capacity(capacity),
-            values: Vec::with_capacity(capacity),
-        }
-    }
-
-    fn push(&mut self, loss: &Tensor, epoch: u64, step: u64) {
-        match &self.buffer {
-            None => self.values.push(loss.double_value(&[])),
-            Some(buffer) => tch::no_grad(|| {
-                let mut slot = buffer.get(self.steps.len() as i64);
-                slot.copy_(loss);
-            }),
-        }
-        self.steps.push((epoch, step));
-    }
-
-    fn is_full(&self) -> bool {
-        self.steps.len() >= self.capacity
-    }
-
-    /// `(epoch, step, loss)` of each pending step, oldest first, emptying
-    /// the queue (its vectors keep their room: this runs every step on the CPU).
-    fn read(&mut self) -> Result<impl Iterator<Item = (u64, u64, f64)> + '_> {
-        if let Some(buffer) = &self.buffer {
-            let pending = buffer.narrow(0, 0, self.steps.len() as i64);
-            let read = Vec::<f32>::try_from(pending.to_device(Device::Cpu))
-                .context("cannot read the losses back from the device")?;
-            self.values.extend(read.into_iter().map(f64::from));
-        }
-        Ok(self
-            .steps
-            .drain(..)
-            .zip(self.values.drain(..))
-            .map(|((epoch, step), loss)| (epoch, step, loss)))
-    }
-}
-
-/// The mini-batch index tensors of one epoch, in the seeded order.
-pub fn epoch_batches(
-    seed: u64,
-    epoch: u64,
-    n: usize,
-    batch_size: u64,
-    device: Device,
-) -> impl Iterator<Item = Tensor> {
-    let order = Tensor::from_slice(&data::epoch_order(seed, epoch as usize, n)).to_device(device);
-    let batch = batch_size as i64;
-    let n = n as i64;
-    (0..n)
-        .step_by(batch as usize)
-        .map(move |start| order.narrow(0, start, batch.min(n - start)))
-}
-
-/// Trains `model` with `opt` on `train` with the run's settings, from
-/// `control.start` to the end of `recipe.epochs` (or `recipe.max_steps`),
-/// saving checkpoints as `control` says, and at `max_steps` when it saves
-/// after every epoch. Stops with an error on the first non-finite loss, and
-/// with [`Interrupted`] after a SIGINT or SIGTERM, unless that came in the
-/// last step: then training ends and [`TrainStats::stopped_at_end`] says so.
+/// Trains `model` with `opt` on `train` with the tutorial's recipe and the
+/// run's settings, through the [harness](harness::run): from
+/// `control.start` to the end of `settings.epochs` (or
+/// `settings.max_steps`), saving checkpoints as `control` says.
 pub fn train(
     model: &Model,
     opt: &mut Sgd,
     train: &Split,
-    recipe: &Settings,
+    settings: &Settings,
     control: &mut Control,
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
-    let seed = recipe.seed;
-    let device = model.vs.device();
-    let n = train.len();
-    if n == 0 {
+    if train.is_empty() {
         bail!("the training set is empty");
     }
-    let steps_per_epoch = n.div_ceil(recipe.batch_size as usize) as u64;
-    let start = control.start.normalized(steps_per_epoch);
-    let last_step = recipe.epochs * steps_per_epoch;
-    let bar = reporter.attach_bar(step_bar(
-        recipe.max_steps.map_or(last_step, |m| m.min(last_step)),
-    ));
-    bar.set_position(start.global_step);
-    let mut stats = TrainStats {
-        steps: start.global_step,
-        images: 0,
-        train_seconds: 0.0,
-        running_losses: vec![],
-        stopped_at_end: None,
+    let mut recipe = Tutorial::new(model, opt, train, settings.seed, settings.batch_size);
+    let plan = Plan {
+        start: control.start,
+        epochs: settings.epochs,
+        max_steps: settings.max_steps,
+        log_every: settings.log_every,
+        loss_lines: true,
+        read_losses_every: control.read_losses_every,
+        interrupts: control.interrupts,
+        checkpoints: Some(Checkpoints {
+            saver: &mut control.saver,
+            every_epoch: control.every_epoch,
+            every: control.every,
+            resume_command: &control.resume_command,
+        }),
+        diverged_hint: Some(diverged_hint(settings.lr, settings.momentum)),
     };
-    let began = Instant::now();
-    let mut at = start;
-    let mut losses = PendingLosses::new(device, control.read_losses_every);
-    let reached_max_steps = |steps: u64| recipe.max_steps.is_some_and(|m| steps >= m);
-    // The latest loss line's mean, for the progress bar right after it.
-    let mut last_mean = f64::NAN;
-    control.interrupts.exit_now.store(false, Ordering::SeqCst);
-    let step_delay = test_step_delay();
-    let mut epochs = || -> Result<()> {
-        for epoch in start.epoch..=recipe.epochs {
-            bar.set_prefix(format!("epoch {epoch}/{}", recipe.epochs));
-            let (done, mut running_loss) = if epoch == start.epoch {
-                (start.step, start.running_loss)
-            } else {
-                (0, 0.0)
-            };
-            let batches = epoch_batches(seed, epoch - 1, n, recipe.batch_size, device);
-            for (i, index) in batches.enumerate().skip(done as usize) {
-                // Before the step: a run resumed at its --max-steps trains none.
-                if reached_max_steps(stats.steps) {
-                    break;
-                }
-                let step = i as u64 + 1;
-                let (images, labels) = train.select(&index);
-                let loss = model.net.forward(&images).cross_entropy_for_logits(&labels);
-                opt.step(&loss);
-                losses.push(&loss, epoch, step);
-                stats.steps += 1;
-                stats.images += index.size()[0] as u64;
-                bar.inc(1);
-                if let Some(delay) = step_delay {
-                    std::thread::sleep(delay);
-                }
-                let stop = control.interrupts.stop.load(Ordering::Relaxed);
-                let last = reached_max_steps(stats.steps);
-                let save = control.every.is_some_and(|k| stats.steps.is_multiple_of(k))
-                    || (last && control.every_epoch);
-                let show = step.is_multiple_of(256);
-                // What follows needs the running loss, so the losses are read first.
-                if !(losses.is_full()
-                    || show
-                    || save
-                    || stop
-                    || last
-                    || step == steps_per_epoch
-                    || step.is_multiple_of(recipe.log_every))
-                {
-                    continue;
-                }
-                for (epoch, step, loss) in losses.read()? {
-                    if !loss.is_finite() {
-                        return Err(Diverged(format!(
-                            "the loss became {loss} at epoch {epoch}, step {step}: training \
-                             diverged. {}. {}",
-                            diverged_hint(recipe.lr, recipe.momentum),
-                            not_saved(control.saver.last())
-                        ))
-                        .into());
-                    }
-                    running_loss += loss;
-                    if step.is_multiple_of(recipe.log_every) {
-                        let mean = running_loss / recipe.log_every as f64;
-                        stats.running_losses.push((epoch, step, mean));
-                        reporter.emit(
-                            || format!("[{epoch}, {step:5}] loss: {mean:.3}"),
-                            json!({"event": "loss", "epoch": epoch, "step": step, "loss": mean}),
-                        );
-                        running_loss = 0.0;
-                        last_mean = mean;
-                    }
-                }
-                if show {
-                    let rate = stats.images as f64 / began.elapsed().as_secs_f64();
-                    let since_log = step % recipe.log_every;
-                    let loss = match since_log {
-                        0 => last_mean,
-                        n => running_loss / n as f64,
-                    };
-                    bar.set_message(format!("loss {loss:.3} {rate:.0} img/s"));
-                }
-                at = Position {
-                    epoch,
-                    step,
-                    global_step: stats.steps,
-                    running_loss,
-                };
-                if save {
-                    control.saver.save(model, opt, at)?;
-                }
-                // Stopped in the run's last step, training is complete: no
-                // checkpoint to resume, the caller writes --out and stops.
-                let end = last || (epoch == recipe.epochs && step == steps_per_epoch);
-                if stop && !end {
-                    return Err(control.interrupt(model, opt, at, reporter));
-                }
-                if last {
-                    break;
-                }
-            }
-            let epoch_done = at.epoch == epoch && at.step == steps_per_epoch;
-            if control.every_epoch && epoch_done {
-                control.saver.save(model, opt, at)?;
-            }
-            if reached_max_steps(stats.steps) {
-                break;
-            }
-        }
-        // A loss is computed before its step's update, so the last update
-        // is checked here: --out must not get weights that diverged.
-        if !model.is_finite() {
-            return Err(Diverged(format!(
-                "the weights became non-finite in the last step (epoch {}, step {}): training \
-                 diverged. {}. {}",
-                at.epoch,
-                at.step,
-                diverged_hint(recipe.lr, recipe.momentum),
-                not_saved(control.saver.last())
-            ))
-            .into());
-        }
-        // Training is over: from here a signal exits at once. One that came
-        // during the last step or the saves after it still stops the run,
-        // once --out holds the weights.
-        control.interrupts.exit_now.store(true, Ordering::SeqCst);
-        if control.interrupts.stop.load(Ordering::SeqCst) {
-            stats.stopped_at_end = Some(at);
-        }
-        Ok(())
-    };
-    let result = epochs();
-    control.interrupts.exit_now.store(true, Ordering::SeqCst);
-    stats.train_seconds = began.elapsed().as_secs_f64();
-    reporter.finish_bar();
-    result.map(|()| stats)
-}
-
-/// The end of a divergence message: nothing saved, and the checkpoint to go back to.
-fn not_saved(last_checkpoint: Option<&Path>) -> String {
-    match last_checkpoint {
-        Some(p) => format!(
-            "The weights were not saved; the last good checkpoint is {}",
-            p.display()
-        ),
-        None => "The weights were not saved".to_string(),
-    }
+    harness::run(&mut recipe, plan, &mut [], reporter)
 }
 
 /// `tch-cifar train`. `matches` are the subcommand's, which tell the flags
@@ -576,7 +180,11 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         .as_ref()
         .map(|c| (c.meta.position.global_step, c.path.clone()));
     let start = match resumed {
-        Some(c) => check_and_restore(c, &meta, &mut model, &mut opt, &mut start_event)?,
+        Some(c) => {
+            let at = check_resume(&c, &meta, &mut start_event)?;
+            tutorial::restore(c, &mut model, &mut opt)?;
+            at
+        }
         None => Position::START,
     };
     // The start event has no line in the tutorial's text.
@@ -711,7 +319,7 @@ fn report_test(reporter: &Reporter, model: &Model, test: &Split) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
+    use tch::{Kind, Tensor};
 
     /// The tutorial's recipe on the CPU, logging every step, with `images`
     /// training images.
@@ -740,7 +348,8 @@ mod tests {
             global_step,
             running_loss: 0.0,
         };
-        saver.save(&model, &opt, at(1, 5, 5)).unwrap();
+        let tensors = || tutorial::checkpoint_tensors(&model, &opt);
+        saver.save(tensors(), at(1, 5, 5)).unwrap();
         let err = check_no_interrupted_run(dir.path())
             .unwrap_err()
             .to_string();
@@ -749,7 +358,7 @@ mod tests {
             "{err}"
         );
         // A finished run's checkpoint: a new run may start.
-        saver.save(&model, &opt, at(2, 10, 20)).unwrap();
+        saver.save(tensors(), at(2, 10, 20)).unwrap();
         check_no_interrupted_run(dir.path()).unwrap();
     }
 

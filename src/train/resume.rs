@@ -12,8 +12,6 @@ use tch::Device;
 use super::args::{Given, TrainArgs};
 use crate::checkpoint::{Checkpoint, Meta, Position};
 use crate::device::{device_name, DeviceArg};
-use crate::model::Model;
-use crate::optim::Sgd;
 use crate::report::path_json;
 use crate::settings::Settings;
 
@@ -127,7 +125,7 @@ pub fn resumed_settings(
             number,
         );
     }
-    // These change no number, or only the float rounding (see `check_and_restore`).
+    // These change no number, or only the float rounding (see `check_resume`).
     if given.has("--data-dir") {
         notes.take(
             "--data-dir",
@@ -221,13 +219,11 @@ fn changed(notes: &mut Vec<String>, flag: &str, was: Option<String>, now: Option
 }
 
 /// Checks the resumed checkpoint against this run's training set, notes
-/// what will round differently, restores it into `model` and `opt`, and
-/// returns where training continues.
-pub fn check_and_restore(
-    c: Checkpoint,
+/// what will round differently, and returns where training continues (the
+/// recipe restores the tensors).
+pub fn check_resume(
+    c: &Checkpoint,
     run: &Meta,
-    model: &mut Model,
-    opt: &mut Sgd,
     start_event: &mut serde_json::Value,
 ) -> Result<Position> {
     if c.meta.train_images != run.train_images {
@@ -303,7 +299,6 @@ pub fn check_and_restore(
     start_event["resumed_from"] = json!({
         "checkpoint": path_json(&c.path), "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
     });
-    c.apply(model, opt)?;
     Ok(at)
 }
 
