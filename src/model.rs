@@ -217,6 +217,10 @@ pub struct Model {
 /// The safetensors metadata key holding the class names, as a JSON list.
 pub const CLASSES_KEY: &str = "classes";
 
+/// The safetensors metadata key naming the network (`airbench94`); weights
+/// without it are the tutorial's `Net`.
+pub const MODEL_KEY: &str = "model";
+
 impl Model {
     /// A freshly initialized `Net` for CIFAR-10's ten classes; `seed` fixes
     /// torch's RNG first.

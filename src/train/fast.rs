@@ -12,12 +12,9 @@ use crate::airbench::recipe::new_network;
 use crate::airbench::{FastRecipe, Tta, BATCH_SIZE, EPOCHS};
 use crate::device::{device_name, CpuConv, CpuSettings};
 use crate::evaluate::evaluate;
-use crate::model::{classes_json, CLASSES_KEY};
+use crate::model::{classes_json, CLASSES_KEY, MODEL_KEY};
 use crate::outputs::Format;
 use crate::report::{path_json, step_bar, Diverged, Reporter};
-
-/// The safetensors metadata key naming the network of a weights file.
-pub const MODEL_KEY: &str = "model";
 
 /// The tutorial's flags that the fast recipe, with its own fixed
 /// hyperparameters, does not take.
