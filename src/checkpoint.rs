@@ -37,7 +37,7 @@ use tch::{Device, Kind, Tensor};
 use crate::device::{CpuConv, DeviceArg};
 use crate::fsutil;
 use crate::model::parameter_shapes;
-use crate::settings::{self, Settings};
+use crate::settings::{self, ModelKind, Settings};
 
 /// The value of the `format` metadata field.
 pub const FORMAT: &str = "tch-cifar-checkpoint";
@@ -142,7 +142,7 @@ impl Meta {
         [
             ("format", FORMAT.to_string()),
             ("version", VERSION.to_string()),
-            ("model", "Net".to_string()),
+            ("model", self.settings.model.class_name().to_string()),
             (RUN_KEY, run),
             // Where `Model::load` finds a weights file's class names, so
             // that `evaluate` and `predict` name a checkpoint's classes too.
@@ -166,8 +166,10 @@ impl Meta {
         let version: u32 = field(map, "version", path)?;
         let model = text(map, "model", path)?;
         ensure!(
-            model == "Net",
-            "{origin}: holds a `{model}` model, this run trains Net"
+            [ModelKind::Net, ModelKind::Airbench94]
+                .iter()
+                .any(|m| m.class_name() == model),
+            "{origin}: holds a `{model}` model, tch-cifar trains Net and Airbench94"
         );
         let meta = match version {
             1 => Meta::from_v1(map, path)?,
@@ -179,6 +181,11 @@ impl Meta {
                  to {VERSION}"
             ),
         };
+        ensure!(
+            meta.settings.model.class_name() == model,
+            "{origin}: the metadata says `{model}` but its run trains {}",
+            meta.settings.model.class_name()
+        );
         meta.validate(path)?;
         Ok(meta)
     }
@@ -226,6 +233,8 @@ impl Meta {
             data_dir: settings::DEFAULT_DATA_DIR.into(),
             out: settings::DEFAULT_OUT.into(),
             classes: crate::data::CLASSES.map(String::from).to_vec(),
+            model: ModelKind::Net,
+            schedule_epochs: None,
         };
         Ok(Meta {
             settings,
@@ -323,7 +332,7 @@ where
 pub struct Checkpoint {
     pub path: PathBuf,
     pub meta: Meta,
-    /// The outputs of the checkpoint's `Net`: one per class.
+    /// The outputs of the checkpoint's network: one per class.
     pub num_classes: usize,
     /// Every tensor in the file, by name: the weights and the optimizer state.
     tensors: HashMap<String, Tensor>,
@@ -403,6 +412,16 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         );
         weights.insert(name, tensor);
     }
+    if meta.settings.model == ModelKind::Airbench94 {
+        let expected = crate::airbench::recipe::checkpoint_shapes(num_classes);
+        check_keys(&weights, &expected, path)?;
+        return Ok(Checkpoint {
+            path: path.to_path_buf(),
+            meta,
+            num_classes: num_classes as usize,
+            tensors: weights,
+        });
+    }
     let momentum_buffer = weights
         .remove(MOMENTUM_KEY)
         .ok_or_else(|| anyhow!("{origin}: missing key `{MOMENTUM_KEY}`"))?;
@@ -424,6 +443,32 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         num_classes: num_classes as usize,
         tensors: weights,
     })
+}
+
+/// Checks that `tensors` are exactly the `expected` keys with their shapes.
+fn check_keys(
+    tensors: &HashMap<String, Tensor>,
+    expected: &[(String, Vec<i64>)],
+    path: &Path,
+) -> Result<()> {
+    let origin = path.display();
+    if let Some(key) = tensors
+        .keys()
+        .find(|k| !expected.iter().any(|(e, _)| e == *k))
+    {
+        bail!("{origin}: unexpected key `{key}`");
+    }
+    for (key, shape) in expected {
+        let tensor = tensors
+            .get(key)
+            .ok_or_else(|| anyhow!("{origin}: missing key `{key}`"))?;
+        ensure!(
+            &tensor.size() == shape,
+            "{origin}: key `{key}` has shape {:?}, expected {shape:?}",
+            tensor.size()
+        );
+    }
+    Ok(())
 }
 
 /// The newest checkpoint in `dir` that loads and checks out. Newer files

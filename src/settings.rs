@@ -34,6 +34,18 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    pub fn is_net(&self) -> bool {
+        *self == ModelKind::Net
+    }
+
+    /// The name in checkpoints' and weights files' metadata.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            ModelKind::Net => "Net",
+            ModelKind::Airbench94 => "Airbench94",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             ModelKind::Net => "net",
@@ -81,6 +93,13 @@ pub struct Settings {
     pub out: PathBuf,
     /// The dataset's class names, in label order.
     pub classes: Vec<String>,
+    /// The network and recipe; runs saved before there was a choice are Net's.
+    #[serde(default, skip_serializing_if = "ModelKind::is_net")]
+    pub model: ModelKind,
+    /// airbench94's length in (fractional) epochs: its schedule ends after
+    /// ceil(steps per epoch × this) steps, within the `epochs` it iterates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_epochs: Option<f64>,
 }
 
 impl Settings {
@@ -103,6 +122,8 @@ impl Settings {
             data_dir: DEFAULT_DATA_DIR.into(),
             out: DEFAULT_OUT.into(),
             classes: crate::data::CLASSES.map(String::from).to_vec(),
+            model: ModelKind::Net,
+            schedule_epochs: None,
         }
     }
 
@@ -238,6 +259,8 @@ mod tests {
             data_dir: "data".into(),
             out: "net.safetensors".into(),
             classes: vec!["cat".into(), "dog".into()],
+            model: ModelKind::Net,
+            schedule_epochs: None,
         }
     }
 

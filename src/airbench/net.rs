@@ -218,24 +218,23 @@ impl Airbench94 {
         }
     }
 
-    /// The BatchNorm biases: the parameters with their own learning rate.
-    pub fn norm_biases(&self) -> Vec<Tensor> {
-        self.groups()
-            .iter()
-            .flat_map(|g| [g.norm1.bias.shallow_clone(), g.norm2.bias.shallow_clone()])
-            .collect()
-    }
-
-    /// The other trainable parameters, the whitening bias first (it stops
-    /// training after a few epochs).
-    pub fn other_parameters(&self) -> Vec<Tensor> {
-        let mut params = vec![self.whiten_bias.shallow_clone()];
-        for g in self.groups() {
-            params.push(g.conv1.weight.shallow_clone());
-            params.push(g.conv2.weight.shallow_clone());
+    /// The trainable parameters by key, in two groups: the BatchNorm
+    /// biases (with their own learning rate), then the rest, the whitening
+    /// bias first (it stops training after a few epochs).
+    pub fn parameter_groups(&self) -> [Vec<(String, Tensor)>; 2] {
+        let (mut norm_biases, mut others) = (vec![], vec![]);
+        for (key, t) in self.state_dict() {
+            if is_norm_bias(&key) {
+                norm_biases.push((key, t));
+            } else if key == "whiten.bias"
+                || key.ends_with("conv1.weight")
+                || key.ends_with("conv2.weight")
+                || key == "head.weight"
+            {
+                others.push((key, t));
+            }
         }
-        params.push(self.head.shallow_clone());
-        params
+        [norm_biases, others]
     }
 
     /// Every parameter and buffer by its `state_dict` key, in PyTorch's
@@ -273,6 +272,10 @@ impl Airbench94 {
     fn groups(&self) -> [&ConvGroup; 3] {
         [&self.layer1, &self.layer2, &self.layer3]
     }
+}
+
+fn is_norm_bias(key: &str) -> bool {
+    key.contains(".norm") && key.ends_with(".bias")
 }
 
 /// `state_dict` keys and shapes of `Airbench94(num_classes)`, in PyTorch's order.

@@ -1,6 +1,9 @@
 //! The fast recipe's training state and step, and its evaluation with
 //! test-time augmentation.
 
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -11,6 +14,45 @@ use super::{
     whiten, BATCH_SIZE, CIFAR_MEAN, CIFAR_STD, LABEL_SMOOTHING, LOOKAHEAD_EVERY, TRANSLATE,
     WHITEN_BIAS_EPOCHS, WHITEN_IMAGES,
 };
+
+/// The checkpoint keys of each parameter's momentum buffer (PyTorch's
+/// `state_dict` key after it) and of the lookahead's EMA.
+pub const MOMENTUM_PREFIX: &str = "optimizer.momentum_buffer.";
+pub const EMA_PREFIX: &str = "optimizer.lookahead.";
+
+fn is_counter(key: &str) -> bool {
+    key.ends_with("num_batches_tracked")
+}
+
+/// The keys and shapes of a checkpoint of airbench94 for `num_classes`.
+pub fn checkpoint_shapes(num_classes: i64) -> Vec<(String, Vec<i64>)> {
+    let state: Vec<_> = net::state_dict_shapes(num_classes)
+        .into_iter()
+        .filter(|(k, _)| !is_counter(k))
+        .collect();
+    let (vs, net) = net::build(Device::Cpu, 0, num_classes);
+    let trainable: Vec<String> = net
+        .parameter_groups()
+        .into_iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .collect();
+    drop((vs, net));
+    let mut shapes = state.clone();
+    for key in trainable {
+        let shape = state
+            .iter()
+            .find(|(k, _)| *k == key)
+            .expect("a parameter is in the state")
+            .1
+            .clone();
+        shapes.push((format!("{MOMENTUM_PREFIX}{key}"), shape));
+    }
+    for (key, shape) in state {
+        shapes.push((format!("{EMA_PREFIX}{key}"), shape));
+    }
+    shapes
+}
 
 /// Images normalized as the project's datasets are (`(x − 0.5) / 0.5`,
 /// in [−1, 1]) renormalized with CIFAR-10's mean and std, as the recipe wants.
@@ -79,7 +121,11 @@ impl<'a> FastRecipe<'a> {
         }
         FastRecipe {
             net,
-            opt: NesterovSgd::new(net.norm_biases(), net.other_parameters()),
+            opt: {
+                let [norm_biases, others] = net.parameter_groups();
+                let tensors = |g: Vec<(String, Tensor)>| g.into_iter().map(|(_, t)| t).collect();
+                NesterovSgd::new(tensors(norm_biases), tensors(others))
+            },
             // After the whitening filters are set, so the EMA starts from them.
             lookahead: Lookahead::new(state),
             padded,
@@ -153,7 +199,7 @@ impl<'a> FastRecipe<'a> {
             LABEL_SMOOTHING,
         );
         // The whitening bias is the first of the second group.
-        let whiten_bias = self.net.norm_biases().len();
+        let whiten_bias = self.net.parameter_groups()[0].len();
         let bias_trains = epoch <= WHITEN_BIAS_EPOCHS;
         let factor = lr_factor(self.step, self.total_steps);
         self.opt
@@ -170,15 +216,76 @@ impl<'a> FastRecipe<'a> {
     }
 
     pub fn is_finite(&self) -> bool {
-        let all = self
-            .net
-            .other_parameters()
-            .into_iter()
-            .chain(self.net.norm_biases());
         tch::no_grad(|| {
-            all.into_iter()
-                .all(|p| p.isfinite().all().int64_value(&[]) == 1)
+            self.net
+                .state_dict()
+                .iter()
+                .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1)
         })
+    }
+
+    /// What a checkpoint holds to go on bit for bit: the `state_dict`
+    /// (without `num_batches_tracked`, which counts the steps), each
+    /// parameter's momentum buffer and the lookahead's EMA. The schedule's
+    /// place is the step count, and every epoch's draws follow from the seed.
+    pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        let state = self.net.state_dict();
+        let mut tensors: Vec<(String, Tensor)> = state
+            .iter()
+            .filter(|(k, _)| !is_counter(k))
+            .map(|(k, t)| (k.clone(), t.contiguous()))
+            .collect();
+        let keys = self
+            .net
+            .parameter_groups()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k);
+        for (key, buffer) in keys.zip(self.opt.buffers()) {
+            tensors.push((format!("{MOMENTUM_PREFIX}{key}"), buffer.contiguous()));
+        }
+        let float_keys = state.iter().filter(|(k, _)| !is_counter(k)).map(|(k, _)| k);
+        for (key, ema) in float_keys.zip(self.lookahead.ema()) {
+            tensors.push((format!("{EMA_PREFIX}{key}"), ema.contiguous()));
+        }
+        tensors
+    }
+
+    /// Restores [`FastRecipe::checkpoint_tensors`] saved after `global_step`
+    /// steps (their keys checked by [`checkpoint_shapes`]).
+    pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, global_step: u64) -> Result<()> {
+        let get = |key: &str| {
+            tensors
+                .get(key)
+                .with_context(|| format!("the checkpoint has no `{key}`"))
+        };
+        let state = self.net.state_dict();
+        for (key, t) in &state {
+            let mut t = t.shallow_clone();
+            if is_counter(key) {
+                let _ = tch::no_grad(|| t.fill_(global_step as i64));
+            } else {
+                let saved = get(key)?;
+                tch::no_grad(|| t.copy_(saved));
+            }
+        }
+        let keys = self
+            .net
+            .parameter_groups()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k);
+        let buffers = keys
+            .map(|k| get(&format!("{MOMENTUM_PREFIX}{k}")).map(Tensor::shallow_clone))
+            .collect::<Result<Vec<_>>>()?;
+        self.opt.set_buffers(&buffers)?;
+        let float_keys = state.iter().filter(|(k, _)| !is_counter(k));
+        for ((key, _), mut ema) in float_keys.zip(self.lookahead.ema()) {
+            let saved = get(&format!("{EMA_PREFIX}{key}"))?;
+            tch::no_grad(|| ema.copy_(saved));
+        }
+        self.step = global_step;
+        Ok(())
     }
 }
 

@@ -238,9 +238,13 @@ pub struct CheckpointArgs {
 impl TrainArgs {
     /// A new run's settings: the flags, with the seed drawn if none is
     /// given and the CPU threads and kernel resolved. The classes are the
-    /// training set's, filled in once it is read.
-    pub fn settings(&self) -> Settings {
+    /// training set's, filled in once it is read. airbench94's recipe is
+    /// its own, and [`given`](Given) tells whether `--epochs` shortens it.
+    pub fn settings(&self, given: &Given) -> Settings {
         let r = &self.recipe;
+        if self.model == ModelKind::Airbench94 {
+            return self.fast_settings(given);
+        }
         let cpu = r.cpu_settings();
         Settings {
             seed: r.seed_or_random(),
@@ -258,6 +262,38 @@ impl TrainArgs {
             data_dir: self.data.data_dir.clone(),
             out: self.out.clone(),
             classes: Vec::new(),
+            model: ModelKind::Net,
+            schedule_epochs: None,
+        }
+    }
+
+    fn fast_settings(&self, given: &Given) -> Settings {
+        use crate::airbench;
+        let r = &self.recipe;
+        let schedule_epochs = if given.has("--epochs") {
+            r.epochs as f64
+        } else {
+            airbench::EPOCHS
+        };
+        Settings {
+            seed: r.seed_or_random(),
+            epochs: schedule_epochs.ceil() as u64,
+            batch_size: airbench::BATCH_SIZE as u64,
+            lr: airbench::LR,
+            momentum: airbench::MOMENTUM,
+            // No running-loss lines: one line per epoch instead.
+            log_every: u64::MAX,
+            max_steps: self.max_steps,
+            device: r.device,
+            threads: r.threads.unwrap_or_else(default_threads),
+            cpu_conv: CpuConv::Onednn,
+            checkpoint_every: self.checkpoints.checkpoint_every,
+            keep_checkpoints: self.checkpoints.keep_checkpoints,
+            data_dir: self.data.data_dir.clone(),
+            out: self.out.clone(),
+            classes: Vec::new(),
+            model: ModelKind::Airbench94,
+            schedule_epochs: Some(schedule_epochs),
         }
     }
 }

@@ -1,223 +1,266 @@
-//! `tch-cifar train --model airbench94`: the fast recipe, trained and
-//! evaluated with and without test-time augmentation.
+//! `tch-cifar train --model airbench94`: the fast recipe
+//! ([`crate::airbench`]) as the [harness](super::harness) drives it, one
+//! line per epoch, and its evaluation with and without test-time
+//! augmentation.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use tch::nn::VarStore;
+use tch::Tensor;
 
-use super::args::{describe_device, Given, TrainArgs};
+use super::args::Given;
+use super::harness::{self, Checkpoints, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput};
+use super::{Control, TrainStats};
 use crate::airbench::recipe::new_network;
-use crate::airbench::{FastRecipe, Tta, BATCH_SIZE, EPOCHS};
-use crate::device::{device_name, CpuConv, CpuSettings};
-use crate::evaluate::evaluate;
+use crate::airbench::{Airbench94, FastRecipe, Tta, BATCH_SIZE};
+use crate::checkpoint::Checkpoint;
+use crate::data::Split;
+use crate::evaluate::{evaluate, Evaluation};
 use crate::model::{classes_json, CLASSES_KEY, MODEL_KEY};
 use crate::outputs::Format;
-use crate::report::{path_json, step_bar, Diverged, Reporter};
+use crate::report::Reporter;
+use crate::settings::{ModelKind, Settings};
 
 /// The tutorial's flags that the fast recipe, with its own fixed
 /// hyperparameters, does not take.
-const TUTORIAL_ONLY: [&str; 5] = ["batch_size", "lr", "momentum", "log_every", "cpu_conv"];
+const TUTORIAL_ONLY: [&str; 5] = [
+    "--batch-size",
+    "--lr",
+    "--momentum",
+    "--log-every",
+    "--cpu-conv",
+];
 
-pub fn run(args: &TrainArgs, given: &Given) -> Result<()> {
+/// Refuses the flags airbench94 has no use for; on a resume also
+/// `--epochs`, which would change its schedule.
+pub fn check_flags(given: &Given, resuming: bool) -> Result<()> {
     for flag in TUTORIAL_ONLY {
         if given.has(flag) {
             bail!(
-                "--{} is a setting of the tutorial's recipe; --model airbench94 has its own \
-                 fixed hyperparameters (drop the flag, or use --model net)",
-                flag.replace('_', "-")
+                "{flag} is a setting of the tutorial's recipe; --model airbench94 has its own \
+                 fixed hyperparameters (drop the flag, or use --model net)"
             );
         }
     }
-    let ck = &args.checkpoints;
-    if ck.resume.is_some() || ck.checkpoint_dir.is_some() || ck.checkpoint_every.is_some() {
-        bail!("checkpoints and --resume are not available with --model airbench94 yet");
-    }
-    let r = &args.recipe;
-    let seed = r.seed_or_random();
-    let epochs = if given.has("epochs") {
-        r.epochs as f64
-    } else {
-        EPOCHS
-    };
-    let device = r.device()?;
-    let threads = r.threads.unwrap_or_else(crate::device::default_threads);
-    let cpu = CpuSettings {
-        threads,
-        conv: CpuConv::Onednn,
-    };
-    let out = &args.out;
-    crate::fsutil::check_writable(out)?;
-    crate::outputs::check_command_outputs(&args.data, &[], &[("--out", Some(out.as_path()))])?;
-    let (format, note) = crate::outputs::weights_format(out);
-    if let Some(note) = note {
-        eprintln!("note: {note}");
-    }
-    let training = cpu.apply();
-    let mut reporter = Reporter::new(args.json);
-    let source = args.data.prepare()?;
-    let (train_set, test_split) = source.load_for_training(device)?;
-    let classes = train_set.classes.clone();
-    if (train_set.len() as i64) < BATCH_SIZE {
+    if resuming && given.has("--epochs") {
         bail!(
-            "the training set has {} images, fewer than one mini-batch of {BATCH_SIZE}",
-            train_set.len()
+            "--epochs cannot change on a resume of airbench94: its learning-rate schedule \
+             spans the run's epochs (drop --epochs; --max-steps stops it earlier)"
         );
     }
-    eprintln!(
-        "training airbench94 on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
-        describe_device(device, cpu),
-        train_set.len()
-    );
-    // Faster on this CPU in training and evaluation alike, as on GPUs.
-    let channels_last = true;
-    let (_vs, net) = new_network(device, seed, classes.len() as i64);
-    let began = Instant::now();
-    let mut recipe = FastRecipe::new(
-        &net,
-        &train_set.images,
-        &train_set.labels,
-        seed,
-        epochs,
-        channels_last,
-    );
-    let images = train_set.len();
-    drop(train_set);
-    let steps_per_epoch = recipe.steps_per_epoch();
-    let total = recipe.total_steps();
-    let last = args.max_steps.map_or(total, |m| m.min(total));
-    let whole_epochs = total.div_ceil(steps_per_epoch);
-    if reporter.is_json() {
-        reporter.emit(
-            String::new,
-            json!({"event": "start", "model": "airbench94", "epochs": epochs,
-                   "batch_size": BATCH_SIZE, "steps": total, "seed": seed,
-                   "device": device_name(device), "threads": threads, "train_images": images}),
-        );
-    }
-    let bar = reporter.attach_bar(step_bar(last));
-    let mut step = 0;
-    let mut epoch_seconds = vec![];
-    'epochs: for epoch in 1..=whole_epochs {
-        let epoch_began = Instant::now();
-        bar.set_prefix(format!("epoch {epoch}/{whole_epochs}"));
-        recipe.start_epoch(epoch);
-        let mut loss_sum = 0.0;
-        let mut seen = 0;
-        for i in 1..=steps_per_epoch {
-            if step == last {
-                break;
-            }
-            let (loss, n) = recipe.training_step(epoch, i);
-            step += 1;
-            let loss = loss.double_value(&[]) / n as f64;
-            if !loss.is_finite() {
-                return Err(Diverged(format!(
-                    "the loss became {loss} at epoch {epoch}, step {i}: training diverged; \
-                     the weights were not saved"
-                ))
-                .into());
-            }
-            loss_sum += loss;
-            seen += 1;
-            bar.inc(1);
-            bar.set_message(format!("loss {loss:.3}"));
-        }
-        let seconds = epoch_seconds_push(&mut epoch_seconds, epoch_began);
-        let mean = loss_sum / seen.max(1) as f64;
-        reporter.emit(
-            || format!("epoch {epoch:2}  step {step:4}  train loss {mean:.4}  {seconds:.1} s"),
-            json!({"event": "epoch", "epoch": epoch, "step": step, "train_loss": mean,
-                   "seconds": seconds}),
-        );
-        if step == last {
-            break 'epochs;
-        }
-    }
-    let train_seconds = began.elapsed().as_secs_f64();
-    reporter.finish_bar();
-    if !recipe.is_finite() {
-        bail!(Diverged(
-            "the weights became non-finite: training diverged; they were not saved".into()
-        ));
-    }
-    drop(recipe);
-    drop(training);
-    reporter.emit(
-        || "Finished Training".into(),
-        json!({"event": "finished_training", "steps": step, "train_seconds": train_seconds}),
-    );
-    save(&net, &classes, out, format)?;
-    eprintln!("saved the weights to {}", out.display());
-
-    let test = test_split.load(device)?;
-    let eval_began = Instant::now();
-    let plain = Tta {
-        net: net.shallow_clone(),
-        tta: false,
-        channels_last,
-    };
-    let plain = evaluate(&plain, &test, 1000);
-    let with_tta = Tta {
-        net: net.shallow_clone(),
-        tta: true,
-        channels_last,
-    };
-    let with_tta = evaluate(&with_tta, &test, 1000);
-    let eval_seconds = eval_began.elapsed().as_secs_f64();
-    let mut summary = json!({"event": "summary", "model": "airbench94", "epochs": epochs,
-        "steps": step, "seed": seed, "device": device_name(device), "threads": threads,
-        "train_seconds": train_seconds, "seconds_per_step": train_seconds / step.max(1) as f64,
-        "epoch_seconds": epoch_seconds, "eval_seconds": eval_seconds,
-        "tta_accuracy": with_tta.accuracy(), "weights": path_json(out)});
-    let fields = summary.as_object_mut().expect("json! object");
-    fields.extend(plain.json_fields());
-    reporter.emit(
-        || {
-            format!(
-                "Accuracy of the network on the {} test images: {:.2} % with test-time \
-                 augmentation, {:.2} % without\n{train_seconds:.1} s of training, \
-                 {eval_seconds:.1} s of evaluation",
-                plain.total(),
-                with_tta.accuracy(),
-                plain.accuracy()
-            )
-        },
-        summary,
-    );
     Ok(())
 }
 
-fn epoch_seconds_push(seconds: &mut Vec<f64>, began: Instant) -> f64 {
-    let s = began.elapsed().as_secs_f64();
-    seconds.push(s);
-    s
+/// Always on: faster on this project's CPU, in training and evaluation
+/// alike, as on GPUs.
+const CHANNELS_LAST: bool = true;
+
+/// A trained airbench94.
+pub struct Trained {
+    _vs: VarStore,
+    pub net: Airbench94,
+    pub classes: Vec<String>,
 }
 
-/// Writes the network's `state_dict` (keyed like `scripts/airbench94.py`'s
-/// `Airbench94`) with its class names and the network's name.
-fn save(
-    net: &crate::airbench::Airbench94,
-    classes: &[String],
-    out: &std::path::Path,
-    format: Format,
-) -> Result<()> {
-    let state = net.state_dict();
-    match format {
-        Format::Safetensors => {
-            let metadata = HashMap::from([
-                (CLASSES_KEY.to_string(), classes_json(classes)),
-                (MODEL_KEY.to_string(), "airbench94".to_string()),
-            ]);
-            crate::model::write_safetensors(out, &state, metadata)
-        }
-        Format::Pth => crate::pth::write(out, &state, Some(classes)),
-        other => bail!(
-            "{}: airbench94 weights cannot be written as {}",
-            out.display(),
-            other.name()
-        ),
+/// airbench94 trains on `train` (which it drops once the augmented copy
+/// is made), from `resumed` if given, through the harness.
+pub fn train(
+    train: Split,
+    settings: &Settings,
+    resumed: Option<Checkpoint>,
+    start_event: serde_json::Value,
+    control: &mut Control,
+    reporter: &mut Reporter,
+) -> Result<(Trained, TrainStats)> {
+    if (train.len() as i64) < BATCH_SIZE {
+        bail!(
+            "the training set has {} images, fewer than one mini-batch of {BATCH_SIZE} \
+             (airbench94 drops the last partial batch)",
+            train.len()
+        );
     }
-    .with_context(|| format!("cannot save the weights to {}", out.display()))
+    let device = train.images.device();
+    let classes = train.classes.clone();
+    let (vs, net) = new_network(device, settings.seed, classes.len() as i64);
+    let epochs = settings
+        .schedule_epochs
+        .expect("airbench94's settings have its schedule's length");
+    let mut recipe = FastRecipe::new(
+        &net,
+        &train.images,
+        &train.labels,
+        settings.seed,
+        epochs,
+        CHANNELS_LAST,
+    );
+    drop(train);
+    if let Some(c) = resumed {
+        let step = c.meta.position.global_step;
+        let path = c.path.clone();
+        recipe
+            .restore(&c.into_tensors(), step)
+            .with_context(|| format!("cannot resume from {}", path.display()))?;
+    }
+    if reporter.is_json() {
+        reporter.emit(String::new, start_event);
+    }
+    let total = recipe.total_steps();
+    let plan = Plan {
+        start: control.start,
+        epochs: settings.epochs,
+        max_steps: Some(settings.max_steps.map_or(total, |m| m.min(total))),
+        log_every: u64::MAX,
+        loss_lines: false,
+        read_losses_every: control.read_losses_every,
+        interrupts: control.interrupts,
+        checkpoints: Some(Checkpoints {
+            saver: &mut control.saver,
+            every_epoch: control.every_epoch,
+            every: control.every,
+            resume_command: &control.resume_command,
+        }),
+        diverged_hint: Some(
+            "airbench94's hyperparameters are fixed: check the training data".to_string(),
+        ),
+    };
+    let mut lines = EpochLines::new(recipe.steps_per_epoch());
+    let stats = harness::run(&mut recipe, plan, &mut [&mut lines], reporter)?;
+    drop(recipe);
+    Ok((
+        Trained {
+            _vs: vs,
+            net,
+            classes,
+        },
+        stats,
+    ))
+}
+
+impl Recipe for FastRecipe<'_> {
+    fn steps_per_epoch(&self) -> u64 {
+        FastRecipe::steps_per_epoch(self)
+    }
+
+    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+        FastRecipe::start_epoch(self, epoch);
+        Ok(())
+    }
+
+    fn training_step(&mut self, epoch: u64, step: u64) -> Result<StepOutput> {
+        let (loss, images) = FastRecipe::training_step(self, epoch, step);
+        Ok(StepOutput {
+            // The recipe sums over the batch; the lines show the mean.
+            loss: loss.detach() / images as f64,
+            images: images as u64,
+        })
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        FastRecipe::checkpoint_tensors(self)
+    }
+
+    fn is_finite(&self) -> bool {
+        FastRecipe::is_finite(self)
+    }
+}
+
+/// One line per epoch: its mean training loss and its seconds.
+struct EpochLines {
+    steps_per_epoch: u64,
+    sum: f64,
+    count: u64,
+    began: Instant,
+}
+
+impl EpochLines {
+    fn new(steps_per_epoch: u64) -> EpochLines {
+        EpochLines {
+            steps_per_epoch,
+            sum: 0.0,
+            count: 0,
+            began: Instant::now(),
+        }
+    }
+}
+
+impl<R: ?Sized> Hook<R> for EpochLines {
+    fn needs_losses(&self, end: &StepEnd) -> bool {
+        end.epoch_end || end.last
+    }
+
+    fn on_losses(&mut self, losses: &StepLosses, _reporter: &Reporter) -> Result<()> {
+        self.sum += losses.values[0];
+        self.count += 1;
+        Ok(())
+    }
+
+    fn after_step(&mut self, _recipe: &R, end: &StepEnd, reporter: &Reporter) -> Result<()> {
+        if !(end.epoch_end || end.last) {
+            return Ok(());
+        }
+        let StepEnd {
+            epoch, global_step, ..
+        } = *end;
+        let mean = self.sum / self.count.max(1) as f64;
+        let seconds = self.began.elapsed().as_secs_f64();
+        reporter.emit(
+            || {
+                format!(
+                    "epoch {epoch:2}  step {global_step:4}  train loss {mean:.4}  {seconds:.1} s"
+                )
+            },
+            json!({"event": "epoch", "epoch": epoch, "step": global_step, "train_loss": mean,
+                   "seconds": seconds, "steps_in_epoch": self.count.min(self.steps_per_epoch)}),
+        );
+        *self = EpochLines::new(self.steps_per_epoch);
+        Ok(())
+    }
+}
+
+impl Trained {
+    /// Writes the `state_dict` (keyed like `scripts/airbench94.py`'s
+    /// `Airbench94`) with the class names and the network's name.
+    pub fn save(&self, out: &Path, format: Format) -> Result<()> {
+        let state = self.net.state_dict();
+        match format {
+            Format::Safetensors => {
+                let metadata = HashMap::from([
+                    (CLASSES_KEY.to_string(), classes_json(&self.classes)),
+                    (
+                        MODEL_KEY.to_string(),
+                        ModelKind::Airbench94.name().to_string(),
+                    ),
+                ]);
+                crate::model::write_safetensors(out, &state, metadata)
+            }
+            Format::Pth => crate::pth::write(out, &state, Some(&self.classes)),
+            other => bail!(
+                "{}: airbench94 weights cannot be written as {}",
+                out.display(),
+                other.name()
+            ),
+        }
+        .with_context(|| format!("cannot save the weights to {}", out.display()))
+    }
+
+    /// The network for evaluation, with or without test-time augmentation.
+    pub fn module(&self, tta: bool) -> Tta {
+        Tta {
+            net: self.net.shallow_clone(),
+            tta,
+            channels_last: CHANNELS_LAST,
+        }
+    }
+
+    /// The test set's counts with test-time augmentation, then without.
+    pub fn evaluate(&self, test: &Split) -> (Evaluation, Evaluation) {
+        (
+            evaluate(&self.module(true), test, 1000),
+            evaluate(&self.module(false), test, 1000),
+        )
+    }
 }

@@ -25,6 +25,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::ArgMatches;
 use serde_json::json;
+use tch::nn::Module;
 use tch::Device;
 
 pub(crate) use self::args::count;
@@ -48,8 +49,8 @@ use crate::model::Model;
 use crate::optim::Sgd;
 use crate::report::{optional_path_json, path_json, Reporter};
 pub use crate::settings::{
-    diverged_hint, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_KEEP_CHECKPOINTS,
-    DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM,
+    diverged_hint, ModelKind, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS,
+    DEFAULT_KEEP_CHECKPOINTS, DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM,
 };
 
 /// Where a run starts, and how it saves and stops.
@@ -108,17 +109,23 @@ pub fn train(
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     install_signal_handlers().context("cannot install the signal handlers")?;
     let given = Given::from_matches(matches);
-    if args.model == crate::settings::ModelKind::Airbench94 {
-        return fast::run(&args, &given);
-    }
     let ck = &args.checkpoints;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
     }
     let resumed = ck.resume.as_deref().map(checkpoint::newest).transpose()?;
     let mut settings = match &resumed {
-        None => args.settings(),
+        None => args.settings(&given),
         Some(c) => {
+            let trained = c.meta.settings.model;
+            if given.has("--model") && args.model != trained {
+                bail!(
+                    "cannot resume from {}: it trains --model {}, not {}",
+                    c.path.display(),
+                    trained.name(),
+                    args.model.name()
+                );
+            }
             let (settings, notes) = resumed_settings(&args, &given, &c.meta, &c.path)?;
             for note in notes {
                 eprintln!("{note}");
@@ -126,6 +133,9 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             settings
         }
     };
+    if settings.model == ModelKind::Airbench94 {
+        fast::check_flags(&given, resumed.is_some())?;
+    }
     let seed = settings.seed;
     let json = args.json;
     let out = settings.out.clone();
@@ -174,24 +184,13 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     start_event["event"] = json!("start");
     start_event["train_images"] = json!(train_set.len());
 
-    let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
-    let mut opt = Sgd::new(&model, settings.lr, settings.momentum);
     let resumed_from = resumed
         .as_ref()
         .map(|c| (c.meta.position.global_step, c.path.clone()));
-    let start = match resumed {
-        Some(c) => {
-            let at = check_resume(&c, &meta, &mut start_event)?;
-            tutorial::restore(c, &mut model, &mut opt)?;
-            at
-        }
+    let start = match &resumed {
+        Some(c) => check_resume(c, &meta, &mut start_event)?,
         None => Position::START,
     };
-    // The start event has no line in the tutorial's text.
-    if reporter.is_json() {
-        reporter.emit(String::new, start_event);
-    }
-
     let (dir, keep, every_epoch) = match checkpoint_dir {
         Some(dir) => (dir, settings.keep_checkpoints as usize, true),
         // Only an interrupt saves there, and only its newest checkpoint stays.
@@ -209,21 +208,49 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         resume_command: resume_command(&dir, json),
         saver: Saver::new(dir, keep, meta, last),
     };
-    let mut stats = train(
-        &model,
-        &mut opt,
-        &train_set,
-        &settings,
-        &mut control,
-        &mut reporter,
-    )?;
-    drop(train_set);
+    let (trained, mut stats) = match settings.model {
+        ModelKind::Net => {
+            let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
+            let mut opt = Sgd::new(&model, settings.lr, settings.momentum);
+            if let Some(c) = resumed {
+                tutorial::restore(c, &mut model, &mut opt)?;
+            }
+            // The start event has no line in the tutorial's text.
+            if reporter.is_json() {
+                reporter.emit(String::new, start_event);
+            }
+            let stats = train(
+                &model,
+                &mut opt,
+                &train_set,
+                &settings,
+                &mut control,
+                &mut reporter,
+            )?;
+            drop(train_set);
+            (Trained::Net(model), stats)
+        }
+        ModelKind::Airbench94 => {
+            let (trained, stats) = fast::train(
+                train_set,
+                &settings,
+                resumed,
+                start_event,
+                &mut control,
+                &mut reporter,
+            )?;
+            (Trained::Airbench94(trained), stats)
+        }
+    };
     drop(training);
     reporter.emit(
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
     );
-    crate::outputs::write_weights(&model, &out, out_format)?;
+    match &trained {
+        Trained::Net(model) => crate::outputs::write_weights(model, &out, out_format)?,
+        Trained::Airbench94(fast) => fast.save(&out, out_format)?,
+    }
     eprintln!("saved the weights to {}", out.display());
     // Resumed from its own interrupt folder and now finished, the run has
     // no more use for that folder, which would only block the next run.
@@ -260,14 +287,28 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     }
 
     let test = test_split.load(device)?;
-    report_test(&reporter, &model, &test)?;
     let eval_start = Instant::now();
-    let eval = evaluate(&model.net, &test, 1000);
+    let (eval, plain) = match &trained {
+        Trained::Net(model) => {
+            report_test(&reporter, &model.net, &test)?;
+            (evaluate(&model.net, &test, 1000), None)
+        }
+        Trained::Airbench94(fast) => {
+            report_test(&reporter, &fast.module(true), &test)?;
+            let (tta, plain) = fast.evaluate(&test);
+            (tta, Some(plain))
+        }
+    };
     let eval_seconds = eval_start.elapsed().as_secs_f64();
     let mut summary = settings_json(&settings, device);
     summary["event"] = json!("summary");
     let fields = summary.as_object_mut().expect("json! object");
     fields.extend(eval.json_fields());
+    if let Some(plain) = &plain {
+        fields.insert("model".into(), json!(settings.model.name()));
+        fields.insert("tta_accuracy".into(), json!(eval.accuracy()));
+        fields.insert("plain_accuracy".into(), json!(plain.accuracy()));
+    }
     fields.insert("steps".into(), json!(stats.steps));
     fields.insert("train_seconds".into(), json!(stats.train_seconds));
     fields.insert("images_per_second".into(), json!(stats.images_per_second()));
@@ -277,8 +318,23 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         "checkpoint".into(),
         optional_path_json(control.saver.last().filter(|_| !finished_interrupt)),
     );
-    reporter.emit(|| eval.text(), summary);
+    let text = || match &plain {
+        None => eval.text(),
+        Some(plain) => format!(
+            "{}\nWith test-time augmentation {:.2} %, without {:.2} %",
+            eval.text(),
+            eval.accuracy(),
+            plain.accuracy()
+        ),
+    };
+    reporter.emit(text, summary);
     Ok(())
+}
+
+/// A trained network, for what follows training and differs by network.
+enum Trained {
+    Net(Model),
+    Airbench94(fast::Trained),
 }
 
 /// The settings in the `start` and `summary` events.
@@ -292,10 +348,10 @@ fn settings_json(s: &Settings, device: Device) -> serde_json::Value {
 
 /// The tutorial's peek at the first four test images before the full
 /// evaluation: their true classes and the network's guesses.
-fn report_test(reporter: &Reporter, model: &Model, test: &Split) -> Result<()> {
+fn report_test(reporter: &Reporter, net: &impl Module, test: &Split) -> Result<()> {
     let shown = test.len().min(4) as i64;
     let truth: Vec<i64> = Vec::try_from(&test.labels.narrow(0, 0, shown).to_device(Device::Cpu))?;
-    let preds = predict_classes(&model.net, &test.images.narrow(0, 0, shown), shown);
+    let preds = predict_classes(net, &test.images.narrow(0, 0, shown), shown);
     let preds: Vec<i64> = Vec::try_from(&preds.to_device(Device::Cpu))?;
     let names = |v: &[i64]| {
         v.iter()
