@@ -239,7 +239,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 &mut control,
                 &mut reporter,
             )?;
-            (Trained::Airbench94(trained), stats)
+            (Trained::Airbench94(Box::new(trained)), stats)
         }
     };
     drop(training);
@@ -334,7 +334,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
 /// A trained network, for what follows training and differs by network.
 enum Trained {
     Net(Model),
-    Airbench94(fast::Trained),
+    Airbench94(Box<fast::Trained>),
 }
 
 /// The settings in the `start` and `summary` events.
