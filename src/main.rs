@@ -41,7 +41,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train the tutorial's Net on CIFAR-10, save its weights and report test accuracy.
+    /// Train the tutorial's Net (or --model airbench94) on CIFAR-10, save its weights and report test accuracy.
     Train(train::TrainArgs),
     /// Report the test accuracy of saved weights, overall and per class.
     Evaluate(evaluate::EvaluateArgs),

@@ -89,6 +89,9 @@ pub struct FastRecipe<'a> {
     step: u64,
     total_steps: u64,
     channels_last: bool,
+    /// Mixed precision (float16 autocast, BatchNorm and the loss in
+    /// float32), on CUDA only.
+    autocast: bool,
 }
 
 impl<'a> FastRecipe<'a> {
@@ -135,6 +138,7 @@ impl<'a> FastRecipe<'a> {
             step: 0,
             total_steps: total_steps(steps_per_epoch, epochs),
             channels_last,
+            autocast: labels.device().is_cuda(),
         }
     }
 
@@ -190,8 +194,8 @@ impl<'a> FastRecipe<'a> {
     /// Returns the summed loss (not read) and the batch's size.
     pub fn training_step(&mut self, epoch: u64, step: u64) -> (Tensor, i64) {
         let (inputs, labels) = self.batch(epoch, step);
-        let outputs = self.net.forward_t(&inputs, true);
-        let loss = outputs.cross_entropy_loss::<Tensor>(
+        let outputs = tch::autocast(self.autocast, || self.net.forward_t(&inputs, true));
+        let loss = outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
             &labels,
             None,
             Reduction::Sum,
@@ -317,7 +321,8 @@ impl Module for Tta {
             } else {
                 x.shallow_clone()
             };
-            self.net.forward_t(&x, false)
+            let autocast = x.device().is_cuda();
+            tch::autocast(autocast, || self.net.forward_t(&x, false)).to_kind(Kind::Float)
         };
         if !self.tta {
             return run(&x);

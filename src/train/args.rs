@@ -168,7 +168,7 @@ pub fn describe_device(device: Device, cpu: CpuSettings) -> String {
     )
 }
 
-/// Train the tutorial's Net on CIFAR-10, save it, and report test accuracy.
+/// Train the tutorial's Net (or --model airbench94) on CIFAR-10, save it, and report test accuracy.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     #[command(flatten, next_help_heading = "Data")]

@@ -175,8 +175,12 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     );
     let settings = &meta.settings;
     let mut reporter = Reporter::new(json);
+    let what = match settings.model {
+        ModelKind::Net => String::new(),
+        other => format!("{} ", other.name()),
+    };
     eprintln!(
-        "training on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
+        "training {what}on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
         describe_device(device, settings.cpu_settings()),
         train_set.len()
     );
