@@ -412,12 +412,34 @@ pub fn write_safetensors(
                 .map_err(|e| anyhow::anyhow!("{name}: {e:?}"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let file = safetensors::serialize(views, &Some(metadata))
+    let mut file = safetensors::serialize(views, &Some(metadata))
         .map_err(|e| anyhow::anyhow!("cannot encode weights for {}: {e:?}", path.display()))?;
+    sort_header(&mut file);
     crate::fsutil::write_atomically(path, |tmp| {
         std::fs::write(tmp, &file)
             .with_context(|| format!("cannot write weights to {}", tmp.display()))
     })
+}
+
+/// Rewrites a safetensors file's JSON header with its keys sorted, so that
+/// the same weights give the same bytes: the metadata is a `HashMap`,
+/// whose order changes from one process to the next. The header keeps its
+/// length (the same text, reordered), so the data offsets hold.
+fn sort_header(file: &mut [u8]) {
+    let len = u64::from_le_bytes(file[..8].try_into().expect("8 bytes")) as usize;
+    let header = &file[8..8 + len];
+    let text = std::str::from_utf8(header).expect("safetensors writes UTF-8 JSON");
+    let trimmed = text.trim_end();
+    // serde_json's maps are sorted by key.
+    let value: serde_json::Value =
+        serde_json::from_str(trimmed).expect("safetensors writes valid JSON");
+    let sorted = serde_json::to_string(&value).expect("JSON serializes");
+    assert_eq!(
+        sorted.len(),
+        trimmed.len(),
+        "a reordered header keeps its length"
+    );
+    file[8..8 + sorted.len()].copy_from_slice(sorted.as_bytes());
 }
 
 /// Checks that `tensors` are Net's `state_dict` with the parameter `shapes`
@@ -576,6 +598,36 @@ pub fn shapes(vs: &nn::VarStore) -> BTreeMap<String, Vec<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Mixed dtypes and several metadata keys: read back equal, and the
+    /// same tensors give the same bytes in every process.
+    #[test]
+    fn safetensors_files_read_back_and_have_sorted_headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = vec![
+            ("b.weight".to_string(), Tensor::from_slice(&[1.5f32, -2.0])),
+            ("a.count".to_string(), Tensor::from(7i64)),
+            ("c.bias".to_string(), Tensor::from_slice(&[0.25f64])),
+        ];
+        let metadata = HashMap::from([
+            ("zeta".to_string(), "1".to_string()),
+            ("alpha".to_string(), "2".to_string()),
+            (CLASSES_KEY.to_string(), "[\"x\"]".to_string()),
+        ]);
+        let path = dir.path().join("w.safetensors");
+        write_safetensors(&path, &state, metadata).unwrap();
+        let back = read_state_dict(&path).unwrap();
+        for (name, t) in &state {
+            assert_eq!(&back[name], t, "{name}");
+            assert_eq!(back[name].kind(), t.kind(), "{name}");
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&bytes[8..8 + len]).unwrap();
+        let at = |key: &str| header.find(key).unwrap();
+        assert!(at("\"alpha\"") < at("\"zeta\""), "{header}");
+        assert!(at("\"a.count\"") < at("\"b.weight\"") && at("\"b.weight\"") < at("\"c.bias\""));
+    }
 
     #[test]
     fn output_shape_is_batch_by_ten() {
