@@ -68,6 +68,8 @@ def run_measured(cmd, on_line=None):
     _, status, rusage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode in (-signal.SIGINT, -signal.SIGTERM):
+        raise KeyboardInterrupt  # the child was stopped with the bench
     if proc.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed ({proc.returncode}):\n{''.join(err)}")
     summary = json.loads([line for line in lines if line.startswith("{")][-1])
@@ -151,19 +153,30 @@ def tutorial(args):
                 "accuracy": s["accuracy"], "eval_seconds": s["eval_seconds"], "wall_seconds": wall,
                 "peak_rss_mib": rss, "steps": s["steps"], "batch_size": 4}
 
+    throughput = []
+
+    def done(label):
+        """Reports a finished run and rewrites the JSON file, so a cut bench
+        keeps what it measured."""
+        print(f"  done: {label}", file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(args.device), "device": args.device, "epochs": args.epochs,
+                           "steps": args.steps, "runs": runs, "throughput": throughput}, f, indent=1)
+
     print(f"machine: {machine(args.device)}", flush=True)
     print(f"recipe: batch 4, {args.epochs} epoch(s){f', at most {args.steps} steps' if args.steps else ''}, "
           f"device {args.device}", flush=True)
     runs.append(rust(4, "tch-cifar train"))
-    print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
+    done(runs[-1]["name"])
     if not args.skip_python:
         runs.append(python("dataloader", "PyTorch tutorial (DataLoader)"))
-        print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
+        done(runs[-1]["name"])
         runs.append(python("preloaded", "PyTorch, data preloaded"))
-        print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
+        done(runs[-1]["name"])
     if args.device == "cpu":
         runs.append(rust(4, "tch-cifar, --cpu-conv onednn", ["--cpu-conv", "onednn"]))
-        print(f"  done: {runs[-1]['name']}", file=sys.stderr, flush=True)
+        done(runs[-1]["name"])
 
     header = f"{'run':32} {'train s':>8} {'images/s':>9} {'test acc':>9} {'eval s':>7} {'peak RSS':>9}"
     print(header)
@@ -178,19 +191,14 @@ def tutorial(args):
                   f"training, accuracy {rust_run['accuracy'] - r['accuracy']:+.2f} points")
 
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    throughput = []
     for b in sizes:
         throughput.append(rust(b, f"tch-cifar batch {b}"))
-        print(f"  done: batch {b}", file=sys.stderr, flush=True)
+        done(f"batch {b}")
     if throughput:
         print(f"\n{'batch size':>10} {'steps':>7} {'train s':>8} {'images/s':>9} {'test acc':>9}  threads, conv")
         for r in throughput:
             print(f"{r['batch_size']:10} {r['steps']:7} {r['train_seconds']:8.2f} {r['images_per_second']:9.0f} "
                   f"{r['accuracy']:8.2f}%  {r['threads']}, {r['cpu_conv']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(args.device), "device": args.device, "epochs": args.epochs,
-                       "steps": args.steps, "runs": runs, "throughput": throughput}, f, indent=1)
 
 
 # ------------------------------------------------------------------ airbench94
@@ -364,8 +372,8 @@ def airbench94(args):
     for r in runs:
         row(r["name"], r["seed"], r)
     out = results(runs, names)
-    for name in names:
-        row(f"{name} mean", "", out["means"][name])
+    for name, mean in out["means"].items():
+        row(f"{name} mean", "", mean)
     if "ratio_seconds_per_step" in out:
         ratio = out["ratio_seconds_per_step"]
         print(f"PyTorch s/step / tch-cifar s/step: {ratio:.2f} "
@@ -379,6 +387,9 @@ def airbench94(args):
 
 
 def interrupt(signum, frame):
+    # `timeout` signals the process and then its group: the second one
+    # would cut the table short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
