@@ -337,7 +337,9 @@ def airbench94(args):
         run = {"name": name, "seed": seed, "steps": s["steps"], "train_seconds": s["train_seconds"],
                "seconds_per_step": s["seconds_per_step"], "epoch_seconds": s["epoch_seconds"],
                "full_epochs": len(full), "seconds_per_epoch": sum(full) / len(full),
-               "accuracy": s["accuracy"] * scale, "tta_accuracy": s["tta_accuracy"] * scale,
+               # tch-cifar's `accuracy` is the TTA one it reports; `plain_accuracy` is without.
+               "accuracy": s.get("plain_accuracy", s["accuracy"]) * scale,
+               "tta_accuracy": s["tta_accuracy"] * scale,
                "eval_seconds": s["eval_seconds"], "wall_seconds": wall, "peak_rss_mib": rss,
                "threads": s.get("threads"), "command": cmd,
                "summary": {k: v for k, v in s.items() if k not in ("confusion", "per_class_accuracy")}}

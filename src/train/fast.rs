@@ -64,6 +64,8 @@ pub struct Trained {
     _vs: VarStore,
     pub net: Airbench94,
     pub classes: Vec<String>,
+    /// The seconds of each epoch this process trained (in part or whole).
+    pub epoch_seconds: Vec<f64>,
 }
 
 /// airbench94 trains on `train` (which it drops once the augmented copy
@@ -135,6 +137,7 @@ pub fn train(
             _vs: vs,
             net,
             classes,
+            epoch_seconds: lines.seconds,
         },
         stats,
     ))
@@ -174,6 +177,8 @@ struct EpochLines {
     sum: f64,
     count: u64,
     began: Instant,
+    /// Each finished epoch's seconds.
+    seconds: Vec<f64>,
 }
 
 impl EpochLines {
@@ -183,6 +188,7 @@ impl EpochLines {
             sum: 0.0,
             count: 0,
             began: Instant::now(),
+            seconds: vec![],
         }
     }
 }
@@ -216,7 +222,8 @@ impl<R: ?Sized> Hook<R> for EpochLines {
             json!({"event": "epoch", "epoch": epoch, "step": global_step, "train_loss": mean,
                    "seconds": seconds, "steps_in_epoch": self.count.min(self.steps_per_epoch)}),
         );
-        *self = EpochLines::new(self.steps_per_epoch);
+        self.seconds.push(seconds);
+        (self.sum, self.count, self.began) = (0.0, 0, Instant::now());
         Ok(())
     }
 }

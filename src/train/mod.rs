@@ -308,10 +308,16 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     summary["event"] = json!("summary");
     let fields = summary.as_object_mut().expect("json! object");
     fields.extend(eval.json_fields());
-    if let Some(plain) = &plain {
+    if let (Some(plain), Trained::Airbench94(fast)) = (&plain, &trained) {
         fields.insert("model".into(), json!(settings.model.name()));
         fields.insert("tta_accuracy".into(), json!(eval.accuracy()));
         fields.insert("plain_accuracy".into(), json!(plain.accuracy()));
+        fields.insert("epoch_seconds".into(), json!(fast.epoch_seconds));
+        let trained_here = stats.steps - control.start.global_step;
+        fields.insert(
+            "seconds_per_step".into(),
+            json!(stats.train_seconds / trained_here.max(1) as f64),
+        );
     }
     fields.insert("steps".into(), json!(stats.steps));
     fields.insert("train_seconds".into(), json!(stats.train_seconds));
