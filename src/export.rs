@@ -36,7 +36,7 @@ use crate::outputs::{self, Format};
 /// What the exported module returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Head {
-    /// `Net`'s output as is: the logits, one per class and image.
+    /// The network's output as is: the logits, one per class and image.
     #[default]
     Logits,
     /// The softmax of the logits: each class's probability, summing to 1.
