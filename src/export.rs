@@ -295,13 +295,28 @@ pub fn write_torchscript(model: &Model, head: Head, path: &Path) -> Result<()> {
         .into_iter()
         .map(|(name, t)| (name, t, Role::Parameter))
         .collect();
+    write_checked("Net", &state, &forward_source(head), path, |module| {
+        check_module(model, head, module)
+    })
+}
+
+/// Saves the module ([`save_script_module`]) to a temporary file, loads it
+/// back with tch's `CModule::load` and runs `check` on it before it
+/// replaces `path`.
+fn write_checked(
+    class_name: &str,
+    state: &[(String, Tensor, Role)],
+    source: &str,
+    path: &Path,
+    check: impl FnOnce(&CModule) -> Result<()>,
+) -> Result<()> {
     crate::fsutil::write_atomically(path, |tmp| {
-        save_script_module("Net", &state, &forward_source(head), tmp)
+        save_script_module(class_name, state, source, tmp)
             .with_context(|| format!("cannot write {}", path.display()))?;
         let module = CModule::load(tmp).with_context(|| {
             format!("cannot load the module just written to {}", path.display())
         })?;
-        check_module(model, head, &module)
+        check(&module)
     })
 }
 
@@ -331,14 +346,13 @@ pub fn write_airbench_torchscript(airbench: &Airbench, head: Head, path: &Path) 
             (name, t.detach().contiguous(), role)
         })
         .collect();
-    crate::fsutil::write_atomically(path, |tmp| {
-        save_script_module("Airbench94", &state, &airbench_source(head), tmp)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        let module = CModule::load(tmp).with_context(|| {
-            format!("cannot load the module just written to {}", path.display())
-        })?;
-        check_airbench_module(&airbench.net, head, &module)
-    })
+    write_checked(
+        "Airbench94",
+        &state,
+        &airbench_source(head),
+        path,
+        |module| check_airbench_module(&airbench.net, head, module),
+    )
 }
 
 /// `module`'s `forward` must give exactly the Rust network's outputs in
