@@ -108,9 +108,13 @@ impl Classifier {
     /// The network in `path` (a `state_dict` in safetensors or `.pth`, or
     /// a training checkpoint of `Net`), on `device`.
     pub fn load(path: &Path, device: Device) -> Result<Classifier> {
+        // Weights files name the network in lower case, checkpoints by its
+        // class (`Net`, `Airbench94`).
         let network = match metadata_model(path) {
-            Some(name) if name == Network::Airbench94.name() => Network::Airbench94,
-            Some(name) if name == Network::Net.name() => Network::Net,
+            Some(name) if name.eq_ignore_ascii_case(Network::Airbench94.name()) => {
+                Network::Airbench94
+            }
+            Some(name) if name.eq_ignore_ascii_case(Network::Net.name()) => Network::Net,
             Some(name) => bail!(
                 "{}: the metadata names the network `{name}`; known are net and airbench94",
                 path.display()
@@ -429,6 +433,11 @@ mod tests {
         assert_eq!(loaded.network(), Network::Airbench94);
         assert!(!loaded.has_class_names());
         assert_eq!(loaded.classes(), crate::data::CLASSES);
+        // Checkpoints name the network by its class.
+        let metadata = HashMap::from([(MODEL_KEY.to_string(), "Airbench94".to_string())]);
+        crate::model::write_safetensors(&bare, &net.state_dict(), metadata).unwrap();
+        let loaded = Classifier::load(&bare, Device::Cpu).unwrap();
+        assert_eq!(loaded.network(), Network::Airbench94);
         // A Net file stays a Net.
         let tutorial = dir.path().join("net.safetensors");
         Model::new(Device::Cpu, Some(1)).save(&tutorial).unwrap();

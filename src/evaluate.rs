@@ -254,17 +254,11 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
-/// airbench94's last line: both accuracies, and which the lines above are.
+/// airbench94's last line: both accuracies (the lines above are the one
+/// asked for), as `train` prints them.
 fn tta_line(tta: bool, asked: f64, other: f64) -> String {
-    let (with, without, above) = if tta {
-        (asked, other, "with")
-    } else {
-        (other, asked, "without")
-    };
-    format!(
-        "Accuracy with test-time augmentation: {with:.2} %, without: {without:.2} % \
-         (the lines above are {above})"
-    )
+    let (with, without) = if tta { (asked, other) } else { (other, asked) };
+    format!("With test-time augmentation {with:.2} %, without {without:.2} %")
 }
 
 /// Draws `eval`'s confusion matrix: one row per true class, one column per
