@@ -1,13 +1,15 @@
 // A TorchScript module built from named tensors and TorchScript source, as
 // `torch.jit.script(net)` would make it in Python: the tensors become
-// registered parameters (`conv1.weight` is parameter `weight` of submodule
-// `conv1`), so `state_dict()`, `parameters()` and `.to(...)` work on it,
+// registered parameters and buffers (`conv1.weight` is parameter `weight`
+// of submodule `conv1`, `layer1.norm1.running_mean` a buffer of submodule
+// `norm1` of `layer1`), so `state_dict()`, `parameters()` and `.to(...)` work on it,
 // and the methods are compiled from source. tch binds `torch::jit::Module`
 // only for loading, so `export` builds and saves it here.
 //
 // C++ exceptions stay on this side: every error comes back as a message.
 #include <torch/csrc/jit/api/module.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
@@ -49,16 +51,25 @@ torch::jit::Module submodule(
 
 }  // namespace
 
-// Builds module `class_name` whose parameters are `tensors[i]` named
-// `names[i]` ("param" or "submodule.param", registered in this order),
-// defines `source` on it, and saves it to `path`. The tensors are copied;
-// the copies require grad, like a scripted `nn.Module`'s parameters.
+// What `tch_cifar_save_script_module` makes of each tensor.
+enum TensorRole : int32_t {
+  kParameter = 0,        // a parameter that trains (requires grad)
+  kFrozenParameter = 1,  // a parameter that does not (requires_grad=False)
+  kBuffer = 2,           // a buffer: BatchNorm's running statistics
+};
+
+// Builds module `class_name` whose parameters and buffers are `tensors[i]`
+// named `names[i]` ("param", "submodule.param", "a.b.param": submodules
+// are created as needed, in this order) with `roles[i]`, defines `source`
+// on it, and saves it to `path`. The tensors are copied; the copies of
+// trainable parameters require grad, like a scripted `nn.Module`'s.
 // Returns NULL on success, else an error message to free with
 // `tch_cifar_free_message`.
 extern "C" char* tch_cifar_save_script_module(
     const char* class_name,
     const char* const* names,
     const at::Tensor* const* tensors,
+    const int32_t* roles,
     size_t count,
     const char* source,
     const char* path) {
@@ -69,18 +80,28 @@ extern "C" char* tch_cifar_save_script_module(
     for (size_t i = 0; i < count; i++) {
       const std::string name(names[i]);
       at::Tensor value = tensors[i]->detach().clone().contiguous();
-      value.set_requires_grad(true);
-      const auto dot = name.find('.');
-      if (dot == std::string::npos) {
-        root.register_parameter(name, value, /*is_buffer=*/false);
-        continue;
+      if (roles[i] == kParameter) {
+        value.set_requires_grad(true);
+      } else if (roles[i] != kFrozenParameter && roles[i] != kBuffer) {
+        return copy_message("tensor " + name + " has an unknown role");
       }
-      const std::string leaf = name.substr(dot + 1);
-      if (leaf.find('.') != std::string::npos) {
-        return copy_message("parameter name " + name + " is nested more than one level deep");
+      // Walk (and create) the submodules down to the leaf's owner.
+      torch::jit::Module owner = root;
+      std::string owner_class = root_class;
+      size_t start = 0;
+      for (size_t dot = name.find('.'); dot != std::string::npos;
+           dot = name.find('.', start)) {
+        const std::string part = name.substr(start, dot - start);
+        owner = submodule(owner, owner_class, part, cu);
+        owner_class += "_" + part;
+        start = dot + 1;
       }
-      torch::jit::Module sub = submodule(root, root_class, name.substr(0, dot), cu);
-      sub.register_parameter(leaf, value, /*is_buffer=*/false);
+      const std::string leaf = name.substr(start);
+      if (roles[i] == kBuffer) {
+        owner.register_buffer(leaf, value);
+      } else {
+        owner.register_parameter(leaf, value, /*is_buffer=*/false);
+      }
     }
     root.define(source);
     root.save(path);

@@ -9,8 +9,8 @@
         Loads a state_dict (.pth via torch.load(weights_only=True), or
         safetensors) into the tutorial's Net, with as many outputs as the
         weights' fc3 has, with load_state_dict (strict) and writes net(input).
-    interop.py run-script --model model.pt --input X.safetensors --out Y.safetensors
-        torch.jit.load(model) and writes model(input).
+    interop.py run-script --model model.pt --input X.safetensors --out Y.safetensors [--method M]
+        torch.jit.load(model) and writes model(input), or model.M(input).
     interop.py script-info --model model.pt --input X.safetensors --out Y.safetensors
         Inspects an exported module: prints its parameters, its output in
         float64 after .to("cpu", torch.float64), and whether an SGD step
@@ -22,6 +22,20 @@
         The tutorial's test loop on DIR/test_batch.bin, or on an image tree's
         DIR/test/ (or DIR/val/) through torchvision's ImageFolder with
         Resize((32, 32)), printing the same lines as `tch-cifar evaluate`.
+    interop.py airbench-keys --num-classes N
+        The state_dict of scripts/airbench94.py's Airbench94(N): key, shape
+        and dtype of each entry, in order, as JSON.
+    interop.py airbench-logits --weights FILE --input X.safetensors --out Y.safetensors [--tta]
+        Loads a state_dict (.pth or safetensors) into Airbench94 (strict) in
+        eval mode and writes logits(net, x, tta) (the reference's function)
+        for a batch normalized to [-1, 1] as tch-cifar holds images,
+        renormalized with CIFAR-10's mean and std as tch-cifar does.
+    interop.py airbench-accuracy --data-dir DIR --weights FILE [--tta]
+        The same on DIR/test_batch.bin: {"correct", "total", "accuracy"} as JSON.
+    interop.py airbench-script --model model.pt
+        An exported airbench94 module: its state_dict's keys, shapes and
+        dtypes, which entries are parameters (with requires_grad) and which
+        buffers, as JSON; and the state_dict loads into Airbench94 (strict).
     interop.py image-folder ROOT [--pixels X.safetensors]
         torchvision's ImageFolder(ROOT): prints its classes, class_to_idx and
         samples (paths relative to ROOT) as JSON; --pixels writes the images
@@ -94,8 +108,71 @@ def cmd_logits(args):
 
 def cmd_run_script(args):
     model = torch.jit.load(args.model)
+    forward = getattr(model, args.method) if args.method else model
     with torch.no_grad():
-        write_output(args.out, model(load_file(args.input)["input"]))
+        write_output(args.out, forward(load_file(args.input)["input"]))
+
+
+def load_airbench(path):
+    """scripts/airbench94.py's Airbench94 holding a state_dict, in eval mode."""
+    from airbench94 import Airbench94
+    state = load_weights(path)
+    net = Airbench94(state["head.weight"].shape[0])
+    net.load_state_dict(state)  # strict: every key, no extra
+    net.eval()
+    # The layout tch-cifar evaluates in.
+    return net.to(memory_format=torch.channels_last)
+
+
+def airbench_input(images):
+    """Images normalized to [-1, 1] (as tch-cifar holds them) renormalized
+    with CIFAR-10's mean and std, in the order of tch-cifar's ops."""
+    from airbench94 import CIFAR_MEAN, CIFAR_STD
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    x = ((images * 0.5 + 0.5) - mean) / std
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def cmd_airbench_keys(args):
+    from airbench94 import Airbench94
+    state = Airbench94(args.num_classes).state_dict()
+    print(json.dumps([[k, list(v.shape), str(v.dtype)] for k, v in state.items()]))
+
+
+def cmd_airbench_logits(args):
+    from airbench94 import logits
+    net = load_airbench(args.weights)
+    x = airbench_input(load_file(args.input)["input"])
+    write_output(args.out, logits(net, x, args.tta))
+
+
+def cmd_airbench_accuracy(args):
+    from airbench94 import logits
+    net = load_airbench(args.weights)
+    testset = BinaryCIFAR10(args.data_dir, train=False, transform=tutorial_transform())
+    loader = torch.utils.data.DataLoader(testset, batch_size=1000, shuffle=False)
+    correct = total = 0
+    for images, labels in loader:
+        predicted = logits(net, airbench_input(images), args.tta).argmax(1)
+        correct += (predicted == labels).sum().item()
+        total += len(labels)
+    print(json.dumps({"correct": correct, "total": total, "accuracy": 100 * correct / total}))
+
+
+def cmd_airbench_script(args):
+    from airbench94 import Airbench94
+    model = torch.jit.load(args.model)
+    state = model.state_dict()
+    net = Airbench94(state["head.weight"].shape[0])
+    net.load_state_dict(state)  # strict
+    print(json.dumps({
+        "state_dict": [[k, list(v.shape), str(v.dtype)] for k, v in state.items()],
+        "parameters": [[k, p.requires_grad] for k, p in model.named_parameters()],
+        "buffers": [k for k, _ in model.named_buffers()],
+        "reference_parameters": [[k, p.requires_grad] for k, p in net.named_parameters()],
+        "reference_buffers": [k for k, _ in net.named_buffers()],
+    }))
 
 
 def cmd_script_info(args):
@@ -225,7 +302,29 @@ def main():
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--method", help="a method to call instead of forward (e.g. tta)")
     p.set_defaults(func=cmd_run_script)
+
+    p = sub.add_parser("airbench-keys", help="Airbench94's state_dict keys, shapes, dtypes")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.set_defaults(func=cmd_airbench_keys)
+
+    p = sub.add_parser("airbench-logits", help="Airbench94 with a state_dict, run on an input")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tta", action="store_true")
+    p.set_defaults(func=cmd_airbench_logits)
+
+    p = sub.add_parser("airbench-accuracy", help="Airbench94's accuracy on test_batch.bin")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--tta", action="store_true")
+    p.set_defaults(func=cmd_airbench_accuracy)
+
+    p = sub.add_parser("airbench-script", help="an exported airbench94 module's entries")
+    p.add_argument("--model", required=True)
+    p.set_defaults(func=cmd_airbench_script)
 
     p = sub.add_parser("script-info", help="an exported module's parameters, and their uses")
     p.add_argument("--model", required=True)

@@ -1,6 +1,8 @@
-//! The tutorial's test step: overall and per-class accuracy of a `Net` on
+//! The tutorial's test step: overall and per-class accuracy of a network on
 //! the test set, and the `evaluate` command that runs it on saved weights
-//! (after checking that the weights' classes are the test set's).
+//! of either network (after checking that the weights' classes are the test
+//! set's). For airbench94 it reports the accuracy with and without
+//! test-time augmentation.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -10,20 +12,23 @@ use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
+use crate::classifier::{Classifier, TtaArgs};
 use crate::data::{DataArgs, Split};
 use crate::device::{device_name, DeviceArg};
-use crate::model::Model;
 use crate::report::{path_json, Reporter};
 
 /// Evaluate saved weights on the test set (CIFAR-10's, or an image tree's).
 #[derive(Debug, clap::Args)]
 pub struct EvaluateArgs {
-    /// Weights to evaluate: safetensors, a checkpoint or a `.pth`.
+    /// Weights to evaluate (Net or airbench94): safetensors, a checkpoint or a `.pth`.
     ///
     /// Keyed like PyTorch's `state_dict`: safetensors (from `train`), a
     /// training checkpoint, or a `.pth` from `torch.save(net.state_dict(), PATH)`.
+    /// The file's metadata, else its keys, tell the network.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
+    #[command(flatten)]
+    pub tta: TtaArgs,
     #[command(flatten)]
     pub data: DataArgs,
     /// Also draw the confusion matrix (true by predicted class) into this PNG.
@@ -194,7 +199,8 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         &[("--weights", &args.weights)],
         &[("--confusion", args.confusion.as_deref())],
     )?;
-    let mut model = Model::load(&args.weights, device)?;
+    let mut model = Classifier::load(&args.weights, device)?;
+    let tta = args.tta.resolve(&model, &args.weights)?;
     let source = args.data.prepare()?;
     let test = source.load_test(device)?;
     if !model.has_class_names() && model.num_classes() == test.classes.len() {
@@ -209,11 +215,23 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         &source.describe(),
     )?;
     let start = Instant::now();
-    let eval = evaluate(&model.net, &test, args.batch_size);
+    let eval = evaluate(&model.forward(tta), &test, args.batch_size);
+    // airbench94 reports the other accuracy too.
+    let other = match &model {
+        Classifier::Net(_) => None,
+        Classifier::Airbench94(_) => Some(evaluate(&model.forward(!tta), &test, args.batch_size)),
+    };
     let eval_seconds = start.elapsed().as_secs_f64();
     let reporter = Reporter::new(args.json);
     let mut summary = eval.json_fields();
     summary.insert("event".into(), json!("summary"));
+    if let Some(other) = &other {
+        let (with, without) = if tta { (&eval, other) } else { (other, &eval) };
+        summary.insert("model".into(), json!(model.network().name()));
+        summary.insert("tta".into(), json!(tta));
+        summary.insert("tta_accuracy".into(), json!(with.accuracy()));
+        summary.insert("plain_accuracy".into(), json!(without.accuracy()));
+    }
     summary.insert("weights".into(), path_json(&args.weights));
     summary.insert("device".into(), json!(device_name(device)));
     summary.insert("eval_seconds".into(), json!(eval_seconds));
@@ -222,8 +240,25 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
     if let Some(png) = &args.confusion {
         draw_confusion(png, &eval)?;
     }
-    reporter.emit(|| eval.text(), summary.into());
+    reporter.emit(
+        || match &other {
+            None => eval.text(),
+            Some(other) => format!(
+                "{}\n{}",
+                eval.text(),
+                tta_line(tta, eval.accuracy(), other.accuracy())
+            ),
+        },
+        summary.into(),
+    );
     Ok(())
+}
+
+/// airbench94's last line: both accuracies (the lines above are the one
+/// asked for), as `train` prints them.
+fn tta_line(tta: bool, asked: f64, other: f64) -> String {
+    let (with, without) = if tta { (asked, other) } else { (other, asked) };
+    format!("With test-time augmentation {with:.2} %, without {without:.2} %")
 }
 
 /// Draws `eval`'s confusion matrix: one row per true class, one column per

@@ -5,6 +5,7 @@
 //!   folders), on disk and as tensors.
 //! * [`model`]: the tutorial's `Net` and its weights files; [`airbench`]: the
 //!   fast recipe's network, augmentation and optimizer.
+//! * [`classifier`]: either network, loaded from a weights file.
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`settings`] and [`checkpoint`]: a training run's settings, and saving and
 //!   resuming it.
@@ -15,6 +16,7 @@
 
 pub mod airbench;
 pub mod checkpoint;
+pub mod classifier;
 pub mod compare;
 pub mod data;
 pub mod device;

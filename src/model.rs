@@ -33,6 +33,13 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
+    fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+        }
+    }
+
     fn new(vs: nn::Path, in_channels: i64, out_channels: i64, kernel: i64) -> Self {
         let fan_in = in_channels * kernel * kernel;
         // Weight before bias: PyTorch's order, so one seed gives one init.
@@ -60,6 +67,13 @@ pub struct Linear {
 }
 
 impl Linear {
+    fn shallow_clone(&self) -> Self {
+        Self {
+            weight: self.weight.shallow_clone(),
+            bias: self.bias.shallow_clone(),
+        }
+    }
+
     fn new(vs: nn::Path, in_features: i64, out_features: i64) -> Self {
         let weight = vs.var(
             "weight",
@@ -152,6 +166,17 @@ impl Net {
             fc1: Linear::new(vs / "fc1", 16 * 5 * 5, 120),
             fc2: Linear::new(vs / "fc2", 120, 84),
             fc3: Linear::new(vs / "fc3", 84, num_classes),
+        }
+    }
+
+    /// The same network, its tensors shared (not copied).
+    pub fn shallow_clone(&self) -> Net {
+        Net {
+            conv1: self.conv1.shallow_clone(),
+            conv2: self.conv2.shallow_clone(),
+            fc1: self.fc1.shallow_clone(),
+            fc2: self.fc2.shallow_clone(),
+            fc3: self.fc3.shallow_clone(),
         }
     }
 }

@@ -1,14 +1,15 @@
 //! `tch-cifar predict`: classifies PNG and JPEG files with saved weights and
 //! prints each class's probability.
 //!
-//! `Net` ends in a linear layer, so its outputs are logits; the
-//! probabilities are their softmax (`CrossEntropyLoss` applies the same
+//! Both networks (the tutorial's `Net`, airbench94) end in a linear layer,
+//! so their outputs are logits; the probabilities are their softmax (`CrossEntropyLoss` applies the same
 //! log-softmax during training). An image of any size is converted to RGB,
 //! resized to 32x32 with a bilinear, antialiased filter (like torchvision's
 //! `Resize((32, 32))` on a PIL image) and normalized exactly as the training
 //! data is (`ToTensor()` then `Normalize((0.5,)*3, (0.5,)*3)`): the same
 //! code, [`crate::data::decode`], prepares the images of an image tree. The
-//! class names are the weights'.
+//! class names are the weights'. airbench94 classifies with its test-time
+//! augmentation unless `--no-tta` is given, as `evaluate` does.
 //!
 //! Every file gets its line (or JSON object) in the order given; one that
 //! can't be read gets its reason instead, and the command then fails.
@@ -20,19 +21,21 @@ use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
 
+use crate::classifier::{Classifier, TtaArgs};
 use crate::data::decode;
 use crate::device::DeviceArg;
-use crate::model::Model;
 
 /// Classify image files with saved weights.
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
-    /// Weights to classify with: safetensors, a checkpoint or a `.pth`.
+    /// Weights to classify with (Net or airbench94): safetensors, a checkpoint or a `.pth`.
     ///
     /// Safetensors (from `train`), a training checkpoint, or a `.pth` from
     /// `torch.save(net.state_dict(), PATH)`.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
+    #[command(flatten)]
+    pub tta: TtaArgs,
     /// Image files: PNG, JPEG, BMP, PNM, TIFF or WebP, of any size.
     ///
     /// Up to about 170 megapixels; each is scaled to 32x32 as the training
@@ -148,7 +151,8 @@ pub fn error_json(path: &Path, err: &anyhow::Error) -> serde_json::Value {
 /// `tch-cifar predict`.
 pub fn run(args: PredictArgs) -> Result<()> {
     let device = args.device.resolve()?;
-    let model = Model::load(&args.weights, device)?;
+    let model = Classifier::load(&args.weights, device)?;
+    let net = model.forward(args.tta.resolve(&model, &args.weights)?);
     let k = (args.top_k as usize).min(model.num_classes());
     let mut failed: Vec<anyhow::Error> = vec![];
     // A thousand images per forward pass bounds the memory for long lists.
@@ -158,7 +162,7 @@ pub fn run(args: PredictArgs) -> Result<()> {
         let mut predictions = if good.is_empty() {
             vec![]
         } else {
-            predict(&model.net, &Tensor::stack(&good, 0).to_device(device))?
+            predict(&net, &Tensor::stack(&good, 0).to_device(device))?
         }
         .into_iter();
         // Every file gets its line, in the order given; a bad one says why.

@@ -292,7 +292,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], classes: Option<&[String
     })
 }
 
-/// The bytes of a `torch.save` file holding `tensors` (f32, any shape) as
+/// The bytes of a `torch.save` file holding `tensors` (f32 or i64, any shape) as
 /// an `OrderedDict`, laid out like PyTorch's own: stored entries, storages
 /// aligned to 64 bytes.
 pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
@@ -308,21 +308,26 @@ pub fn to_bytes_with_classes(
     let mut pickle = Pickler::new();
     pickle.begin_ordered_dict();
     for (i, (key, tensor)) in tensors.iter().enumerate() {
-        ensure!(
-            tensor.kind() == Kind::Float,
-            "key `{key}` holds {:?} values; only f32 tensors can be written",
-            tensor.kind()
-        );
-        let values = Vec::<f32>::try_from(&tensor.flatten(0, -1).contiguous())
+        // f32 weights, and i64 counters (BatchNorm's `num_batches_tracked`).
+        let (storage, width) = match tensor.kind() {
+            Kind::Float => ("FloatStorage", 4),
+            Kind::Int64 => ("LongStorage", 8),
+            kind => {
+                bail!("key `{key}` holds {kind:?} values; only f32 and i64 tensors can be written")
+            }
+        };
+        let flat = tensor
+            .detach()
+            .to_device(tch::Device::Cpu)
+            .flatten(0, -1)
+            .contiguous();
+        let numel = flat.numel();
+        // Native byte order: little-endian, as torch.save writes on these machines.
+        let mut bytes = vec![0u8; width * numel];
+        flat.f_copy_data_u8(&mut bytes, numel)
             .with_context(|| format!("key `{key}`: cannot read its values"))?;
-        let size = tensor.size();
-        pickle.tensor_entry(key, &i.to_string(), values.len() as u64, &size);
-        storages.push(
-            values
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        );
+        pickle.tensor_entry(key, storage, &i.to_string(), numel as u64, &tensor.size());
+        storages.push(bytes);
     }
     pickle.end_ordered_dict();
     if let Some(classes) = classes {
@@ -1262,18 +1267,26 @@ impl Pickler {
     }
 
     /// `key: _rebuild_tensor_v2(storage, 0, size, contiguous stride, False, OrderedDict())`.
-    fn tensor_entry(&mut self, key: &str, storage_key: &str, numel: u64, size: &[i64]) {
+    fn tensor_entry(
+        &mut self,
+        key: &str,
+        storage: &str,
+        storage_key: &str,
+        numel: u64,
+        size: &[i64],
+    ) {
         let mut stride = vec![1i64; size.len()];
         for i in (0..size.len().saturating_sub(1)).rev() {
             stride[i] = stride[i + 1] * size[i + 1].max(1);
         }
-        self.strided_tensor_entry(key, storage_key, numel, size, &stride);
+        self.strided_tensor_entry(key, storage, storage_key, numel, size, &stride);
     }
 
     /// `key: _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())`.
     fn strided_tensor_entry(
         &mut self,
         key: &str,
+        storage: &str,
         storage_key: &str,
         numel: u64,
         size: &[i64],
@@ -1285,7 +1298,7 @@ impl Pickler {
         // The persistent id.
         self.out.push(b'(');
         self.str("storage");
-        self.global("torch", "FloatStorage");
+        self.global("torch", storage);
         self.str(storage_key);
         self.str("cpu");
         self.int(numel as i64);
@@ -1361,6 +1374,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn i64_counters_round_trip_as_long_storages() {
+        let state = vec![
+            (
+                "norm.running_mean".into(),
+                Tensor::zeros([4], (Kind::Float, Device::Cpu)),
+            ),
+            ("norm.num_batches_tracked".into(), Tensor::from(3i64)),
+            ("big".into(), Tensor::from_slice(&[i64::MIN, -1, 1 << 40])),
+        ];
+        let bytes = to_bytes(&state).unwrap();
+        let pickle = pickle_of(&bytes);
+        assert!(pickle.windows(11).any(|w| w == b"LongStorage"));
+        let back = from_bytes(&bytes).unwrap();
+        for ((ka, a), (kb, b)) in state.iter().zip(&back) {
+            assert_eq!(ka, kb);
+            assert_eq!((a.kind(), a.size()), (b.kind(), b.size()), "{ka}");
+            assert!(a.equal(b), "{ka} changed");
+        }
+    }
+
     /// `data.pkl` of a `to_bytes` archive.
     fn pickle_of(bytes: &[u8]) -> Vec<u8> {
         let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).unwrap();
@@ -1401,7 +1435,7 @@ mod tests {
         let mut pickle = Pickler::new();
         pickle.begin_ordered_dict();
         for &(key, storage, numel, size, stride) in tensors {
-            pickle.strided_tensor_entry(key, storage, numel, size, stride);
+            pickle.strided_tensor_entry(key, "FloatStorage", storage, numel, size, stride);
         }
         pickle.end_ordered_dict();
         pickle.finish()
@@ -1657,7 +1691,7 @@ mod tests {
 
     #[test]
     fn non_float_tensors_are_refused_when_writing() {
-        let err = to_bytes(&[("n".into(), Tensor::from_slice(&[1i64, 2]))]).unwrap_err();
+        let err = to_bytes(&[("n".into(), Tensor::from_slice(&[1i32, 2]))]).unwrap_err();
         assert!(err.to_string().contains("key `n`"), "{err}");
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
+use tch_cifar::classifier::Classifier;
 use tch_cifar::model::{with_torch_rng, Model};
 use util::*;
 
@@ -992,4 +993,350 @@ fn a_tree_trained_in_rust_scores_the_same_in_python() {
     // move a borderline image; on these few images the counts agree.
     assert_eq!(python, rust, "tree: Python vs Rust (correct, total)");
     assert_eq!(rust.1, 24);
+}
+
+// --------------------------------------------------------------- airbench94
+
+/// One airbench94 training shared by the tests below (1 epoch on 2048
+/// synthetic images, seed 7): the data, the weights as safetensors, and
+/// `train`'s JSON summary.
+struct TrainedAirbench {
+    data: PathBuf,
+    weights: PathBuf,
+    summary: serde_json::Value,
+}
+
+fn trained_airbench() -> &'static TrainedAirbench {
+    static TRAINED: std::sync::OnceLock<TrainedAirbench> = std::sync::OnceLock::new();
+    TRAINED.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interop-airbench94");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let data = dir.join("data");
+        synthetic(&data, 2048, 500, 3, None);
+        let weights = dir.join("w.safetensors");
+        let out = ok(&run(&[
+            "train",
+            "--model",
+            "airbench94",
+            "--epochs",
+            "1",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "--json",
+            "--data-dir",
+            s(&data),
+            "--out",
+            s(&weights),
+        ]));
+        let summary = last_json(&out);
+        TrainedAirbench {
+            data,
+            weights,
+            summary,
+        }
+    })
+}
+
+fn last_json(out: &str) -> serde_json::Value {
+    let line = out.lines().last().expect("a JSON line");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+/// `evaluate --json` of airbench94 weights with `flag` (`--tta`, `--no-tta`
+/// or none), without its timing.
+fn airbench_evaluate(weights: &Path, flag: Option<&str>) -> serde_json::Value {
+    let t = trained_airbench();
+    let mut args = evaluate_args(s(&t.data), s(weights)).to_vec();
+    args.push("--json");
+    args.extend(flag);
+    let mut summary = last_json(&ok(&run(&args)));
+    summary.as_object_mut().unwrap().remove("eval_seconds");
+    summary
+}
+
+fn python_airbench_correct(weights: &Path, tta: bool) -> i64 {
+    let t = trained_airbench();
+    let mut args = vec![
+        "airbench-accuracy",
+        "--data-dir",
+        s(&t.data),
+        "--weights",
+        s(weights),
+    ];
+    if tta {
+        args.push("--tta");
+    }
+    let result: serde_json::Value = serde_json::from_str(py(&args).trim()).unwrap();
+    assert_eq!(result["total"], 500);
+    result["correct"].as_i64().unwrap()
+}
+
+#[test]
+fn airbench94_state_dict_is_the_python_definitions() {
+    for classes in [10, 3] {
+        let python: serde_json::Value = serde_json::from_str(
+            py(&["airbench-keys", "--num-classes", &classes.to_string()]).trim(),
+        )
+        .unwrap();
+        let (_vs, net) = tch_cifar::airbench::net::build(Device::Cpu, 1, classes);
+        let rust: Vec<serde_json::Value> = net
+            .state_dict()
+            .iter()
+            .map(|(k, t)| {
+                let dtype = match t.kind() {
+                    Kind::Float => "torch.float32",
+                    Kind::Int64 => "torch.int64",
+                    other => panic!("{k} is {other:?}"),
+                };
+                serde_json::json!([k, t.size(), dtype])
+            })
+            .collect();
+        assert_eq!(serde_json::Value::from(rust), python, "{classes} classes");
+        let shapes: Vec<serde_json::Value> = tch_cifar::airbench::net::state_dict_shapes(classes)
+            .into_iter()
+            .map(|(k, shape)| serde_json::json!([k, shape]))
+            .collect();
+        let python_shapes: Vec<serde_json::Value> = python
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| serde_json::json!([e[0], e[1]]))
+            .collect();
+        assert_eq!(shapes, python_shapes, "{classes} classes");
+    }
+}
+
+#[test]
+fn airbench94_weights_score_the_same_in_python_and_rust_with_and_without_tta() {
+    let t = trained_airbench();
+    let dir = tempfile::tempdir().unwrap();
+    let pth = dir.path().join("w.pth");
+    let copy = dir.path().join("w.safetensors");
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&t.weights),
+        "--pth",
+        s(&pth),
+        "--safetensors",
+        s(&copy),
+    ]));
+    let default = airbench_evaluate(&t.weights, None);
+    let tta = airbench_evaluate(&t.weights, Some("--tta"));
+    let plain = airbench_evaluate(&t.weights, Some("--no-tta"));
+    // TTA is the default; each run is deterministic.
+    assert_eq!(default, tta);
+    assert_eq!(plain, airbench_evaluate(&t.weights, Some("--no-tta")));
+    assert_eq!(
+        (tta["model"].clone(), tta["tta"].clone()),
+        ("airbench94".into(), true.into())
+    );
+    assert_eq!(plain["tta"], false);
+    // Both carry both accuracies; `accuracy` is the one asked for.
+    for summary in [&tta, &plain] {
+        assert_eq!(summary["tta_accuracy"], tta["accuracy"]);
+        assert_eq!(summary["plain_accuracy"], plain["accuracy"]);
+    }
+    // The augmentation changes the answers.
+    assert_ne!(tta["confusion"], plain["confusion"]);
+    // `train` evaluated the same way (its summary's `accuracy` was the
+    // plain one before it had `plain_accuracy`).
+    assert_eq!(t.summary["tta_accuracy"], tta["accuracy"]);
+    let train_plain = t
+        .summary
+        .get("plain_accuracy")
+        .unwrap_or(&t.summary["accuracy"]);
+    assert_eq!(train_plain, &plain["accuracy"]);
+
+    // The .pth export holds the same weights, for Rust and for PyTorch.
+    assert_eq!(
+        airbench_evaluate(&pth, Some("--tta"))["correct"],
+        tta["correct"]
+    );
+    for (weights, augment) in [
+        (&t.weights, true),
+        (&t.weights, false),
+        (&pth, true),
+        (&pth, false),
+        (&copy, false),
+    ] {
+        let summary = if augment { &tta } else { &plain };
+        assert_eq!(
+            python_airbench_correct(weights, augment),
+            summary["correct"].as_i64().unwrap(),
+            "{weights:?}, tta {augment}"
+        );
+    }
+}
+
+#[test]
+fn airbench94_torchscript_and_state_dict_give_rusts_logits_in_python() {
+    let t = trained_airbench();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&t.weights),
+        "--torchscript",
+        s(&p("m.pt")),
+    ]));
+    let Classifier::Airbench94(airbench) = Classifier::load(&t.weights, Device::Cpu).unwrap()
+    else {
+        panic!("airbench94 weights load as airbench94")
+    };
+    // The module takes the PyTorch definition's input: mean/std-normalized.
+    let x = batch(6, 2) * 2.0;
+    write_input(&p("x.safetensors"), &x);
+    let want = tch::no_grad(|| airbench.net.forward_t(&x, false));
+    let python = python_forward("run-script", &p("m.pt"), &p("x.safetensors"));
+    let diff = max_abs_diff(&python, &want);
+    assert!(diff < 1e-4, "the module in Python differs by {diff}");
+    let tch_module = tch::CModule::load(p("m.pt")).unwrap();
+    let reloaded = tch::no_grad(|| tch_module.forward_ts(&[&x])).unwrap();
+    assert!(
+        reloaded.equal(&want),
+        "the module via CModule::load differs"
+    );
+
+    // Its tta method against Rust's TTA on the [-1, 1] images that
+    // renormalize to x, and the reference's logits(net, x, tta) on both.
+    let images = batch(6, 3);
+    let (images_file, y_file) = (p("images.safetensors"), p("y.safetensors"));
+    write_input(&images_file, &images);
+    for augment in [false, true] {
+        let rust = tch::no_grad(|| airbench.tta(augment).forward(&images));
+        let mut args = vec![
+            "airbench-logits",
+            "--weights",
+            s(&t.weights),
+            "--input",
+            s(&images_file),
+            "--out",
+            s(&y_file),
+        ];
+        if augment {
+            args.push("--tta");
+        }
+        py(&args);
+        let python = read_output(&y_file);
+        let diff = max_abs_diff(&python, &rust);
+        assert!(
+            diff < 1e-4,
+            "tta {augment}: the reference differs by {diff}"
+        );
+    }
+    let renormalized = tch_cifar::airbench::recipe::renormalize(&images);
+    write_input(&p("r.safetensors"), &renormalized);
+    let out = p("y.safetensors");
+    py(&[
+        "run-script",
+        "--model",
+        s(&p("m.pt")),
+        "--method",
+        "tta",
+        "--input",
+        s(&p("r.safetensors")),
+        "--out",
+        s(&out),
+    ]);
+    let rust = tch::no_grad(|| airbench.tta(true).forward(&images));
+    let diff = max_abs_diff(&read_output(&out), &rust);
+    assert!(diff < 1e-4, "the module's tta differs by {diff}");
+
+    // Its entries are the definition's: parameters (frozen ones without
+    // gradients) and BatchNorm's buffers, and they load into Airbench94.
+    let info: serde_json::Value =
+        serde_json::from_str(py(&["airbench-script", "--model", s(&p("m.pt"))]).trim()).unwrap();
+    assert_eq!(info["parameters"], info["reference_parameters"]);
+    assert_eq!(info["buffers"], info["reference_buffers"]);
+    let keys: Vec<serde_json::Value> = tch_cifar::airbench::net::state_dict_shapes(10)
+        .into_iter()
+        .map(|(k, _)| k.into())
+        .collect();
+    let got: Vec<serde_json::Value> = info["state_dict"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e[0].clone())
+        .collect();
+    assert_eq!(got, keys);
+}
+
+#[test]
+fn predict_with_airbench94_uses_tta_unless_told_and_net_refuses_tta() {
+    let t = trained_airbench();
+    let dir = tempfile::tempdir().unwrap();
+    let images = make_images(dir.path());
+    let predict = |flag: Option<&str>| -> Vec<serde_json::Value> {
+        let mut args = vec![
+            "predict",
+            "--json",
+            "--device",
+            "cpu",
+            "--weights",
+            s(&t.weights),
+        ];
+        args.extend(flag);
+        args.extend(images.iter().map(|i| s(i)));
+        ok(&run(&args))
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (default, plain) = (predict(None), predict(Some("--no-tta")));
+    assert_eq!(default, predict(Some("--tta")));
+    assert_eq!(default.len(), images.len());
+    for (a, b) in default.iter().zip(&plain) {
+        let sum: f64 = a["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-5, "{sum}");
+        assert_ne!(a["logits"], b["logits"], "{}", a["image"]);
+    }
+    // The same as Rust's TTA module on the same images.
+    let Classifier::Airbench94(airbench) = Classifier::load(&t.weights, Device::Cpu).unwrap()
+    else {
+        panic!("airbench94 weights load as airbench94")
+    };
+    let batch: Vec<Tensor> = images
+        .iter()
+        .map(|i| tch_cifar::predict::load_image(i).unwrap())
+        .collect();
+    let logits = tch::no_grad(|| airbench.tta(true).forward(&Tensor::stack(&batch, 0)));
+    let first: Vec<f64> = default[0]["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let want = Vec::<f64>::try_from(logits.get(0).to_kind(Kind::Double)).unwrap();
+    for (a, b) in first.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-5, "{first:?} against {want:?}");
+    }
+
+    // The tutorial's Net has no TTA: --tta is refused, --no-tta is its way.
+    let net = dir.path().join("net.safetensors");
+    Model::new(Device::Cpu, Some(1)).save(&net).unwrap();
+    let image = s(&images[0]);
+    let args = ["predict", "--device", "cpu", "--weights", s(&net), image];
+    let without = ok(&run(&args));
+    let mut no_tta = args.to_vec();
+    no_tta.push("--no-tta");
+    assert_eq!(ok(&run(&no_tta)), without);
+    let mut tta = args.to_vec();
+    tta.push("--tta");
+    fails_with(
+        &run(&tta),
+        &["--tta applies to airbench94 weights", "net.safetensors"],
+    );
+    let mut eval = evaluate_args(s(&t.data), s(&net)).to_vec();
+    eval.push("--tta");
+    fails_with(&run(&eval), &["--tta applies to airbench94 weights"]);
 }
