@@ -20,24 +20,7 @@ use crate::airbench::net::{self, state_dict_shapes, Airbench94};
 use crate::airbench::Tta;
 use crate::model::{classes_json, read_weights, Model, CLASSES_KEY, MODEL_KEY, OPTIMIZER_PREFIX};
 use crate::outputs::Format;
-
-/// The networks a weights file can hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Network {
-    /// The tutorial's `Net`.
-    Net,
-    Airbench94,
-}
-
-impl Network {
-    /// The name in messages and in the metadata's `model`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Network::Net => "net",
-            Network::Airbench94 => "airbench94",
-        }
-    }
-}
+use crate::settings::ModelKind;
 
 /// Weights loaded from a file, for either network.
 #[derive(Debug)]
@@ -76,13 +59,13 @@ impl TtaArgs {
     /// airbench94, never for `Net` (where `--tta` is an error).
     pub fn resolve(&self, classifier: &Classifier, weights: &Path) -> Result<bool> {
         match classifier.network() {
-            Network::Airbench94 => Ok(!self.no_tta),
-            Network::Net if self.tta => bail!(
+            ModelKind::Airbench94 => Ok(!self.no_tta),
+            ModelKind::Net if self.tta => bail!(
                 "--tta applies to airbench94 weights; {} holds the tutorial's Net, which has \
                  no test-time augmentation",
                 weights.display()
             ),
-            Network::Net => Ok(false),
+            ModelKind::Net => Ok(false),
         }
     }
 }
@@ -111,10 +94,10 @@ impl Classifier {
         // Weights files name the network in lower case, checkpoints by its
         // class (`Net`, `Airbench94`).
         let network = match metadata_model(path) {
-            Some(name) if name.eq_ignore_ascii_case(Network::Airbench94.name()) => {
-                Network::Airbench94
+            Some(name) if name.eq_ignore_ascii_case(ModelKind::Airbench94.name()) => {
+                ModelKind::Airbench94
             }
-            Some(name) if name.eq_ignore_ascii_case(Network::Net.name()) => Network::Net,
+            Some(name) if name.eq_ignore_ascii_case(ModelKind::Net.name()) => ModelKind::Net,
             Some(name) => bail!(
                 "{}: the metadata names the network `{name}`; known are net and airbench94",
                 path.display()
@@ -125,19 +108,21 @@ impl Classifier {
                     let airbench = Airbench::from_tensors(tensors, classes, path, device)?;
                     return Ok(Classifier::Airbench94(Box::new(airbench)));
                 }
-                Network::Net
+                ModelKind::Net
             }
         };
         Ok(match network {
-            Network::Net => Classifier::Net(Model::load(path, device)?),
-            Network::Airbench94 => Classifier::Airbench94(Box::new(Airbench::load(path, device)?)),
+            ModelKind::Net => Classifier::Net(Model::load(path, device)?),
+            ModelKind::Airbench94 => {
+                Classifier::Airbench94(Box::new(Airbench::load(path, device)?))
+            }
         })
     }
 
-    pub fn network(&self) -> Network {
+    pub fn network(&self) -> ModelKind {
         match self {
-            Classifier::Net(_) => Network::Net,
-            Classifier::Airbench94(_) => Network::Airbench94,
+            Classifier::Net(_) => ModelKind::Net,
+            Classifier::Airbench94(_) => ModelKind::Airbench94,
         }
     }
 
@@ -216,7 +201,18 @@ impl Airbench {
         path: &Path,
         device: Device,
     ) -> Result<Airbench> {
+        // A training checkpoint: its optimizer state is left out, and the
+        // step counters it does not keep (they do not change evaluation)
+        // start at zero.
+        let checkpoint = tensors.keys().any(|k| k.starts_with(OPTIMIZER_PREFIX));
         tensors.retain(|key, _| !key.starts_with(OPTIMIZER_PREFIX));
+        if checkpoint {
+            for (key, _) in state_dict_shapes(1) {
+                if key.ends_with("num_batches_tracked") {
+                    tensors.entry(key).or_insert_with(|| Tensor::from(0i64));
+                }
+            }
+        }
         let outputs = tensors
             .get("head.weight")
             .map(|w| w.size())
@@ -341,7 +337,7 @@ pub fn save_airbench(
                 (CLASSES_KEY.to_string(), classes_json(classes)),
                 (
                     MODEL_KEY.to_string(),
-                    Network::Airbench94.name().to_string(),
+                    ModelKind::Airbench94.name().to_string(),
                 ),
             ]);
             crate::model::write_safetensors(path, &state, metadata)
@@ -416,7 +412,7 @@ mod tests {
             let path = dir.path().join(file);
             save_airbench(&net, &classes, &path, format).unwrap();
             let loaded = Classifier::load(&path, Device::Cpu).unwrap();
-            assert_eq!(loaded.network(), Network::Airbench94, "{file}");
+            assert_eq!(loaded.network(), ModelKind::Airbench94, "{file}");
             assert!(loaded.has_class_names());
             let Classifier::Airbench94(a) = &loaded else {
                 unreachable!()
@@ -430,20 +426,20 @@ mod tests {
         let bare = dir.path().join("bare.safetensors");
         Tensor::write_safetensors(&net.state_dict(), &bare).unwrap();
         let loaded = Classifier::load(&bare, Device::Cpu).unwrap();
-        assert_eq!(loaded.network(), Network::Airbench94);
+        assert_eq!(loaded.network(), ModelKind::Airbench94);
         assert!(!loaded.has_class_names());
         assert_eq!(loaded.classes(), crate::data::CLASSES);
         // Checkpoints name the network by its class.
         let metadata = HashMap::from([(MODEL_KEY.to_string(), "Airbench94".to_string())]);
         crate::model::write_safetensors(&bare, &net.state_dict(), metadata).unwrap();
         let loaded = Classifier::load(&bare, Device::Cpu).unwrap();
-        assert_eq!(loaded.network(), Network::Airbench94);
+        assert_eq!(loaded.network(), ModelKind::Airbench94);
         // A Net file stays a Net.
         let tutorial = dir.path().join("net.safetensors");
         Model::new(Device::Cpu, Some(1)).save(&tutorial).unwrap();
         assert_eq!(
             Classifier::load(&tutorial, Device::Cpu).unwrap().network(),
-            Network::Net
+            ModelKind::Net
         );
     }
 

@@ -173,13 +173,14 @@ pub fn describe_device(device: Device, cpu: CpuSettings) -> String {
 pub struct TrainArgs {
     #[command(flatten, next_help_heading = "Data")]
     pub data: DataArgs,
-    /// The network and its recipe: net (the tutorial's) or airbench94.
+    /// Network and recipe: net (the tutorial's) or airbench94.
     ///
     /// airbench94 has its own fixed recipe (batch 1024, 9.9 epochs, Nesterov
     /// SGD with a schedule, test-time augmentation); of the recipe's flags
     /// it takes --epochs (whole epochs, for a shorter run), --seed and the
     /// performance flags.
-    #[arg(long, value_enum, default_value_t = ModelKind::Net, help_heading = "Recipe")]
+    #[arg(long, value_enum, default_value_t = ModelKind::Net, help_heading = "Recipe",
+          hide_possible_values = true)]
     pub model: ModelKind,
     #[command(flatten, next_help_heading = "Recipe")]
     pub recipe: RecipeArgs,

@@ -3,7 +3,6 @@
 //! line per epoch, and its evaluation with and without test-time
 //! augmentation.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -18,12 +17,12 @@ use super::{Control, TrainStats};
 use crate::airbench::recipe::new_network;
 use crate::airbench::{Airbench94, FastRecipe, Tta, BATCH_SIZE};
 use crate::checkpoint::Checkpoint;
+use crate::classifier::save_airbench;
 use crate::data::Split;
 use crate::evaluate::{evaluate, Evaluation};
-use crate::model::{classes_json, CLASSES_KEY, MODEL_KEY};
 use crate::outputs::Format;
 use crate::report::Reporter;
-use crate::settings::{ModelKind, Settings};
+use crate::settings::Settings;
 
 /// The tutorial's flags that the fast recipe, with its own fixed
 /// hyperparameters, does not take.
@@ -232,26 +231,8 @@ impl Trained {
     /// Writes the `state_dict` (keyed like `scripts/airbench94.py`'s
     /// `Airbench94`) with the class names and the network's name.
     pub fn save(&self, out: &Path, format: Format) -> Result<()> {
-        let state = self.net.state_dict();
-        match format {
-            Format::Safetensors => {
-                let metadata = HashMap::from([
-                    (CLASSES_KEY.to_string(), classes_json(&self.classes)),
-                    (
-                        MODEL_KEY.to_string(),
-                        ModelKind::Airbench94.name().to_string(),
-                    ),
-                ]);
-                crate::model::write_safetensors(out, &state, metadata)
-            }
-            Format::Pth => crate::pth::write(out, &state, Some(&self.classes)),
-            other => bail!(
-                "{}: airbench94 weights cannot be written as {}",
-                out.display(),
-                other.name()
-            ),
-        }
-        .with_context(|| format!("cannot save the weights to {}", out.display()))
+        save_airbench(&self.net, &self.classes, out, format)
+            .with_context(|| format!("cannot save the weights to {}", out.display()))
     }
 
     /// The network for evaluation, with or without test-time augmentation.
