@@ -19,10 +19,21 @@ pub fn flip_where(images: &Tensor, mask: &Tensor) -> Tensor {
         .where_self(&mask.view([-1, 1, 1, 1]), images)
 }
 
+/// [`flip_where`] in place: only the masked images are copied.
+pub fn flip_where_(images: &mut Tensor, mask: &Tensor) {
+    let index = mask.nonzero().squeeze_dim(1);
+    let flipped = images.index_select(0, &index).flip([-1]);
+    let _ = images.index_copy_(0, &index, &flipped);
+}
+
+/// Which of `n` images to mirror: each with probability 1/2 (torch's generator).
+pub fn random_flip_mask(n: i64, device: Device) -> Tensor {
+    Tensor::rand([n], (Kind::Float, device)).lt(0.5)
+}
+
 /// Each image mirrored left-right with probability 1/2 (torch's generator).
 pub fn random_flip(images: &Tensor) -> Tensor {
-    let n = images.size()[0];
-    let mask = Tensor::rand([n], (Kind::Float, images.device())).lt(0.5);
+    let mask = random_flip_mask(images.size()[0], images.device());
     flip_where(images, &mask)
 }
 
@@ -121,6 +132,15 @@ mod tests {
         // A flip moves columns only: row 1 of image 0 reads 13, 12, 11, 10.
         let row: Vec<f32> = Vec::try_from(out.get(0).get(0).get(1)).unwrap();
         assert_eq!(row, [13.0, 12.0, 11.0, 10.0]);
+    }
+
+    #[test]
+    fn flipping_in_place_and_after_padding_equals_flipping_first() {
+        let images = labelled(6, 5);
+        let mask = Tensor::from_slice(&[true, false, false, true, true, false]);
+        let mut padded = reflect_pad(&images, 2);
+        flip_where_(&mut padded, &mask);
+        assert_eq!(padded, reflect_pad(&flip_where(&images, &mask), 2));
     }
 
     #[test]

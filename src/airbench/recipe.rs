@@ -57,6 +57,14 @@ pub fn checkpoint_shapes(num_classes: i64) -> Vec<(String, Vec<i64>)> {
 /// Images normalized as the project's datasets are (`(x − 0.5) / 0.5`,
 /// in [−1, 1]) renormalized with CIFAR-10's mean and std, as the recipe wants.
 pub fn renormalize(images: &Tensor) -> Tensor {
+    let mut out = images.copy();
+    renormalize_(&mut out);
+    out
+}
+
+/// [`renormalize`] in place: the training set is renormalized without a
+/// second copy of it.
+pub fn renormalize_(images: &mut Tensor) {
     let device = images.device();
     let mean = Tensor::from_slice(&CIFAR_MEAN)
         .to_kind(Kind::Float)
@@ -64,7 +72,13 @@ pub fn renormalize(images: &Tensor) -> Tensor {
     let std = Tensor::from_slice(&CIFAR_STD)
         .to_kind(Kind::Float)
         .to_device(device);
-    ((images * 0.5 + 0.5) - mean.view([1, 3, 1, 1])) / std.view([1, 3, 1, 1])
+    tch::no_grad(|| {
+        let _ = images
+            .g_mul_scalar_(0.5)
+            .g_add_scalar_(0.5)
+            .g_sub_(&mean.view([1, 3, 1, 1]))
+            .g_div_(&std.view([1, 3, 1, 1]));
+    });
 }
 
 /// Steps in `epochs` (fractional) epochs of `steps_per_epoch`.
@@ -97,16 +111,17 @@ pub struct FastRecipe<'a> {
 impl<'a> FastRecipe<'a> {
     /// Sets the whitening filters from the first training images, then
     /// prepares the augmented data; `images` are normalized to [−1, 1],
-    /// as [`crate::data::Split`] holds them.
+    /// as [`crate::data::Split`] holds them, and are renormalized in place
+    /// and dropped once padded (a copy of the training set is hundreds of MB).
     pub fn new(
         net: &'a Airbench94,
-        images: &Tensor,
+        mut images: Tensor,
         labels: &Tensor,
         seed: u64,
         epochs: f64,
         channels_last: bool,
     ) -> FastRecipe<'a> {
-        let images = renormalize(images);
+        renormalize_(&mut images);
         let n = images.size()[0];
         tch::no_grad(|| {
             let first = images.narrow(0, 0, n.min(WHITEN_IMAGES));
@@ -114,9 +129,14 @@ impl<'a> FastRecipe<'a> {
                 .shallow_clone()
                 .copy_(&whiten::filters(&first, 2));
         });
-        let flipped = crate::model::with_torch_rng(Some(seed), || augment::random_flip(&images));
+        let flips = crate::model::with_torch_rng(Some(seed), || {
+            augment::random_flip_mask(n, images.device())
+        });
+        // Mirroring commutes with the (symmetric) padding, so the padded
+        // copy is mirrored in place.
+        let mut padded = augment::reflect_pad(&images, TRANSLATE);
         drop(images);
-        let padded = augment::reflect_pad(&flipped, TRANSLATE);
+        augment::flip_where_(&mut padded, &flips);
         let steps_per_epoch = (n / BATCH_SIZE) as u64;
         let state: Vec<Tensor> = net.state_dict().into_iter().map(|(_, t)| t).collect();
         if channels_last {

@@ -90,15 +90,8 @@ pub fn train(
     let epochs = settings
         .schedule_epochs
         .expect("airbench94's settings have its schedule's length");
-    let mut recipe = FastRecipe::new(
-        &net,
-        &train.images,
-        &train.labels,
-        settings.seed,
-        epochs,
-        CHANNELS_LAST,
-    );
-    drop(train);
+    let Split { images, labels, .. } = train;
+    let mut recipe = FastRecipe::new(&net, images, &labels, settings.seed, epochs, CHANNELS_LAST);
     if let Some(c) = resumed {
         let step = c.meta.position.global_step;
         let path = c.path.clone();
