@@ -31,12 +31,6 @@ pub fn random_flip_mask(n: i64, device: Device) -> Tensor {
     Tensor::rand([n], (Kind::Float, device)).lt(0.5)
 }
 
-/// Each image mirrored left-right with probability 1/2 (torch's generator).
-pub fn random_flip(images: &Tensor) -> Tensor {
-    let mask = random_flip_mask(images.size()[0], images.device());
-    flip_where(images, &mask)
-}
-
 /// Whether epoch `epoch` (0-based) mirrors every image: the odd ones.
 pub fn flips_all(epoch: u64) -> bool {
     epoch % 2 == 1
@@ -146,7 +140,8 @@ mod tests {
     #[test]
     fn random_flip_mirrors_about_half() {
         let images = labelled(2000, 2);
-        let out = with_torch_rng(Some(5), || random_flip(&images));
+        let mask = with_torch_rng(Some(5), || random_flip_mask(2000, Device::Cpu));
+        let out = flip_where(&images, &mask);
         let flipped = out.ne_tensor(&images).flatten(1, -1).any_dim(1, false);
         let count = flipped.sum(Kind::Int64).int64_value(&[]);
         assert!((900..1100).contains(&count), "{count} of 2000 flipped");

@@ -222,19 +222,13 @@ impl Airbench94 {
     /// biases (with their own learning rate), then the rest, the whitening
     /// bias first (it stops training after a few epochs).
     pub fn parameter_groups(&self) -> [Vec<(String, Tensor)>; 2] {
-        let (mut norm_biases, mut others) = (vec![], vec![]);
+        let mut groups = [vec![], vec![]];
         for (key, t) in self.state_dict() {
-            if is_norm_bias(&key) {
-                norm_biases.push((key, t));
-            } else if key == "whiten.bias"
-                || key.ends_with("conv1.weight")
-                || key.ends_with("conv2.weight")
-                || key == "head.weight"
-            {
-                others.push((key, t));
+            if let Some(g) = parameter_group(&key) {
+                groups[g].push((key, t));
             }
         }
-        [norm_biases, others]
+        groups
     }
 
     /// Every parameter and buffer by its `state_dict` key, in PyTorch's
@@ -274,8 +268,21 @@ impl Airbench94 {
     }
 }
 
-fn is_norm_bias(key: &str) -> bool {
-    key.contains(".norm") && key.ends_with(".bias")
+/// The optimizer group of the tensor at `state_dict` key `key`: 0 for the
+/// BatchNorm biases, 1 for the other trainable parameters, `None` for the
+/// frozen weights and the buffers.
+pub fn parameter_group(key: &str) -> Option<usize> {
+    if key.contains(".norm") && key.ends_with(".bias") {
+        Some(0)
+    } else if key == "whiten.bias"
+        || key.ends_with("conv1.weight")
+        || key.ends_with("conv2.weight")
+        || key == "head.weight"
+    {
+        Some(1)
+    } else {
+        None
+    }
 }
 
 /// `state_dict` keys and shapes of `Airbench94(num_classes)`, in PyTorch's order.

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
-use tch::nn::{self, Module};
-use tch::{Device, Kind, Reduction, Tensor};
+use tch::nn::Module;
+use tch::{Kind, Reduction, Tensor};
 
 use super::augment::{self, EpochDraws};
 use super::net::{self, Airbench94};
@@ -24,32 +24,34 @@ fn is_counter(key: &str) -> bool {
     key.ends_with("num_batches_tracked")
 }
 
+/// The checkpoint keys beside the `state_dict`'s, for a network whose
+/// `state_dict` has `keys` (in order): the momentum buffers' (in the
+/// optimizer's order, group by group) and the EMA's (in the lookahead's).
+/// Each names the `state_dict` key it belongs to.
+fn optimizer_keys<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Vec<(String, &'a str)> {
+    let momentum = (0..2).flat_map(|g| {
+        keys.clone()
+            .filter(move |k| net::parameter_group(k) == Some(g))
+            .map(|k| (format!("{MOMENTUM_PREFIX}{k}"), k))
+    });
+    let ema = keys
+        .clone()
+        .filter(|k| !is_counter(k))
+        .map(|k| (format!("{EMA_PREFIX}{k}"), k));
+    momentum.chain(ema).collect()
+}
+
 /// The keys and shapes of a checkpoint of airbench94 for `num_classes`.
 pub fn checkpoint_shapes(num_classes: i64) -> Vec<(String, Vec<i64>)> {
-    let state: Vec<_> = net::state_dict_shapes(num_classes)
-        .into_iter()
+    let state = net::state_dict_shapes(num_classes);
+    let shape = |key: &str| state.iter().find(|(k, _)| k == key).map(|(_, s)| s.clone());
+    let mut shapes: Vec<_> = state
+        .iter()
         .filter(|(k, _)| !is_counter(k))
+        .cloned()
         .collect();
-    let (vs, net) = net::build(Device::Cpu, 0, num_classes);
-    let trainable: Vec<String> = net
-        .parameter_groups()
-        .into_iter()
-        .flatten()
-        .map(|(k, _)| k)
-        .collect();
-    drop((vs, net));
-    let mut shapes = state.clone();
-    for key in trainable {
-        let shape = state
-            .iter()
-            .find(|(k, _)| *k == key)
-            .expect("a parameter is in the state")
-            .1
-            .clone();
-        shapes.push((format!("{MOMENTUM_PREFIX}{key}"), shape));
-    }
-    for (key, shape) in state {
-        shapes.push((format!("{EMA_PREFIX}{key}"), shape));
+    for (key, of) in optimizer_keys(state.iter().map(|(k, _)| k.as_str())) {
+        shapes.push((key, shape(of).expect("a state_dict key")));
     }
     shapes
 }
@@ -91,6 +93,8 @@ pub fn total_steps(steps_per_epoch: u64, epochs: f64) -> u64 {
 pub struct FastRecipe<'a> {
     net: &'a Airbench94,
     opt: NesterovSgd,
+    /// The whitening bias's index among the optimizer's parameters.
+    whiten_bias: usize,
     lookahead: Lookahead,
     /// The training images, each mirrored at random once, reflect-padded
     /// for the translations.
@@ -142,13 +146,14 @@ impl<'a> FastRecipe<'a> {
         if channels_last {
             net::to_channels_last(&state);
         }
+        let [norm_biases, others] = net
+            .parameter_groups()
+            .map(|g| g.into_iter().map(|(_, t)| t).collect::<Vec<_>>());
         FastRecipe {
             net,
-            opt: {
-                let [norm_biases, others] = net.parameter_groups();
-                let tensors = |g: Vec<(String, Tensor)>| g.into_iter().map(|(_, t)| t).collect();
-                NesterovSgd::new(tensors(norm_biases), tensors(others))
-            },
+            // The whitening bias is the first of the second group.
+            whiten_bias: norm_biases.len(),
+            opt: NesterovSgd::new(norm_biases, others),
             // After the whitening filters are set, so the EMA starts from them.
             lookahead: Lookahead::new(state),
             padded,
@@ -222,8 +227,7 @@ impl<'a> FastRecipe<'a> {
             -100,
             LABEL_SMOOTHING,
         );
-        // The whitening bias is the first of the second group.
-        let whiten_bias = self.net.parameter_groups()[0].len();
+        let whiten_bias = self.whiten_bias;
         let bias_trains = epoch <= WHITEN_BIAS_EPOCHS;
         let factor = lr_factor(self.step, self.total_steps);
         self.opt
@@ -254,25 +258,18 @@ impl<'a> FastRecipe<'a> {
     /// place is the step count, and every epoch's draws follow from the seed.
     pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
         let state = self.net.state_dict();
-        let mut tensors: Vec<(String, Tensor)> = state
-            .iter()
-            .filter(|(k, _)| !is_counter(k))
-            .map(|(k, t)| (k.clone(), t.contiguous()))
-            .collect();
-        let keys = self
-            .net
-            .parameter_groups()
+        let optimizer = self.opt.buffers().into_iter().chain(self.lookahead.ema());
+        let keys: Vec<String> = optimizer_keys(state.iter().map(|(k, _)| k.as_str()))
             .into_iter()
-            .flatten()
-            .map(|(k, _)| k);
-        for (key, buffer) in keys.zip(self.opt.buffers()) {
-            tensors.push((format!("{MOMENTUM_PREFIX}{key}"), buffer.contiguous()));
-        }
-        let float_keys = state.iter().filter(|(k, _)| !is_counter(k)).map(|(k, _)| k);
-        for (key, ema) in float_keys.zip(self.lookahead.ema()) {
-            tensors.push((format!("{EMA_PREFIX}{key}"), ema.contiguous()));
-        }
-        tensors
+            .map(|(key, _)| key)
+            .collect();
+        let extra: Vec<(String, Tensor)> = keys.into_iter().zip(optimizer).collect();
+        state
+            .into_iter()
+            .filter(|(k, _)| !is_counter(k))
+            .chain(extra)
+            .map(|(k, t)| (k, t.contiguous()))
+            .collect()
     }
 
     /// Restores [`FastRecipe::checkpoint_tensors`] saved after `global_step`
@@ -284,29 +281,21 @@ impl<'a> FastRecipe<'a> {
                 .with_context(|| format!("the checkpoint has no `{key}`"))
         };
         let state = self.net.state_dict();
-        for (key, t) in &state {
-            let mut t = t.shallow_clone();
-            if is_counter(key) {
-                let _ = tch::no_grad(|| t.fill_(global_step as i64));
-            } else {
-                let saved = get(key)?;
-                tch::no_grad(|| t.copy_(saved));
-            }
+        let keys = optimizer_keys(state.iter().map(|(k, _)| k.as_str()));
+        let targets = self.opt.buffers().into_iter().chain(self.lookahead.ema());
+        let saved = state
+            .iter()
+            .filter(|(k, _)| !is_counter(k))
+            .map(|(k, t)| (k.as_str(), t.shallow_clone()))
+            .chain(keys.iter().map(|(k, _)| k.as_str()).zip(targets));
+        for (key, mut t) in saved {
+            let value = get(key)?;
+            tch::no_grad(|| t.copy_(value));
         }
-        let keys = self
-            .net
-            .parameter_groups()
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k);
-        let buffers = keys
-            .map(|k| get(&format!("{MOMENTUM_PREFIX}{k}")).map(Tensor::shallow_clone))
-            .collect::<Result<Vec<_>>>()?;
-        self.opt.set_buffers(&buffers)?;
-        let float_keys = state.iter().filter(|(k, _)| !is_counter(k));
-        for ((key, _), mut ema) in float_keys.zip(self.lookahead.ema()) {
-            let saved = get(&format!("{EMA_PREFIX}{key}"))?;
-            tch::no_grad(|| ema.copy_(saved));
+        for (key, t) in &state {
+            if is_counter(key) {
+                let _ = tch::no_grad(|| t.shallow_clone().fill_(global_step as i64));
+            }
         }
         self.step = global_step;
         Ok(())
@@ -355,9 +344,4 @@ impl Module for Tta {
         let shifted = (mirrored(&up_left) + mirrored(&down_right)) * 0.5;
         mirrored(&x) * 0.5 + shifted * 0.5
     }
-}
-
-/// A network on `device` for `num_classes`, seeded.
-pub fn new_network(device: Device, seed: u64, num_classes: i64) -> (nn::VarStore, Airbench94) {
-    net::build(device, seed, num_classes)
 }

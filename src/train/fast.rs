@@ -12,9 +12,8 @@ use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::args::Given;
-use super::harness::{self, Checkpoints, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput};
+use super::harness::{self, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput};
 use super::{Control, TrainStats};
-use crate::airbench::recipe::new_network;
 use crate::airbench::{Airbench94, FastRecipe, Tta, BATCH_SIZE};
 use crate::checkpoint::Checkpoint;
 use crate::classifier::save_airbench;
@@ -86,7 +85,7 @@ pub fn train(
     }
     let device = train.images.device();
     let classes = train.classes.clone();
-    let (vs, net) = new_network(device, settings.seed, classes.len() as i64);
+    let (vs, net) = crate::airbench::net::build(device, settings.seed, classes.len() as i64);
     let epochs = settings
         .schedule_epochs
         .expect("airbench94's settings have its schedule's length");
@@ -103,23 +102,13 @@ pub fn train(
         reporter.emit(String::new, start_event);
     }
     let total = recipe.total_steps();
+    // One line per epoch (a hook) instead of running-loss lines.
     let plan = Plan {
-        start: control.start,
-        epochs: settings.epochs,
         max_steps: Some(settings.max_steps.map_or(total, |m| m.min(total))),
-        log_every: u64::MAX,
-        loss_lines: false,
-        read_losses_every: control.read_losses_every,
-        interrupts: control.interrupts,
-        checkpoints: Some(Checkpoints {
-            saver: &mut control.saver,
-            every_epoch: control.every_epoch,
-            every: control.every,
-            resume_command: &control.resume_command,
-        }),
         diverged_hint: Some(
             "airbench94's hyperparameters are fixed: check the training data".to_string(),
         ),
+        ..control.plan(settings.epochs)
     };
     let mut lines = EpochLines::new(recipe.steps_per_epoch());
     let stats = harness::run(&mut recipe, plan, &mut [&mut lines], reporter)?;

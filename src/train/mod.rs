@@ -69,6 +69,30 @@ pub struct Control<'a> {
     pub resume_command: String,
 }
 
+impl Control<'_> {
+    /// The harness's plan for `epochs` from this run's start, saving as
+    /// this run saves; no `--max-steps`, loss lines or divergence stop until
+    /// the recipe sets them.
+    pub fn plan(&mut self, epochs: u64) -> Plan<'_> {
+        Plan {
+            start: self.start,
+            epochs,
+            max_steps: None,
+            log_every: u64::MAX,
+            loss_lines: false,
+            read_losses_every: self.read_losses_every,
+            interrupts: self.interrupts,
+            checkpoints: Some(Checkpoints {
+                saver: &mut self.saver,
+                every_epoch: self.every_epoch,
+                every: self.every,
+                resume_command: &self.resume_command,
+            }),
+            diverged_hint: None,
+        }
+    }
+}
+
 /// Trains `model` with `opt` on `train` with the tutorial's recipe and the
 /// run's settings, through the [harness](harness::run): from
 /// `control.start` to the end of `settings.epochs` (or
@@ -86,20 +110,11 @@ pub fn train(
     }
     let mut recipe = Tutorial::new(model, opt, train, settings.seed, settings.batch_size);
     let plan = Plan {
-        start: control.start,
-        epochs: settings.epochs,
         max_steps: settings.max_steps,
         log_every: settings.log_every,
         loss_lines: true,
-        read_losses_every: control.read_losses_every,
-        interrupts: control.interrupts,
-        checkpoints: Some(Checkpoints {
-            saver: &mut control.saver,
-            every_epoch: control.every_epoch,
-            every: control.every,
-            resume_command: &control.resume_command,
-        }),
         diverged_hint: Some(diverged_hint(settings.lr, settings.momentum)),
+        ..control.plan(settings.epochs)
     };
     harness::run(&mut recipe, plan, &mut [], reporter)
 }
