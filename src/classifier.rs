@@ -189,6 +189,16 @@ impl Classifier {
 }
 
 impl Airbench {
+    /// A network `train` has just trained, with its class names.
+    pub fn trained(vs: nn::VarStore, net: Airbench94, classes: Vec<String>) -> Airbench {
+        Airbench {
+            vs,
+            net,
+            classes,
+            named: true,
+        }
+    }
+
     /// The airbench94 network in `path`, on `device`.
     pub fn load(path: &Path, device: Device) -> Result<Airbench> {
         let (tensors, classes) = read_weights(path)?;

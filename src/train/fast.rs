@@ -1,25 +1,21 @@
 //! `tch-cifar train --model airbench94`: the fast recipe
 //! ([`crate::airbench`]) as the [harness](super::harness) drives it, one
-//! line per epoch, and its evaluation with and without test-time
-//! augmentation.
+//! line per epoch. The trained network is a [`crate::classifier::Airbench`],
+//! as `evaluate` loads it.
 
-use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tch::nn::VarStore;
 use tch::Tensor;
 
 use super::args::Given;
 use super::harness::{self, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput};
 use super::{Control, TrainStats};
-use crate::airbench::{Airbench94, FastRecipe, Tta, BATCH_SIZE};
+use crate::airbench::{FastRecipe, BATCH_SIZE};
 use crate::checkpoint::Checkpoint;
-use crate::classifier::save_airbench;
+use crate::classifier::Airbench;
 use crate::data::Split;
-use crate::evaluate::{evaluate, Evaluation};
-use crate::outputs::Format;
 use crate::report::Reporter;
 use crate::settings::Settings;
 
@@ -57,17 +53,10 @@ pub fn check_flags(given: &Given, resuming: bool) -> Result<()> {
 /// alike, as on GPUs.
 const CHANNELS_LAST: bool = true;
 
-/// A trained airbench94.
-pub struct Trained {
-    _vs: VarStore,
-    pub net: Airbench94,
-    pub classes: Vec<String>,
-    /// The seconds of each epoch this process trained (in part or whole).
-    pub epoch_seconds: Vec<f64>,
-}
-
 /// airbench94 trains on `train` (which it drops once the augmented copy
-/// is made), from `resumed` if given, through the harness.
+/// is made), from `resumed` if given, through the harness. Returns the
+/// network, the harness's figures and the seconds of each epoch this
+/// process trained (in part or whole).
 pub fn train(
     train: Split,
     settings: &Settings,
@@ -75,7 +64,7 @@ pub fn train(
     start_event: serde_json::Value,
     control: &mut Control,
     reporter: &mut Reporter,
-) -> Result<(Trained, TrainStats)> {
+) -> Result<(Airbench, TrainStats, Vec<f64>)> {
     if (train.len() as i64) < BATCH_SIZE {
         bail!(
             "the training set has {} images, fewer than one mini-batch of {BATCH_SIZE} \
@@ -113,15 +102,7 @@ pub fn train(
     let mut lines = EpochLines::new(recipe.steps_per_epoch());
     let stats = harness::run(&mut recipe, plan, &mut [&mut lines], reporter)?;
     drop(recipe);
-    Ok((
-        Trained {
-            _vs: vs,
-            net,
-            classes,
-            epoch_seconds: lines.seconds,
-        },
-        stats,
-    ))
+    Ok((Airbench::trained(vs, net, classes), stats, lines.seconds))
 }
 
 impl Recipe for FastRecipe<'_> {
@@ -206,31 +187,5 @@ impl<R: ?Sized> Hook<R> for EpochLines {
         self.seconds.push(seconds);
         (self.sum, self.count, self.began) = (0.0, 0, Instant::now());
         Ok(())
-    }
-}
-
-impl Trained {
-    /// Writes the `state_dict` (keyed like `scripts/airbench94.py`'s
-    /// `Airbench94`) with the class names and the network's name.
-    pub fn save(&self, out: &Path, format: Format) -> Result<()> {
-        save_airbench(&self.net, &self.classes, out, format)
-            .with_context(|| format!("cannot save the weights to {}", out.display()))
-    }
-
-    /// The network for evaluation, with or without test-time augmentation.
-    pub fn module(&self, tta: bool) -> Tta {
-        Tta {
-            net: self.net.shallow_clone(),
-            tta,
-            channels_last: CHANNELS_LAST,
-        }
-    }
-
-    /// The test set's counts with test-time augmentation, then without.
-    pub fn evaluate(&self, test: &Split) -> (Evaluation, Evaluation) {
-        (
-            evaluate(&self.module(true), test, 1000),
-            evaluate(&self.module(false), test, 1000),
-        )
     }
 }

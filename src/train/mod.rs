@@ -42,6 +42,7 @@ pub use self::harness::{
 use self::resume::{check_resume, evaluate_command, resume_command, resumed_settings};
 use self::tutorial::Tutorial;
 use crate::checkpoint::{self, Meta, Position, Saver};
+use crate::classifier::Classifier;
 use crate::data::{self, Split};
 use crate::device::device_name;
 use crate::evaluate::{evaluate, predict_classes};
@@ -227,7 +228,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         resume_command: resume_command(&dir, json),
         saver: Saver::new(dir, keep, meta, last),
     };
-    let (trained, mut stats) = match settings.model {
+    let (trained, mut stats, epoch_seconds) = match settings.model {
         ModelKind::Net => {
             let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
             let mut opt = Sgd::new(&model, settings.lr, settings.momentum);
@@ -247,10 +248,10 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 &mut reporter,
             )?;
             drop(train_set);
-            (Trained::Net(model), stats)
+            (Classifier::Net(model), stats, None)
         }
         ModelKind::Airbench94 => {
-            let (trained, stats) = fast::train(
+            let (airbench, stats, epoch_seconds) = fast::train(
                 train_set,
                 &settings,
                 resumed,
@@ -258,7 +259,8 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 &mut control,
                 &mut reporter,
             )?;
-            (Trained::Airbench94(Box::new(trained)), stats)
+            let trained = Classifier::Airbench94(Box::new(airbench));
+            (trained, stats, Some(epoch_seconds))
         }
     };
     drop(training);
@@ -266,10 +268,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
     );
-    match &trained {
-        Trained::Net(model) => crate::outputs::write_weights(model, &out, out_format)?,
-        Trained::Airbench94(fast) => fast.save(&out, out_format)?,
-    }
+    trained.save(&out, out_format)?;
     eprintln!("saved the weights to {}", out.display());
     // Resumed from its own interrupt folder and now finished, the run has
     // no more use for that folder, which would only block the next run.
@@ -307,27 +306,22 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
 
     let test = test_split.load(device)?;
     let eval_start = Instant::now();
-    let (eval, plain) = match &trained {
-        Trained::Net(model) => {
-            report_test(&reporter, &model.net, &test)?;
-            (evaluate(&model.net, &test, 1000), None)
-        }
-        Trained::Airbench94(fast) => {
-            report_test(&reporter, &fast.module(true), &test)?;
-            let (tta, plain) = fast.evaluate(&test);
-            (tta, Some(plain))
-        }
-    };
+    // airbench94 reports its test-time augmentation, and the plain figure beside it.
+    let airbench = trained.network() == ModelKind::Airbench94;
+    let forward = trained.forward(airbench);
+    report_test(&reporter, &forward, &test)?;
+    let eval = evaluate(&forward, &test, 1000);
+    let plain = airbench.then(|| evaluate(&trained.forward(false), &test, 1000));
     let eval_seconds = eval_start.elapsed().as_secs_f64();
     let mut summary = settings_json(&settings, device);
     summary["event"] = json!("summary");
     let fields = summary.as_object_mut().expect("json! object");
     fields.extend(eval.json_fields());
-    if let (Some(plain), Trained::Airbench94(fast)) = (&plain, &trained) {
+    if let (Some(plain), Some(epoch_seconds)) = (&plain, &epoch_seconds) {
         fields.insert("model".into(), json!(settings.model.name()));
         fields.insert("tta_accuracy".into(), json!(eval.accuracy()));
         fields.insert("plain_accuracy".into(), json!(plain.accuracy()));
-        fields.insert("epoch_seconds".into(), json!(fast.epoch_seconds));
+        fields.insert("epoch_seconds".into(), json!(epoch_seconds));
         let trained_here = stats.steps - control.start.global_step;
         fields.insert(
             "seconds_per_step".into(),
@@ -354,12 +348,6 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     };
     reporter.emit(text, summary);
     Ok(())
-}
-
-/// A trained network, for what follows training and differs by network.
-enum Trained {
-    Net(Model),
-    Airbench94(Box<fast::Trained>),
 }
 
 /// The settings in the `start` and `summary` events.
