@@ -9,6 +9,7 @@
 //! * [`train`] and [`evaluate`]: the recipe and the test-set accuracy.
 //! * [`settings`] and [`checkpoint`]: a training run's settings, and saving and
 //!   resuming it.
+//! * [`distributed`]: data-parallel training on libtorch's c10d (torchrun, Gloo).
 //! * [`compare`]: cross-entropy on logits against softmax + `nll_loss(log p)`.
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
 //! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
@@ -20,6 +21,7 @@ pub mod classifier;
 pub mod compare;
 pub mod data;
 pub mod device;
+pub mod distributed;
 pub mod download;
 pub mod evaluate;
 pub mod export;

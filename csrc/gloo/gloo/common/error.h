@@ -1,0 +1,2 @@
+// See README.md: included by ProcessGroupGloo.hpp, which needs nothing from it.
+#pragma once

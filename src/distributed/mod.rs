@@ -1,0 +1,520 @@
+//! Data-parallel training on libtorch's own distributed engine, c10d, as
+//! PyTorch's `DistributedDataParallel` and `DistributedSampler` do it:
+//!
+//! * [`init`] joins the run that [`Launch`] describes (torchrun's
+//!   environment): a c10d `TCPStore` rendezvous and a process group
+//!   (Gloo on the CPU). Like `torch.distributed.init_process_group`, it
+//!   sets this process's one [`World`], which [`world`] returns.
+//! * [`sync_gradients`], called by the optimizers after backward, sums
+//!   every rank's gradients in buckets, one all-reduce per bucket, and
+//!   averages them (or keeps the sum, for a summed loss). The step's loss
+//!   and each rank's stop request travel in the last bucket, so every rank
+//!   sees the global batch's loss and all stop at the same step.
+//! * [`local_share`] is `DistributedSampler`'s strided share of one global
+//!   mini-batch; [`World::broadcast`] copies rank 0's tensors to every rank.
+//! * A heartbeat in the store names the rank that died or hangs when a
+//!   collective fails, instead of leaving every other rank waiting.
+//!
+//! Without a [`World`] every function here does nothing: one process.
+
+pub mod c10d;
+pub mod launch;
+mod nccl;
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tch::{Device, Kind, Tensor};
+
+use self::c10d::{Group, Store};
+pub use self::launch::Launch;
+
+/// `--dist-backend`: the c10d process group that carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Gloo: CPU tensors over TCP (PyTorch's default for the CPU).
+    Gloo,
+    /// NCCL: CUDA tensors, GPU to GPU (PyTorch's default for CUDA).
+    Nccl,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Gloo => "gloo",
+            Backend::Nccl => "nccl",
+        }
+    }
+
+    /// PyTorch's choice for a device: NCCL on CUDA, Gloo on the CPU.
+    pub fn for_device(device: Device) -> Backend {
+        if device.is_cuda() {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        }
+    }
+}
+
+/// How a recipe's loss combines the images of its mini-batch, which says
+/// how the ranks' gradients combine into the global batch's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LossReduction {
+    /// The mean over the batch (`CrossEntropyLoss()`): gradients and losses
+    /// are averaged over the ranks, as DDP does.
+    Mean,
+    /// The sum over the batch (airbench94's `reduction="none"` + `.sum()`):
+    /// they are summed, which is what a DDP user gets by scaling the loss
+    /// by the world size.
+    Sum,
+}
+
+/// `--dist-timeout`'s default: how long a collective or the rendezvous waits
+/// for a rank before the run fails.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// DDP's default bucket size (`bucket_cap_mb=25`).
+const BUCKET_BYTES: i64 = 25 << 20;
+
+/// How often each rank tells the store it is alive.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// This process's place in a distributed run, and its connections.
+pub struct World {
+    pub rank: i64,
+    pub size: i64,
+    pub local_rank: i64,
+    pub backend: Backend,
+    /// Where this rank's tensors are, and so the collectives' buffers.
+    pub device: Device,
+    group: Group,
+    /// Heartbeats and failure reports, on a connection of their own whose
+    /// operations give up quickly (the main one waits `timeout`).
+    monitor: Arc<Store>,
+    /// Holds the rendezvous (and, on rank 0 without torchrun, hosts it).
+    _store: Store,
+    timeout: Duration,
+    reduction: AtomicU8,
+    /// This rank was asked to stop (SIGINT/SIGTERM), sent with the next step.
+    stop_requested: AtomicBool,
+    /// Some rank asked to stop in the last step: every rank stops after it.
+    stop_agreed: AtomicBool,
+    /// The first collective that failed inside a step, for the harness.
+    failure: Mutex<Option<anyhow::Error>>,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+
+/// The run this process is a rank of, once [`init`] has joined it.
+pub fn world() -> Option<&'static World> {
+    WORLD.get()
+}
+
+/// Whether this process speaks for the run: rank 0, or the only process.
+pub fn is_main() -> bool {
+    world().is_none_or(|w| w.rank == 0)
+}
+
+fn heartbeat_key(rank: i64) -> String {
+    format!("tch-cifar/heartbeat/{rank}")
+}
+
+fn failed_key(rank: i64) -> String {
+    format!("tch-cifar/failed/{rank}")
+}
+
+/// Joins the run `launch` describes on `backend` for tensors on `device`,
+/// waiting up to `timeout` for every rank, and makes it this process's
+/// [`World`].
+pub fn init(
+    launch: &Launch,
+    backend: Backend,
+    device: Device,
+    timeout: Duration,
+) -> Result<&'static World> {
+    let Launch {
+        rank, world_size, ..
+    } = *launch;
+    let host = launch.master_addr.as_str();
+    let port = launch.master_port;
+    let is_server = rank == 0 && !launch.agent_store;
+    let where_ = format!("{host}:{port}");
+    let store = Store::connect(
+        host,
+        port,
+        world_size,
+        is_server,
+        timeout,
+        &launch.store_prefix,
+    )
+    .map_err(|err| {
+        if is_server {
+            err.context(format!(
+                "rank 0 cannot host the rendezvous store on {where_} (MASTER_ADDR:MASTER_PORT): \
+                 is the port in use? Pick a free MASTER_PORT"
+            ))
+        } else {
+            err.context(format!(
+                "rank {rank} cannot reach the rendezvous store on {where_} \
+                 (MASTER_ADDR:MASTER_PORT) within {} s",
+                timeout.as_secs()
+            ))
+        }
+    })?;
+    let monitor = Store::connect(
+        host,
+        port,
+        world_size,
+        false,
+        Duration::from_secs(5),
+        &launch.store_prefix,
+    )
+    .with_context(|| format!("rank {rank} cannot open a second connection to {where_}"))?;
+    let monitor = Arc::new(monitor);
+    monitor.set(&heartbeat_key(rank), b"0")?;
+    spawn_heartbeat(Arc::clone(&monitor), rank);
+    // On loopback, Gloo's sockets stay there too; elsewhere they bind as
+    // torch.distributed binds them (GLOO_SOCKET_IFNAME, else the host name).
+    let bind = launch.is_loopback().then_some("127.0.0.1");
+    let interfaces = std::env::var("GLOO_SOCKET_IFNAME")
+        .ok()
+        .filter(|names| !names.is_empty());
+    let group = match backend {
+        Backend::Gloo => Group::gloo(
+            &store,
+            rank,
+            world_size,
+            timeout,
+            bind,
+            interfaces.as_deref(),
+        ),
+        Backend::Nccl => nccl::group(&store, rank, world_size, timeout),
+    };
+    let group = group.with_context(|| {
+        format!(
+            "rank {rank} of {world_size}: the {} process group did not form within {} s \
+             (are all {world_size} ranks started?)",
+            backend.name(),
+            timeout.as_secs()
+        )
+    })?;
+    let world = World {
+        rank,
+        size: world_size,
+        local_rank: launch.local_rank,
+        backend,
+        device,
+        group,
+        monitor,
+        _store: store,
+        timeout,
+        reduction: AtomicU8::new(0),
+        stop_requested: AtomicBool::new(false),
+        stop_agreed: AtomicBool::new(false),
+        failure: Mutex::new(None),
+    };
+    if WORLD.set(world).is_err() {
+        bail!("this process has joined a distributed run already");
+    }
+    Ok(WORLD.get().expect("set above"))
+}
+
+/// Tells the store this rank is alive, every [`HEARTBEAT_EVERY`], until
+/// the process ends.
+fn spawn_heartbeat(store: Arc<Store>, rank: i64) {
+    let key = heartbeat_key(rank);
+    std::thread::spawn(move || {
+        for beat in 1u64.. {
+            std::thread::sleep(HEARTBEAT_EVERY);
+            if store.set(&key, beat.to_string().as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+impl World {
+    /// Sets how [`sync_gradients`] combines the ranks' gradients.
+    pub fn set_reduction(&self, reduction: LossReduction) {
+        let code = match reduction {
+            LossReduction::Mean => 0,
+            LossReduction::Sum => 1,
+        };
+        self.reduction.store(code, Ordering::Relaxed);
+    }
+
+    fn reduction(&self) -> LossReduction {
+        match self.reduction.load(Ordering::Relaxed) {
+            0 => LossReduction::Mean,
+            _ => LossReduction::Sum,
+        }
+    }
+
+    /// Asks every rank to stop after the next step (this rank had a signal).
+    pub fn request_stop(&self) {
+        self.stop_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether some rank asked to stop in the step just done.
+    pub fn stop_agreed(&self) -> bool {
+        self.stop_agreed.load(Ordering::SeqCst)
+    }
+
+    /// The error of a collective that failed inside the last step.
+    pub fn take_failure(&self) -> Option<anyhow::Error> {
+        self.failure.lock().expect("not poisoned").take()
+    }
+
+    /// Sums `tensor` over the ranks, in place.
+    pub fn all_reduce_sum(&self, tensor: &Tensor, what: &str) -> Result<()> {
+        self.group
+            .all_reduce_sum(tensor)
+            .map_err(|err| self.lost(what, err))
+    }
+
+    /// Copies rank 0's `tensors` into every rank's, in place: one
+    /// broadcast for each dtype, whatever their number, shapes and layouts.
+    pub fn broadcast(&self, tensors: &[Tensor], what: &str) -> Result<()> {
+        let mut kinds: Vec<Kind> = vec![];
+        for t in tensors {
+            if !kinds.contains(&t.kind()) {
+                kinds.push(t.kind());
+            }
+        }
+        for kind in kinds {
+            let of_kind: Vec<&Tensor> = tensors.iter().filter(|t| t.kind() == kind).collect();
+            let flat = Tensor::cat(
+                &of_kind.iter().map(|t| t.reshape(-1)).collect::<Vec<_>>(),
+                0,
+            );
+            self.group
+                .broadcast(&flat, 0)
+                .map_err(|err| self.lost(what, err))?;
+            unflatten_into(&flat, &of_kind);
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self, what: &str) -> Result<()> {
+        self.group.barrier().map_err(|err| self.lost(what, err))
+    }
+
+    /// Tells the other ranks why this one is about to fail, so that their
+    /// errors name it and its reason rather than a lost connection.
+    pub fn report_failure(&self, err: &anyhow::Error) {
+        let message = format!("{err:#}");
+        let _ = self.monitor.set(&failed_key(self.rank), message.as_bytes());
+    }
+
+    /// The error for a collective `what` that failed with `err`: which rank
+    /// was lost, from the failure reports and the heartbeats in the store.
+    fn lost(&self, what: &str, err: anyhow::Error) -> anyhow::Error {
+        let others: Vec<i64> = (0..self.size).filter(|&r| r != self.rank).collect();
+        let me = format!("rank {} of {}", self.rank, self.size);
+        let beats = |store: &Store| -> Result<Vec<Option<Vec<u8>>>> {
+            others
+                .iter()
+                .map(|&r| store.try_get(&heartbeat_key(r)))
+                .collect()
+        };
+        let diagnosis = (|| -> Result<String> {
+            for &r in &others {
+                if let Some(reason) = self.monitor.try_get(&failed_key(r))? {
+                    return Ok(format!(
+                        "rank {r} failed: {}",
+                        String::from_utf8_lossy(&reason)
+                    ));
+                }
+            }
+            let before = beats(&self.monitor)?;
+            let waited = Instant::now();
+            std::thread::sleep(HEARTBEAT_EVERY * 5 / 2);
+            let after = beats(&self.monitor)?;
+            let silent: Vec<String> = others
+                .iter()
+                .zip(before.iter().zip(&after))
+                .filter(|(_, (b, a))| b == a)
+                .map(|(r, _)| r.to_string())
+                .collect();
+            Ok(match silent.as_slice() {
+                [] => "no rank's heartbeat stopped: a rank may have called another collective"
+                    .to_string(),
+                [one] => format!(
+                    "lost rank {one}: its heartbeat stopped (no beat in {:.1} s), so it died \
+                     or hangs",
+                    waited.elapsed().as_secs_f64()
+                ),
+                many => format!(
+                    "lost ranks {}: their heartbeats stopped, so they died or hang",
+                    many.join(", ")
+                ),
+            })
+        })();
+        let diagnosis = diagnosis.unwrap_or_else(|_| {
+            "lost rank 0, which hosts the rendezvous store: the store stopped answering".to_string()
+        });
+        anyhow!(
+            "{me}: {diagnosis}; the {what} failed (timeout {} s, --dist-timeout), so every rank \
+             stops: {err:#}",
+            self.timeout.as_secs()
+        )
+    }
+}
+
+/// Copies `flat`'s consecutive pieces into `tensors` (in place, any layout).
+fn unflatten_into(flat: &Tensor, tensors: &[&Tensor]) {
+    let mut at = 0;
+    tch::no_grad(|| {
+        for t in tensors {
+            let n = t.numel() as i64;
+            let piece = flat.narrow(0, at, n).view(t.size().as_slice());
+            t.shallow_clone().copy_(&piece);
+            at += n;
+        }
+    });
+}
+
+/// In a distributed run, replaces `grads` (of `loss`, this rank's share of
+/// the global mini-batch) by the global batch's: every rank's summed, in
+/// buckets of at most 25 MiB, one all-reduce each, then averaged over the
+/// ranks for a mean loss. `loss` becomes the global batch's loss too. The
+/// step's stop requests travel in the last bucket (see [`World::stop_agreed`]).
+/// A failed all-reduce is kept for the harness ([`World::take_failure`]),
+/// which ends the run after this step; the gradients are then this rank's.
+pub fn sync_gradients(loss: &Tensor, grads: &[Tensor]) {
+    let Some(world) = world() else {
+        return;
+    };
+    if let Err(err) = world.sync(loss, grads) {
+        let mut failure = world.failure.lock().expect("not poisoned");
+        failure.get_or_insert(err);
+    }
+}
+
+impl World {
+    fn sync(&self, loss: &Tensor, grads: &[Tensor]) -> Result<()> {
+        let Some(last) = grads.last() else {
+            return Ok(());
+        };
+        let kind = last.kind();
+        let device = last.device();
+        let stop = self.stop_requested.load(Ordering::SeqCst);
+        let extras = Tensor::cat(
+            &[
+                loss.detach().reshape(-1).to_kind(kind),
+                Tensor::from(f64::from(u8::from(stop)))
+                    .to_kind(kind)
+                    .to_device(device)
+                    .reshape(-1),
+            ],
+            0,
+        );
+        let scale = match self.reduction() {
+            LossReduction::Mean => 1.0 / self.size as f64,
+            LossReduction::Sum => 1.0,
+        };
+        let buckets = buckets(grads);
+        let count = buckets.len();
+        for (i, bucket) in buckets.into_iter().enumerate() {
+            let mut pieces: Vec<Tensor> = bucket.iter().map(|g| g.reshape(-1)).collect();
+            if i + 1 == count {
+                pieces.push(extras.shallow_clone());
+            }
+            let flat = Tensor::cat(&pieces, 0);
+            self.all_reduce_sum(&flat, "gradient all-reduce")?;
+            let flat = tch::no_grad(|| flat.g_mul_scalar(scale));
+            unflatten_into(&flat, &bucket);
+            if i + 1 == count {
+                let n = flat.size()[0];
+                let global = flat.narrow(0, n - 2, 1).view(loss.size().as_slice());
+                tch::no_grad(|| loss.shallow_clone().copy_(&global));
+                // Any rank's request, summed and scaled, is above zero.
+                let stops = flat.narrow(0, n - 1, 1).double_value(&[0]);
+                if stops > 0.0 {
+                    self.stop_agreed.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `grads` in consecutive groups of at most [`BUCKET_BYTES`] (a tensor
+/// larger than that is a bucket alone).
+fn buckets(grads: &[Tensor]) -> Vec<Vec<&Tensor>> {
+    let mut out: Vec<Vec<&Tensor>> = vec![];
+    let mut bytes = 0;
+    for g in grads {
+        let size = g.numel() as i64 * g.kind().elt_size_in_bytes() as i64;
+        match out.last_mut() {
+            Some(bucket) if bytes + size <= BUCKET_BYTES => bucket.push(g),
+            _ => {
+                out.push(vec![g]);
+                bytes = 0;
+            }
+        }
+        bytes += size;
+    }
+    out
+}
+
+/// This rank's share of one global mini-batch `index`, as
+/// `DistributedSampler` takes it: every `world size`-th image from its
+/// rank's. A batch that does not divide evenly is padded with its first
+/// images, as `DistributedSampler` pads an epoch, so every rank gets the same
+/// count. Without a [`World`], the whole batch.
+pub fn local_share(index: &Tensor) -> Tensor {
+    let Some(world) = world() else {
+        return index.shallow_clone();
+    };
+    let n = index.size()[0];
+    let size = world.size;
+    let padded = (n as u64).div_ceil(size as u64) as i64 * size;
+    let index = if padded == n {
+        index.shallow_clone()
+    } else {
+        let extra = (0..padded - n).map(|i| i % n).collect::<Vec<i64>>();
+        let extra = Tensor::from_slice(&extra).to_device(index.device());
+        Tensor::cat(&[index.shallow_clone(), index.index_select(0, &extra)], 0)
+    };
+    index.slice(0, world.rank, padded, size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_hold_at_most_25_mib() {
+        let small = Tensor::zeros([1000], (Kind::Float, Device::Cpu));
+        let big = Tensor::zeros([7 << 20], (Kind::Float, Device::Cpu));
+        let grads = [small.shallow_clone(), big.shallow_clone(), big, small];
+        let sizes: Vec<usize> = buckets(&grads).iter().map(Vec::len).collect();
+        // 4 KB + 28 MiB is over; 28 MiB alone is a bucket; then 28 MiB + 4 KB.
+        assert_eq!(sizes, [1, 1, 1, 1]);
+        let grads: Vec<Tensor> = (0..3)
+            .map(|_| Tensor::zeros([1 << 20], (Kind::Float, Device::Cpu)))
+            .collect();
+        assert_eq!(buckets(&grads).len(), 1);
+    }
+
+    #[test]
+    fn unflatten_fills_tensors_of_any_layout() {
+        let a = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
+        let b = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)).tr();
+        let flat = Tensor::arange(10, (Kind::Float, Device::Cpu));
+        unflatten_into(&flat, &[&a, &b]);
+        assert_eq!(
+            Vec::<f32>::try_from(a.reshape(-1)).unwrap(),
+            [0., 1., 2., 3., 4., 5.]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(b.reshape(-1)).unwrap(),
+            [6., 7., 8., 9.]
+        );
+    }
+}
