@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 use crate::classifier::{Classifier, TtaArgs};
 use crate::data::{DataArgs, Split};
 use crate::device::{device_name, DeviceArg};
+use crate::distributed::World;
 use crate::report::{path_json, Reporter};
 
 /// Evaluate saved weights on the test set (CIFAR-10's, or an image tree's).
@@ -139,16 +140,63 @@ pub fn predict_classes(net: &impl Module, images: &Tensor, batch_size: i64) -> T
 pub fn evaluate(net: &impl Module, split: &Split, batch_size: i64) -> Evaluation {
     let k = split.classes.len() as i64;
     let preds = predict_classes(net, &split.images, batch_size);
+    confusion(split, &(&split.labels * k + preds))
+}
+
+/// The confusion matrix from `cells` (truth × classes + prediction, one per image).
+fn confusion(split: &Split, cells: &Tensor) -> Evaluation {
+    let k = split.classes.len() as i64;
     // One bincount over truth*k+pred fills the confusion matrix in one sync.
-    let cells = (&split.labels * k + preds)
-        .bincount::<Tensor>(None, k * k)
-        .to_device(Device::Cpu);
+    let cells = cells.bincount::<Tensor>(None, k * k).to_device(Device::Cpu);
     let cells =
         Vec::<i64>::try_from(&cells.to_kind(Kind::Int64)).expect("bincount gives k*k counts");
     Evaluation {
         classes: split.classes.clone(),
         confusion: cells.chunks(k as usize).map(<[i64]>::to_vec).collect(),
     }
+}
+
+/// [`evaluate`] shared out over a distributed run's ranks: rank r runs the
+/// batches r, r + world size, …, of the same batches one process runs, and
+/// the ranks' confusion matrices are summed, so every rank gets the same
+/// counts as one process on the same weights. Without `world`, [`evaluate`].
+pub fn evaluate_sharded(
+    net: &impl Module,
+    split: &Split,
+    batch_size: i64,
+    world: Option<&World>,
+) -> Result<Evaluation> {
+    let Some(world) = world else {
+        return Ok(evaluate(net, split, batch_size));
+    };
+    let k = split.classes.len() as i64;
+    let n = split.len() as i64;
+    let starts = (0..n).step_by(batch_size as usize);
+    let mine: Vec<Tensor> = tch::no_grad(|| {
+        starts
+            .skip(world.rank as usize)
+            .step_by(world.size as usize)
+            .map(|start| {
+                let len = batch_size.min(n - start);
+                let preds = net
+                    .forward(&split.images.narrow(0, start, len))
+                    .argmax(1, false);
+                split.labels.narrow(0, start, len) * k + preds
+            })
+            .collect()
+    });
+    let cells = match mine.is_empty() {
+        true => Tensor::zeros([0], (Kind::Int64, split.labels.device())),
+        false => Tensor::cat(&mine, 0),
+    };
+    let mut local = confusion(split, &cells);
+    let counts: Vec<i64> = local.confusion.iter().flatten().copied().collect();
+    let counts = Tensor::from_slice(&counts).to_device(world.device);
+    world.all_reduce_sum(&counts, "evaluation's all-reduce")?;
+    let counts = Vec::<i64>::try_from(&counts.to_device(Device::Cpu))
+        .context("the summed confusion matrix")?;
+    local.confusion = counts.chunks(k as usize).map(<[i64]>::to_vec).collect();
+    Ok(local)
 }
 
 /// Errors, naming the differences, unless the weights' classes are the

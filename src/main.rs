@@ -109,7 +109,9 @@ fn main() -> ExitCode {
         // with 130 like a shell does for a process stopped by Ctrl-C.
         Err(err) => match err.downcast_ref::<train::Interrupted>() {
             Some(stopped) => {
-                eprintln!("{stopped}");
+                if stopped.speaks() {
+                    eprintln!("{stopped}");
+                }
                 ExitCode::from(130)
             }
             None => {

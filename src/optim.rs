@@ -19,6 +19,7 @@
 use anyhow::{ensure, Result};
 use tch::Tensor;
 
+use crate::distributed;
 use crate::model::Model;
 
 pub struct Sgd {
@@ -48,11 +49,15 @@ impl Sgd {
 
     /// The gradients of `loss` with respect to every parameter, as one flat
     /// tensor in [`crate::model::PARAMETERS`] order. Nothing accumulates in
-    /// `.grad`, so there is nothing to zero between steps.
+    /// `.grad`, so there is nothing to zero between steps. In a distributed
+    /// run they are the global batch's, averaged over the ranks in one
+    /// all-reduce, as DDP's backward leaves them ([`distributed::sync_gradients`]).
     pub fn gradient(&self, loss: &Tensor) -> Tensor {
         let grads = Tensor::run_backward(&[loss], &self.params, false, false);
         let flat: Vec<Tensor> = grads.iter().map(|g| g.view(-1)).collect();
-        Tensor::cat(&flat, 0)
+        let flat = Tensor::cat(&flat, 0);
+        distributed::sync_gradients(loss, std::slice::from_ref(&flat));
+        flat
     }
 
     /// One optimizer step on `loss`: backward, then the momentum update.

@@ -97,6 +97,9 @@ pub fn print_usage_error_event(
 /// Prints each event either as text or as a JSON line.
 pub struct Reporter {
     json: bool,
+    /// Prints nothing and shows no bar: a distributed run's ranks other
+    /// than 0, which speaks for them all.
+    muted: bool,
     bar: ProgressBar,
 }
 
@@ -104,8 +107,14 @@ impl Reporter {
     pub fn new(json: bool) -> Self {
         Self {
             json,
+            muted: false,
             bar: ProgressBar::hidden(),
         }
+    }
+
+    /// This reporter, printing nothing when `muted`.
+    pub fn muted(self, muted: bool) -> Self {
+        Self { muted, ..self }
     }
 
     pub fn is_json(&self) -> bool {
@@ -115,6 +124,9 @@ impl Reporter {
     /// Prints `text` (one or more lines) or `event`, keeping a live progress
     /// bar intact.
     pub fn emit(&self, text: impl FnOnce() -> String, event: Value) {
+        if self.muted {
+            return;
+        }
         self.bar.suspend(|| {
             if self.json {
                 println!("{event}");
@@ -126,6 +138,9 @@ impl Reporter {
 
     /// Shows `bar` (made by [`step_bar`]) until [`Reporter::finish_bar`].
     pub fn attach_bar(&mut self, bar: ProgressBar) -> ProgressBar {
+        if self.muted {
+            bar.set_draw_target(ProgressDrawTarget::hidden());
+        }
         self.bar = bar.clone();
         bar
     }

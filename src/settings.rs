@@ -100,6 +100,17 @@ pub struct Settings {
     /// ceil(steps per epoch × this) steps, within the `epochs` it iterates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_epochs: Option<f64>,
+    /// The ranks of a distributed run that train together; 1 for one process.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub world_size: u64,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
 }
 
 impl Settings {
@@ -124,6 +135,7 @@ impl Settings {
             classes: crate::data::CLASSES.map(String::from).to_vec(),
             model: ModelKind::Net,
             schedule_epochs: None,
+            world_size: 1,
         }
     }
 
@@ -261,6 +273,7 @@ mod tests {
             classes: vec!["cat".into(), "dog".into()],
             model: ModelKind::Net,
             schedule_epochs: None,
+            world_size: 1,
         }
     }
 

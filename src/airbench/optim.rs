@@ -99,6 +99,8 @@ impl NesterovSgd {
             .map(|&(g, p)| self.groups[g].params[p].shallow_clone())
             .collect();
         let grads = Tensor::run_backward(&[loss], &inputs, false, false);
+        // DDP's all-reduce, in a distributed run: the global batch's gradients.
+        crate::distributed::sync_gradients(loss, &grads);
         let momentum = self.momentum;
         tch::no_grad(|| {
             for ((g, p), grad) in chosen.into_iter().zip(grads) {

@@ -194,6 +194,8 @@ impl<'a> FastRecipe<'a> {
         let index = draws
             .order
             .narrow(0, (step as i64 - 1) * BATCH_SIZE, BATCH_SIZE);
+        // This rank's share of the global batch, in a distributed run.
+        let index = crate::distributed::local_share(&index);
         let size = self.padded.size()[3] - 2 * TRANSLATE;
         let shifts = draws.shifts.index_select(0, &index);
         let mut images = augment::translate(&self.padded.index_select(0, &index), &shifts, size);
@@ -250,6 +252,16 @@ impl<'a> FastRecipe<'a> {
                 .iter()
                 .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1)
         })
+    }
+
+    /// The live training state: the `state_dict`, the momentum buffers and
+    /// the lookahead's EMA, which a distributed run keeps equal to rank 0's.
+    pub fn replicated(&self) -> Vec<Tensor> {
+        let state = self.net.state_dict().into_iter().map(|(_, t)| t);
+        state
+            .chain(self.opt.buffers())
+            .chain(self.lookahead.ema())
+            .collect()
     }
 
     /// What a checkpoint holds to go on bit for bit: the `state_dict`

@@ -132,6 +132,12 @@ struct Setup<'a> {
 
 /// `tch-cifar compare-losses`.
 pub fn run(args: CompareArgs) -> Result<()> {
+    if crate::distributed::Launch::from_env()?.is_some() {
+        bail!(
+            "compare-losses trains its four networks side by side in one process and does not \
+             run distributed: run it without torchrun (with RANK and WORLD_SIZE unset)"
+        );
+    }
     crate::train::harness::install_signal_handlers()
         .context("cannot install the signal handlers")?;
     for (i, p) in args.dtype.iter().enumerate() {

@@ -11,6 +11,7 @@ use tch::Device;
 
 use crate::data::DataArgs;
 use crate::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceArg};
+use crate::distributed::{Backend, DEFAULT_TIMEOUT};
 use crate::settings::{
     ModelKind, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_KEEP_CHECKPOINTS,
     DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_OUT,
@@ -199,6 +200,24 @@ pub struct TrainArgs {
     /// Print one JSON object per line instead of the tutorial's text.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    #[command(flatten, next_help_heading = "Distributed (under torchrun)")]
+    pub distributed: DistArgs,
+}
+
+/// A distributed run's flags: they matter only where torchrun (or the
+/// same environment) launches the processes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DistArgs {
+    /// c10d backend: gloo or nccl [default: nccl on CUDA, gloo on the CPU].
+    #[arg(long, value_enum, value_name = "BACKEND", hide_possible_values = true)]
+    pub dist_backend: Option<Backend>,
+    /// Seconds a rank waits for the others (rendezvous, each collective).
+    ///
+    /// A rank that dies or hangs makes every other one fail within this
+    /// time, with an error that names it.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TIMEOUT.as_secs(),
+          allow_negative_numbers = true, value_parser = |s: &str| count(s, 1, 86_400))]
+    pub dist_timeout: u64,
 }
 
 /// Checkpointing and resuming.
@@ -265,6 +284,7 @@ impl TrainArgs {
             classes: Vec::new(),
             model: ModelKind::Net,
             schedule_epochs: None,
+            world_size: 1,
         }
     }
 
@@ -295,6 +315,7 @@ impl TrainArgs {
             classes: Vec::new(),
             model: ModelKind::Airbench94,
             schedule_epochs: Some(schedule_epochs),
+            world_size: 1,
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::airbench::{FastRecipe, BATCH_SIZE};
 use crate::checkpoint::Checkpoint;
 use crate::classifier::Airbench;
 use crate::data::Split;
+use crate::distributed::LossReduction;
 use crate::report::Reporter;
 use crate::settings::Settings;
 
@@ -118,10 +119,19 @@ impl Recipe for FastRecipe<'_> {
     fn training_step(&mut self, epoch: u64, step: u64) -> Result<StepOutput> {
         let (loss, images) = FastRecipe::training_step(self, epoch, step);
         Ok(StepOutput {
-            // The recipe sums over the batch; the lines show the mean.
-            loss: loss.detach() / images as f64,
+            // The recipe sums over the batch (the global batch, in a
+            // distributed run); the lines show the mean.
+            loss: loss.detach() / BATCH_SIZE as f64,
             images: images as u64,
         })
+    }
+
+    fn loss_reduction(&self) -> LossReduction {
+        LossReduction::Sum
+    }
+
+    fn replicated(&self) -> Vec<Tensor> {
+        FastRecipe::replicated(self)
     }
 
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {

@@ -30,7 +30,8 @@ use tch::Device;
 
 pub(crate) use self::args::count;
 pub use self::args::{
-    describe_device, CheckpointArgs, Given, RecipeArgs, TrainArgs, MAX_EPOCHS, MAX_THREADS,
+    describe_device, CheckpointArgs, DistArgs, Given, RecipeArgs, TrainArgs, MAX_EPOCHS,
+    MAX_THREADS,
 };
 use self::folders::{
     check_no_interrupted_run, interrupt_dir, prepare_checkpoint_dir, remove_checkpoints, same_dir,
@@ -45,7 +46,8 @@ use crate::checkpoint::{self, Meta, Position, Saver};
 use crate::classifier::Classifier;
 use crate::data::{self, Split};
 use crate::device::device_name;
-use crate::evaluate::{evaluate, predict_classes};
+use crate::distributed::{self, Backend, Launch, World};
+use crate::evaluate::{evaluate_sharded, predict_classes};
 use crate::model::Model;
 use crate::optim::Sgd;
 use crate::report::{optional_path_json, path_json, Reporter};
@@ -121,9 +123,59 @@ pub fn train(
 }
 
 /// `tch-cifar train`. `matches` are the subcommand's, which tell the flags
-/// typed from the defaults.
+/// typed from the defaults. Launched by torchrun (or with its environment),
+/// each process is one rank of a data-parallel run ([`crate::distributed`]).
 pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     install_signal_handlers().context("cannot install the signal handlers")?;
+    let result = train_run(args, matches);
+    // The other ranks' errors then name this one and its reason.
+    if let (Err(err), Some(world)) = (&result, distributed::world()) {
+        if !err.is::<Interrupted>() {
+            world.report_failure(err);
+        }
+    }
+    result
+}
+
+/// Joins the distributed run that `launch` describes, for `settings` on
+/// `device`: checks that the backend suits the device and that the batch
+/// divides among the ranks. Returns the device this rank trains on (GPU
+/// `LOCAL_RANK` on CUDA).
+fn join(
+    launch: &Launch,
+    dist: &DistArgs,
+    settings: &mut Settings,
+    device: Device,
+) -> Result<(&'static World, Device)> {
+    let backend = dist.dist_backend.unwrap_or(Backend::for_device(device));
+    if backend == Backend::Nccl && !device.is_cuda() {
+        bail!(
+            "--dist-backend nccl runs on GPUs and this run trains on the CPU: use --device cuda,              or --dist-backend gloo for the CPU"
+        );
+    }
+    let world_size = launch.world_size as u64;
+    if !settings.batch_size.is_multiple_of(world_size) {
+        bail!(
+            "--batch-size {} does not divide among WORLD_SIZE={world_size} ranks: the batch              size is the global batch, of which each rank takes batch size / world size              images; pick a multiple of {world_size}",
+            settings.batch_size
+        );
+    }
+    let device = match device {
+        Device::Cuda(_) => Device::Cuda(launch.local_rank as usize),
+        other => other,
+    };
+    settings.world_size = world_size;
+    let timeout = std::time::Duration::from_secs(dist.dist_timeout);
+    let world = distributed::init(launch, backend, device, timeout)?;
+    // The ranks stop together, so a second signal waits for them.
+    INTERRUPTS
+        .patient
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok((world, device))
+}
+
+fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+    let launch = Launch::from_env()?;
     let given = Given::from_matches(matches);
     let ck = &args.checkpoints;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
@@ -143,8 +195,11 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 );
             }
             let (settings, notes) = resumed_settings(&args, &given, &c.meta, &c.path)?;
-            for note in notes {
-                eprintln!("{note}");
+            // Rank 0 speaks for a distributed run.
+            if launch.as_ref().is_none_or(|l| l.rank == 0) {
+                for note in notes {
+                    eprintln!("{note}");
+                }
             }
             settings
         }
@@ -156,22 +211,34 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let json = args.json;
     let out = settings.out.clone();
     let device = settings.device.resolve()?;
+    let (world, device) = match &launch {
+        Some(launch) => {
+            let (world, device) = join(launch, &args.distributed, &mut settings, device)?;
+            (Some(world), device)
+        }
+        None => (None, device),
+    };
+    // Rank 0 speaks and writes for the whole run.
+    let main = world.is_none_or(|w| w.rank == 0);
     // Until the test set is evaluated.
     let training = settings.cpu_settings().apply();
-    crate::fsutil::check_writable(&out)?;
+    if main {
+        crate::fsutil::check_writable(&out)?;
+    }
     let data_args = data::DataArgs {
         data_dir: settings.data_dir.clone(),
         ..args.data
     };
     crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
     let (out_format, note) = crate::outputs::weights_format(&out);
-    if let Some(note) = note {
+    if let Some(note) = note.filter(|_| main) {
         eprintln!("note: {note}");
     }
     // Checkpoints go to --checkpoint-dir, else to the folder resumed from.
     let checkpoint_dir = ck.checkpoint_dir.clone().or_else(|| ck.resume.clone());
     match &checkpoint_dir {
-        Some(dir) => prepare_checkpoint_dir(dir, ck.resume.as_deref())?,
+        Some(dir) if main => prepare_checkpoint_dir(dir, ck.resume.as_deref())?,
+        Some(_) => {}
         // An interrupt would save there and delete what is there already.
         None => check_no_interrupted_run(&interrupt_dir(&out))?,
     }
@@ -190,16 +257,23 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         train_set.md5.clone(),
     );
     let settings = &meta.settings;
-    let mut reporter = Reporter::new(json);
+    let mut reporter = Reporter::new(json).muted(!main);
     let what = match settings.model {
         ModelKind::Net => String::new(),
         other => format!("{} ", other.name()),
     };
-    eprintln!(
-        "training {what}on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
-        describe_device(device, settings.cpu_settings()),
-        train_set.len()
-    );
+    let ranks = match world {
+        Some(w) => format!("{} ranks ({}), each on ", w.size, w.backend.name()),
+        None => String::new(),
+    };
+    if main {
+        eprintln!(
+            "training {what}on {ranks}{} with {} images, seed {seed} (--seed {seed} repeats this \
+             run)",
+            describe_device(device, settings.cpu_settings()),
+            train_set.len()
+        );
+    }
     let mut start_event = settings_json(settings, device);
     start_event["event"] = json!("start");
     start_event["train_images"] = json!(train_set.len());
@@ -268,8 +342,10 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         || "Finished Training".into(),
         json!({"event": "finished_training", "steps": stats.steps, "train_seconds": stats.train_seconds}),
     );
-    trained.save(&out, out_format)?;
-    eprintln!("saved the weights to {}", out.display());
+    if main {
+        trained.save(&out, out_format)?;
+        eprintln!("saved the weights to {}", out.display());
+    }
     // Resumed from its own interrupt folder and now finished, the run has
     // no more use for that folder, which would only block the next run.
     let folder = interrupt_dir(&out);
@@ -278,7 +354,7 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             .checkpoint_dir
             .as_deref()
             .is_some_and(|d| same_dir(d, &folder));
-    if finished_interrupt {
+    if finished_interrupt && main {
         remove_checkpoints(&folder)?;
         eprintln!(
             "note: removed the checkpoints in {}: the interrupted run is finished, and {} holds \
@@ -288,6 +364,10 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         );
     }
     if let Some(position) = stats.stopped_at_end.take() {
+        if !main {
+            let saved = Saved::ByRank0;
+            return Err(Interrupted { position, saved }.into());
+        }
         let evaluate = evaluate_command(&settings, json);
         if reporter.is_json() {
             reporter.emit(
@@ -310,8 +390,16 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let airbench = trained.network() == ModelKind::Airbench94;
     let forward = trained.forward(airbench);
     report_test(&reporter, &forward, &test)?;
-    let eval = evaluate(&forward, &test, 1000);
-    let plain = airbench.then(|| evaluate(&trained.forward(false), &test, 1000));
+    let eval = evaluate_sharded(&forward, &test, 1000, world)?;
+    let plain = match airbench {
+        true => Some(evaluate_sharded(
+            &trained.forward(false),
+            &test,
+            1000,
+            world,
+        )?),
+        false => None,
+    };
     let eval_seconds = eval_start.elapsed().as_secs_f64();
     let mut summary = settings_json(&settings, device);
     summary["event"] = json!("summary");
@@ -350,13 +438,20 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     Ok(())
 }
 
-/// The settings in the `start` and `summary` events.
+/// The settings in the `start` and `summary` events; a distributed run's
+/// also name its world size and backend.
 fn settings_json(s: &Settings, device: Device) -> serde_json::Value {
-    json!({
+    let mut fields = json!({
         "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr,
         "momentum": s.momentum, "seed": s.seed, "device": device_name(device),
         "threads": s.threads, "cpu_conv": s.cpu_conv.name(),
-    })
+    });
+    if let Some(world) = distributed::world() {
+        fields["world_size"] = json!(world.size);
+        fields["backend"] = json!(world.backend.name());
+        fields["rank"] = json!(world.rank);
+    }
+    fields
 }
 
 /// The tutorial's peek at the first four test images before the full

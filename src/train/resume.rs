@@ -12,8 +12,9 @@ use tch::Device;
 use super::args::{Given, TrainArgs};
 use crate::checkpoint::{Checkpoint, Meta, Position};
 use crate::device::{device_name, DeviceArg};
+use crate::distributed;
 use crate::report::path_json;
-use crate::settings::Settings;
+use crate::settings::{ModelKind, Settings};
 
 /// The settings of a run resumed from `saved` (the checkpoint at `path`),
 /// and notes for what differs from the checkpoint's. A given flag that
@@ -251,14 +252,35 @@ pub fn check_resume(
         now.join(", ")
     );
     // Settings that only change float rounding: the run goes on, with a note.
+    let main = distributed::is_main();
     let rounding = |saved: String, now: String, fix: String| {
-        eprintln!(
-            "note: {} was saved with {saved}, this run has {now}; the results will differ in \
-             the last bits from an uninterrupted run ({fix} avoids that)",
-            c.path.display()
-        );
+        if main {
+            eprintln!(
+                "note: {} was saved with {saved}, this run has {now}; the results will differ \
+                 in the last bits from an uninterrupted run ({fix} avoids that)",
+                c.path.display()
+            );
+        }
     };
     let (was, is) = (&c.meta.settings, &run.settings);
+    // Every step still trains on the same global batch, split otherwise.
+    if was.world_size != is.world_size && main {
+        let batchnorm = match is.model {
+            ModelKind::Net => "",
+            _ => ", and BatchNorm's statistics come from other shares of each batch",
+        };
+        eprintln!(
+            "note: {} was saved by a run of {} rank(s), this one has {}: each step trains on \
+             the same global batch of {}, but the gradients are summed in another order{batchnorm}, \
+             so the results will differ from an uninterrupted run (resume with {} ranks to \
+             avoid that)",
+            c.path.display(),
+            was.world_size,
+            is.world_size,
+            is.batch_size,
+            was.world_size
+        );
+    }
     if c.meta.trained_on != run.trained_on {
         rounding(
             format!("--device {}", c.meta.trained_on),
@@ -289,13 +311,15 @@ pub fn check_resume(
         }
         _ => format!("the end of epoch {}", is.epochs),
     };
-    eprintln!(
-        "resuming from {} at epoch {}, step {} (global step {}); training to {until}",
-        c.path.display(),
-        at.epoch,
-        at.step,
-        at.global_step,
-    );
+    if main {
+        eprintln!(
+            "resuming from {} at epoch {}, step {} (global step {}); training to {until}",
+            c.path.display(),
+            at.epoch,
+            at.step,
+            at.global_step,
+        );
+    }
     start_event["resumed_from"] = json!({
         "checkpoint": path_json(&c.path), "epoch": at.epoch, "step": at.step, "global_step": at.global_step,
     });

@@ -9,6 +9,7 @@ use tch::{Device, Tensor};
 use super::harness::{Recipe, StepOutput};
 use crate::checkpoint::{Checkpoint, MOMENTUM_KEY};
 use crate::data::{self, Split};
+use crate::distributed;
 use crate::model::{Model, Net};
 use crate::optim::Sgd;
 
@@ -49,11 +50,12 @@ impl EpochBatches {
         }
     }
 
-    /// The indices of mini-batch `step` (1-based).
+    /// The indices of mini-batch `step` (1-based); in a distributed run,
+    /// this rank's share of them ([`distributed::local_share`]).
     pub fn get(&self, step: u64) -> Tensor {
         let n = self.order.size()[0];
         let start = (step as i64 - 1) * self.batch_size;
-        self.order.narrow(0, start, self.batch_size.min(n - start))
+        distributed::local_share(&self.order.narrow(0, start, self.batch_size.min(n - start)))
     }
 }
 
@@ -117,6 +119,13 @@ impl Recipe for Tutorial<'_> {
 
     fn is_finite(&self) -> bool {
         self.model.is_finite()
+    }
+
+    fn replicated(&self) -> Vec<Tensor> {
+        vec![
+            self.model.flat.shallow_clone(),
+            self.optimizer.momentum_buffer().shallow_clone(),
+        ]
     }
 }
 

@@ -3,7 +3,7 @@
 //! outside the training loop, exits at once with status 130.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 
@@ -17,6 +17,10 @@ pub struct Interrupts {
     /// While set (outside the training loop, where there is no step to
     /// finish and nothing to save), a signal exits with status 130 at once.
     pub exit_now: AtomicBool,
+    /// Set in a distributed run: a second signal in the training loop
+    /// does not exit at once, since the ranks must stop together (torchrun
+    /// passes a terminal's Ctrl-C on to workers that had it already).
+    pub patient: AtomicBool,
 }
 
 impl Interrupts {
@@ -24,6 +28,7 @@ impl Interrupts {
         Interrupts {
             stop: AtomicBool::new(false),
             exit_now: AtomicBool::new(true),
+            patient: AtomicBool::new(false),
         }
     }
 }
@@ -42,13 +47,19 @@ static FILE_SIZE_LIMIT_HIT: AtomicBool = AtomicBool::new(false);
 /// killing the process.
 pub fn install_signal_handlers() -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
-    use signal_hook::flag;
+    use signal_hook::{flag, low_level};
     for signal in [SIGINT, SIGTERM] {
-        // Actions run in this order, so the exits see the flags as they were
-        // before this signal set `stop`.
-        flag::register_conditional_shutdown(signal, 130, &INTERRUPTS.stop)?;
-        flag::register_conditional_shutdown(signal, 130, &INTERRUPTS.exit_now)?;
-        flag::register(signal, &INTERRUPTS.stop)?;
+        let action = || {
+            let flags = &INTERRUPTS;
+            let again = flags.stop.load(Ordering::SeqCst) && !flags.patient.load(Ordering::SeqCst);
+            if again || flags.exit_now.load(Ordering::SeqCst) {
+                low_level::exit(130);
+            }
+            flags.stop.store(true, Ordering::SeqCst);
+        };
+        // SAFETY: the action only loads and stores atomics and calls
+        // `_exit`, which are async-signal-safe.
+        unsafe { low_level::register(signal, action)? };
     }
     // Past `ulimit -f` the kernel sends SIGXFSZ, whose default action kills
     // the process mid-write; handled, the write fails with EFBIG instead and
@@ -76,6 +87,16 @@ pub enum Saved {
     Weights { path: PathBuf, evaluate: String },
     /// A run that keeps no checkpoints (`compare-losses`).
     Nothing,
+    /// A distributed run's rank other than 0: rank 0 saved, and says so.
+    ByRank0,
+}
+
+impl Interrupted {
+    /// Whether this process should print the interruption (rank 0 does for
+    /// every rank).
+    pub fn speaks(&self) -> bool {
+        !matches!(self.saved, Saved::ByRank0)
+    }
 }
 
 impl std::fmt::Display for Interrupted {
@@ -103,6 +124,10 @@ impl std::fmt::Display for Interrupted {
             Saved::Nothing => write!(
                 f,
                 "interrupted at epoch {epoch}, step {step}; nothing was saved"
+            ),
+            Saved::ByRank0 => write!(
+                f,
+                "interrupted at epoch {epoch}, step {step}; rank 0 saved the run"
             ),
         }
     }

@@ -12,6 +12,13 @@
 //! ([`interrupts`]). What a recipe needs beyond that (its own tables, say)
 //! it adds as a [`Hook`], called around each step like a PyTorch Lightning
 //! callback.
+//!
+//! In a distributed run ([`crate::distributed`]) the harness is where the
+//! ranks meet: it broadcasts rank 0's training state before the first step
+//! and before each checkpoint, ends every rank on the step a collective
+//! failed in, stops every rank after the step any of them was signalled in,
+//! and lets rank 0 alone save. The recipe's step is the same as in one
+//! process: its optimizer's backward all-reduces the gradients.
 
 pub mod interrupts;
 pub mod losses;
@@ -29,6 +36,7 @@ pub use self::interrupts::{install_signal_handlers, Interrupted, Interrupts, Sav
 use self::losses::PendingLosses;
 pub use self::losses::{read_losses_every, StepLosses};
 use crate::checkpoint::{Position, Saver};
+use crate::distributed::{self, LossReduction};
 use crate::report::{path_json, step_bar, Diverged, Reporter};
 
 /// What one training step hands back to the harness.
@@ -58,6 +66,19 @@ pub trait Recipe {
     fn checkpoint_tensors(&self) -> Vec<(String, Tensor)>;
     /// Whether the weights are all finite.
     fn is_finite(&self) -> bool;
+    /// How the step's loss combines its mini-batch: it says how a
+    /// distributed run combines the ranks' gradients.
+    fn loss_reduction(&self) -> LossReduction {
+        LossReduction::Mean
+    }
+    /// The live tensors of the training state (weights, buffers, optimizer
+    /// state) that every rank of a distributed run holds as rank 0 does:
+    /// broadcast from it before the first step, before each checkpoint and
+    /// after the last step (BatchNorm's statistics are each rank's own in
+    /// between, as in DDP). A recipe that runs distributed lists them all.
+    fn replicated(&self) -> Vec<Tensor> {
+        vec![]
+    }
 }
 
 /// Where the run is after a step, as the hooks see it.
@@ -128,7 +149,7 @@ pub struct Plan<'a> {
 pub struct TrainStats {
     /// Steps since the start of training, those before a resume included.
     pub steps: u64,
-    /// Images trained on by this process.
+    /// Images trained on (by every rank, in a distributed run).
     pub images: u64,
     pub train_seconds: f64,
     /// `(epoch, step, mean loss)` at each `--log-every` mark, 1-based like the tutorial.
@@ -206,11 +227,30 @@ pub fn run<R: Recipe + ?Sized>(
     };
     let interrupts = run.plan.interrupts;
     interrupts.exit_now.store(false, Ordering::SeqCst);
-    let result = run.epochs(recipe, start, hooks, reporter);
+    let result = start_ranks(recipe).and_then(|()| run.epochs(recipe, start, hooks, reporter));
     interrupts.exit_now.store(true, Ordering::SeqCst);
     run.stats.train_seconds = run.began.elapsed().as_secs_f64();
     reporter.finish_bar();
     result.map(|()| run.stats)
+}
+
+/// In a distributed run, before the first step: the ranks' gradients
+/// combine as the recipe's loss does, and every rank starts from rank 0's
+/// state, as DDP's constructor broadcasts it.
+fn start_ranks<R: Recipe + ?Sized>(recipe: &R) -> Result<()> {
+    let Some(world) = distributed::world() else {
+        return Ok(());
+    };
+    world.set_reduction(recipe.loss_reduction());
+    world.broadcast(&recipe.replicated(), "broadcast of rank 0's training state")
+}
+
+/// Copies rank 0's training state to every rank, in a distributed run.
+fn replicate<R: Recipe + ?Sized>(recipe: &R, when: &str) -> Result<()> {
+    match distributed::world() {
+        Some(world) => world.broadcast(&recipe.replicated(), when),
+        None => Ok(()),
+    }
 }
 
 /// A run in progress: the plan, the counts, and the losses on their way
@@ -254,7 +294,17 @@ impl Harness<'_> {
             }
             recipe.start_epoch(epoch)?;
             for step in done + 1..=self.steps_per_epoch {
+                // A signal on any rank stops them all after the same step.
+                let world = distributed::world();
+                if let Some(world) =
+                    world.filter(|_| self.plan.interrupts.stop.load(Ordering::SeqCst))
+                {
+                    world.request_stop();
+                }
                 let out = recipe.training_step(epoch, step)?;
+                if let Some(err) = world.and_then(|w| w.take_failure()) {
+                    return Err(err);
+                }
                 let end = self.count(epoch, step, out.images);
                 at = self.after_step(recipe, &out.loss, &end, hooks, reporter)?;
                 if end.last {
@@ -267,8 +317,9 @@ impl Harness<'_> {
 
     /// Counts a step done.
     fn count(&mut self, epoch: u64, step: u64, images: u64) -> StepEnd {
+        let ranks = distributed::world().map_or(1, |w| w.size as u64);
         self.stats.steps += 1;
-        self.stats.images += images;
+        self.stats.images += images * ranks;
         self.bar.inc(1);
         if let Some(delay) = self.step_delay {
             std::thread::sleep(delay);
@@ -293,7 +344,10 @@ impl Harness<'_> {
         hooks: &mut [&mut dyn Hook<R>],
         reporter: &Reporter,
     ) -> Result<Position> {
-        let stop = self.plan.interrupts.stop.load(Ordering::Relaxed);
+        let stop = match distributed::world() {
+            Some(world) => world.stop_agreed(),
+            None => self.plan.interrupts.stop.load(Ordering::Relaxed),
+        };
         let save = self.plan.checkpoints.as_ref().is_some_and(|c| {
             c.every.is_some_and(|k| end.global_step.is_multiple_of(k))
                 || (c.every_epoch && (end.last || end.epoch_end))
@@ -326,7 +380,10 @@ impl Harness<'_> {
             hook.after_step(recipe, end, reporter)?;
         }
         if let Some(c) = self.plan.checkpoints.as_mut().filter(|_| save) {
-            c.saver.save(recipe.checkpoint_tensors(), at)?;
+            replicate(recipe, "broadcast of rank 0's state before a checkpoint")?;
+            if distributed::is_main() {
+                c.saver.save(recipe.checkpoint_tensors(), at)?;
+            }
         }
         // Stopped in the run's last step, training is complete: no
         // checkpoint to resume, the caller writes --out and stops.
@@ -390,6 +447,8 @@ impl Harness<'_> {
     /// After the last step: the weights' check, and a signal that came
     /// during it.
     fn finish<R: Recipe + ?Sized>(&mut self, recipe: &R, at: Position) -> Result<()> {
+        // Every rank evaluates and rank 0 saves the same network: its own.
+        replicate(recipe, "broadcast of rank 0's state after training")?;
         // A loss is computed before its step's update, so the last update
         // is checked here: --out must not get weights that diverged.
         if let Some(hint) = &self.plan.diverged_hint {
@@ -409,7 +468,11 @@ impl Harness<'_> {
         // once --out holds the weights.
         let interrupts = self.plan.interrupts;
         interrupts.exit_now.store(true, Ordering::SeqCst);
-        if interrupts.stop.load(Ordering::SeqCst) {
+        let stopped = match distributed::world() {
+            Some(world) => world.stop_agreed(),
+            None => interrupts.stop.load(Ordering::SeqCst),
+        };
+        if stopped {
             self.stats.stopped_at_end = Some(at);
         }
         Ok(())
@@ -423,6 +486,14 @@ fn interrupt<R: Recipe + ?Sized>(
     at: Position,
     reporter: &Reporter,
 ) -> anyhow::Error {
+    if !distributed::is_main() {
+        // Rank 0 saves and says where.
+        return Interrupted {
+            position: at,
+            saved: Saved::ByRank0,
+        }
+        .into();
+    }
     let Some(c) = plan.checkpoints.as_mut() else {
         if reporter.is_json() {
             reporter.emit(
