@@ -13,15 +13,13 @@
 //! it adds as a [`Hook`], called around each step like a PyTorch Lightning
 //! callback.
 //!
-//! In a distributed run ([`crate::distributed`]) the harness is where the
-//! ranks meet: it broadcasts rank 0's training state before the first step
-//! and before each checkpoint, ends every rank on the step a collective
-//! failed in, stops every rank after the step any of them was signalled in,
-//! and lets rank 0 alone save. The recipe's step is the same as in one
-//! process: its optimizer's backward all-reduces the gradients.
+//! In a distributed run the harness is also where the ranks meet around
+//! the steps ([`ranks`]); the recipe's step is the same as in one process,
+//! since its optimizer's backward all-reduces the gradients.
 
 pub mod interrupts;
 pub mod losses;
+mod ranks;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -35,8 +33,9 @@ use tch::Tensor;
 pub use self::interrupts::{install_signal_handlers, Interrupted, Interrupts, Saved, INTERRUPTS};
 use self::losses::PendingLosses;
 pub use self::losses::{read_losses_every, StepLosses};
+use self::ranks::Ranks;
 use crate::checkpoint::{Position, Saver};
-use crate::distributed::{self, LossReduction};
+use crate::distributed::LossReduction;
 use crate::report::{path_json, step_bar, Diverged, Reporter};
 
 /// What one training step hands back to the harness.
@@ -227,30 +226,12 @@ pub fn run<R: Recipe + ?Sized>(
     };
     let interrupts = run.plan.interrupts;
     interrupts.exit_now.store(false, Ordering::SeqCst);
-    let result = start_ranks(recipe).and_then(|()| run.epochs(recipe, start, hooks, reporter));
+    let result =
+        Ranks::start(recipe).and_then(|ranks| run.epochs(recipe, start, &ranks, hooks, reporter));
     interrupts.exit_now.store(true, Ordering::SeqCst);
     run.stats.train_seconds = run.began.elapsed().as_secs_f64();
     reporter.finish_bar();
     result.map(|()| run.stats)
-}
-
-/// In a distributed run, before the first step: the ranks' gradients
-/// combine as the recipe's loss does, and every rank starts from rank 0's
-/// state, as DDP's constructor broadcasts it.
-fn start_ranks<R: Recipe + ?Sized>(recipe: &R) -> Result<()> {
-    let Some(world) = distributed::world() else {
-        return Ok(());
-    };
-    world.set_reduction(recipe.loss_reduction());
-    world.broadcast(&recipe.replicated(), "broadcast of rank 0's training state")
-}
-
-/// Copies rank 0's training state to every rank, in a distributed run.
-fn replicate<R: Recipe + ?Sized>(recipe: &R, when: &str) -> Result<()> {
-    match distributed::world() {
-        Some(world) => world.broadcast(&recipe.replicated(), when),
-        None => Ok(()),
-    }
 }
 
 /// A run in progress: the plan, the counts, and the losses on their way
@@ -277,6 +258,7 @@ impl Harness<'_> {
         &mut self,
         recipe: &mut R,
         start: Position,
+        ranks: &Ranks,
         hooks: &mut [&mut dyn Hook<R>],
         reporter: &Reporter,
     ) -> Result<()> {
@@ -294,32 +276,23 @@ impl Harness<'_> {
             }
             recipe.start_epoch(epoch)?;
             for step in done + 1..=self.steps_per_epoch {
-                // A signal on any rank stops them all after the same step.
-                let world = distributed::world();
-                if let Some(world) =
-                    world.filter(|_| self.plan.interrupts.stop.load(Ordering::SeqCst))
-                {
-                    world.request_stop();
-                }
+                ranks.before_step(self.plan.interrupts);
                 let out = recipe.training_step(epoch, step)?;
-                if let Some(err) = world.and_then(|w| w.take_failure()) {
-                    return Err(err);
-                }
-                let end = self.count(epoch, step, out.images);
-                at = self.after_step(recipe, &out.loss, &end, hooks, reporter)?;
+                ranks.after_step()?;
+                let end = self.count(epoch, step, out.images * ranks.size());
+                at = self.after_step(recipe, &out.loss, &end, ranks, hooks, reporter)?;
                 if end.last {
                     break;
                 }
             }
         }
-        self.finish(recipe, at)
+        self.finish(recipe, at, ranks)
     }
 
     /// Counts a step done.
     fn count(&mut self, epoch: u64, step: u64, images: u64) -> StepEnd {
-        let ranks = distributed::world().map_or(1, |w| w.size as u64);
         self.stats.steps += 1;
-        self.stats.images += images * ranks;
+        self.stats.images += images;
         self.bar.inc(1);
         if let Some(delay) = self.step_delay {
             std::thread::sleep(delay);
@@ -341,13 +314,11 @@ impl Harness<'_> {
         recipe: &R,
         loss: &Tensor,
         end: &StepEnd,
+        ranks: &Ranks,
         hooks: &mut [&mut dyn Hook<R>],
         reporter: &Reporter,
     ) -> Result<Position> {
-        let stop = match distributed::world() {
-            Some(world) => world.stop_agreed(),
-            None => self.plan.interrupts.stop.load(Ordering::Relaxed),
-        };
+        let stop = ranks.stop(self.plan.interrupts);
         let save = self.plan.checkpoints.as_ref().is_some_and(|c| {
             c.every.is_some_and(|k| end.global_step.is_multiple_of(k))
                 || (c.every_epoch && (end.last || end.epoch_end))
@@ -380,15 +351,15 @@ impl Harness<'_> {
             hook.after_step(recipe, end, reporter)?;
         }
         if let Some(c) = self.plan.checkpoints.as_mut().filter(|_| save) {
-            replicate(recipe, "broadcast of rank 0's state before a checkpoint")?;
-            if distributed::is_main() {
+            ranks.replicate(recipe, "broadcast of rank 0's state before a checkpoint")?;
+            if ranks.saves() {
                 c.saver.save(recipe.checkpoint_tensors(), at)?;
             }
         }
         // Stopped in the run's last step, training is complete: no
         // checkpoint to resume, the caller writes --out and stops.
         if stop && !end.last {
-            return Err(interrupt(recipe, &mut self.plan, at, reporter));
+            return Err(interrupt(recipe, &mut self.plan, at, ranks, reporter));
         }
         Ok(at)
     }
@@ -446,9 +417,14 @@ impl Harness<'_> {
 
     /// After the last step: the weights' check, and a signal that came
     /// during it.
-    fn finish<R: Recipe + ?Sized>(&mut self, recipe: &R, at: Position) -> Result<()> {
+    fn finish<R: Recipe + ?Sized>(
+        &mut self,
+        recipe: &R,
+        at: Position,
+        ranks: &Ranks,
+    ) -> Result<()> {
         // Every rank evaluates and rank 0 saves the same network: its own.
-        replicate(recipe, "broadcast of rank 0's state after training")?;
+        ranks.replicate(recipe, "broadcast of rank 0's state after training")?;
         // A loss is computed before its step's update, so the last update
         // is checked here: --out must not get weights that diverged.
         if let Some(hint) = &self.plan.diverged_hint {
@@ -468,11 +444,7 @@ impl Harness<'_> {
         // once --out holds the weights.
         let interrupts = self.plan.interrupts;
         interrupts.exit_now.store(true, Ordering::SeqCst);
-        let stopped = match distributed::world() {
-            Some(world) => world.stop_agreed(),
-            None => interrupts.stop.load(Ordering::SeqCst),
-        };
-        if stopped {
+        if ranks.stop(interrupts) {
             self.stats.stopped_at_end = Some(at);
         }
         Ok(())
@@ -484,9 +456,10 @@ fn interrupt<R: Recipe + ?Sized>(
     recipe: &R,
     plan: &mut Plan,
     at: Position,
+    ranks: &Ranks,
     reporter: &Reporter,
 ) -> anyhow::Error {
-    if !distributed::is_main() {
+    if !ranks.saves() {
         // Rank 0 saves and says where.
         return Interrupted {
             position: at,
