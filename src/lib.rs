@@ -1,8 +1,8 @@
 //! tch-cifar: PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust
 //! with tch, as a library so that the binary and the tests share one code.
 //!
-//! * [`data`] and [`download`]: the datasets (CIFAR-10's binary batches, image
-//!   folders), on disk and as tensors.
+//! * [`data`]: the datasets (CIFAR-10's binary batches, image folders), on
+//!   disk and as tensors, and downloading CIFAR-10 ([`data::download`]).
 //! * [`model`]: the tutorial's `Net` and its weights files; [`airbench`]: the
 //!   fast recipe's network, augmentation and optimizer.
 //! * [`classifier`]: either network, loaded from a weights file.
@@ -20,7 +20,6 @@ pub mod classifier;
 pub mod compare;
 pub mod data;
 pub mod device;
-pub mod download;
 pub mod evaluate;
 pub mod export;
 pub mod fsutil;

@@ -11,7 +11,7 @@ use md5::{Digest, Md5};
 use tch::{Device, Kind, Tensor};
 
 use super::{normalize_into, Split};
-use crate::download;
+use super::download;
 
 /// Class names in label order, spelled as the PyTorch tutorial prints them.
 pub const CLASSES: [&str; 10] = [

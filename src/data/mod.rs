@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod cifar;
 pub mod decode;
+pub mod download;
 pub mod image_folder;
 
 use std::path::{Path, PathBuf};
@@ -25,7 +26,6 @@ pub use cifar::{
     CLASSES, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
 };
 
-use crate::download;
 
 /// One split on a device: `images` is `[N, 3, 32, 32]` f32 normalized to
 /// [-1, 1], `labels` is `[N]` i64, each an index into `classes`.
