@@ -86,7 +86,7 @@ pub struct CompareArgs {
     pub data: DataArgs,
     #[command(flatten, next_help_heading = "Recipe")]
     pub recipe: RecipeArgs,
-    /// Float type of the data, weights and arithmetic: f32, f64 or f32,f64.
+    /// Float type of data, weights and math: f32, f64 or both.
     ///
     /// `f32,f64` runs the comparison once in each, one after the other.
     #[arg(

@@ -26,7 +26,6 @@ pub use cifar::{
     CLASSES, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
 };
 
-
 /// One split on a device: `images` is `[N, 3, 32, 32]` f32 normalized to
 /// [-1, 1], `labels` is `[N]` i64, each an index into `classes`.
 pub struct Split {
@@ -62,7 +61,7 @@ impl Split {
 /// Where the dataset is, and where to get it from when it is missing.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataArgs {
-    /// Dataset folder: CIFAR-10's batches, or images in class folders.
+    /// Dataset: CIFAR-10's batches, or images in class folders.
     ///
     /// CIFAR-10's batches directly or in cifar-10-batches-bin/ (the archive
     /// is fetched into a missing or empty folder), or images in class

@@ -74,11 +74,16 @@ pub struct RecipeArgs {
 }
 
 /// A whole number within `lo..=hi`. Negative numbers get the range error
-/// too, where clap would take `-1` for a flag.
+/// too, where clap would take `-1` for a flag. The error says the range as
+/// a person writes it: "at least 1" where `hi` is only a type's limit
+/// (from `i32::MAX` up), "from 1 to 1024" where it is a real bound.
 pub(crate) fn count(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    let open_ended = hi >= i32::MAX as u64;
     match s.parse::<i128>() {
         Ok(v) if (lo as i128..=hi as i128).contains(&v) => Ok(v as u64),
-        Ok(_) => Err(format!("{s} is not in {lo}..={hi}")),
+        Ok(v) if open_ended && v > hi as i128 => Err(format!("{s} is too large")),
+        Ok(_) if open_ended => Err(format!("{s} must be at least {lo}")),
+        Ok(_) => Err(format!("{s} must be from {lo} to {hi}")),
         Err(e) => Err(format!("`{s}`: {e}")),
     }
 }
@@ -369,9 +374,11 @@ pub(crate) mod tests {
     #[test]
     fn counts_and_momentum_are_range_checked() {
         let err = refused(&["--epochs", "-1"]);
-        assert!(err.contains("-1 is not in 1..=1000000"), "{err}");
+        assert!(err.contains("-1 must be from 1 to 1000000"), "{err}");
         let err = refused(&["--batch-size", "0"]);
-        assert!(err.contains("0 is not in 1..="), "{err}");
+        assert!(err.contains("0 must be at least 1"), "{err}");
+        let err = refused(&["--batch-size", "9223372036854775808"]);
+        assert!(err.contains("9223372036854775808 is too large"), "{err}");
         let err = refused(&["--epochs", "two"]);
         assert!(err.contains("`two`: invalid digit"), "{err}");
         let err = refused(&["--momentum", "1.5"]);
@@ -386,7 +393,7 @@ pub(crate) mod tests {
             (0.0, Some(1024))
         );
         let err = refused(&["--threads", "1025"]);
-        assert!(err.contains("1025 is not in 1..=1024"), "{err}");
+        assert!(err.contains("1025 must be from 1 to 1024"), "{err}");
     }
 
     #[test]
