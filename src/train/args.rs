@@ -231,12 +231,13 @@ pub struct CheckpointArgs {
     ///
     /// It goes on from the newest valid checkpoint in DIR and saves further
     /// checkpoints there (unless --checkpoint-dir says otherwise). Every
-    /// setting comes from the checkpoint, --data-dir and --out included.
-    /// A flag given that would change what the run computes (--seed,
-    /// --batch-size, --lr, --momentum, --log-every) is refused; --epochs (not
-    /// below the checkpoint's epoch), --max-steps, --checkpoint-every,
-    /// --keep-checkpoints, --data-dir, --out, --device, --threads and
-    /// --cpu-conv may be changed.
+    /// setting comes from the checkpoint, the data folders (--data-dir,
+    /// --train-dir, --test-dir, --cache-dir), --out and --logdir's run folder
+    /// included. A flag given that would change what the run computes
+    /// (--seed, --batch-size, --lr, --momentum, --log-every) is refused;
+    /// --epochs (not below the checkpoint's epoch), --max-steps,
+    /// --checkpoint-every, --keep-checkpoints, the data folders, --out,
+    /// --device, --threads and --cpu-conv may be changed.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
 }
@@ -266,7 +267,11 @@ impl TrainArgs {
             checkpoint_every: self.checkpoints.checkpoint_every,
             keep_checkpoints: self.checkpoints.keep_checkpoints,
             data_dir: self.data.data_dir.clone(),
+            train_dir: self.data.train_dir.clone(),
+            test_dir: self.data.test_dir.clone(),
+            cache_dir: self.data.cache_dir.clone(),
             out: self.out.clone(),
+            tensorboard: None,
             classes: Vec::new(),
             model: ModelKind::Net,
             schedule_epochs: None,
@@ -296,7 +301,11 @@ impl TrainArgs {
             checkpoint_every: self.checkpoints.checkpoint_every,
             keep_checkpoints: self.checkpoints.keep_checkpoints,
             data_dir: self.data.data_dir.clone(),
+            train_dir: self.data.train_dir.clone(),
+            test_dir: self.data.test_dir.clone(),
+            cache_dir: self.data.cache_dir.clone(),
             out: self.out.clone(),
+            tensorboard: None,
             classes: Vec::new(),
             model: ModelKind::Airbench94,
             schedule_epochs: Some(schedule_epochs),

@@ -161,6 +161,9 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     crate::fsutil::check_writable(&out)?;
     let data_args = data::DataArgs {
         data_dir: settings.data_dir.clone(),
+        train_dir: settings.train_dir.clone(),
+        test_dir: settings.test_dir.clone(),
+        cache_dir: settings.cache_dir.clone(),
         ..args.data
     };
     crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
