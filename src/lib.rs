@@ -13,6 +13,7 @@
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
 //! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
 //! * [`outputs`]: output files' formats, and the rule that none overwrites an input.
+//! * [`tensorboard`]: TensorBoard event files for `--logdir`.
 
 pub mod airbench;
 pub mod checkpoint;
@@ -32,4 +33,5 @@ pub mod pth;
 pub mod report;
 pub mod samples;
 pub mod settings;
+pub mod tensorboard;
 pub mod train;
