@@ -204,6 +204,8 @@ pub struct TrainArgs {
     /// Print one JSON object per line instead of the tutorial's text.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    #[command(flatten)]
+    pub tensorboard: crate::tensorboard::LogdirArgs,
 }
 
 /// Checkpointing and resuming.
