@@ -2,7 +2,8 @@
 //! and `compare-losses` runs, read back with TensorBoard's own reader
 //! (`scripts/read-events.py`, the `tensorboard` package's
 //! `EventAccumulator`) and checked against the `--json` events of the same
-//! run; a run killed after a checkpoint and resumed shows each step once;
+//! run; a run killed after a checkpoint, resumed, stopped by Ctrl-C and
+//! resumed again shows each step once;
 //! and `tensorboard --logdir` serves the run over HTTP.
 //!
 //! The `tensorboard` package is installed into the venv with its pip when
@@ -417,8 +418,9 @@ fn compare_losses_events_are_its_json_events() {
 }
 
 /// A run killed (SIGKILL: no chance to tidy up) after it wrote events past
-/// its last checkpoint, then resumed: TensorBoard shows every step once,
-/// with the uninterrupted run's values.
+/// its last checkpoint, resumed and stopped by Ctrl-C, then resumed to the
+/// end: TensorBoard reads every file and shows every step once, with the
+/// uninterrupted run's values.
 #[test]
 #[cfg_attr(not(feature = "test-hooks"), ignore = "needs the test-hooks feature")]
 fn a_killed_and_resumed_run_shows_each_step_once() {
@@ -473,38 +475,35 @@ fn a_killed_and_resumed_run_shows_each_step_once() {
 
     // Killed once step 7's line is out: steps 5 and 6 are written after
     // the checkpoint at step 4 (and perhaps the one at 8).
-    let mut child = tch_cifar()
-        .env("TCH_CIFAR_TEST_STEP_DELAY_MS", "150")
-        .args(&args("w.safetensors", "logs", "ck")[..])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = lines.next().expect("the run ended early").unwrap();
-        let event: Value = serde_json::from_str(&line).unwrap();
-        if event["event"] == "loss" && event["step"] == 7 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no step 7 within 2 minutes");
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let first = args("w.safetensors", "logs", "ck");
+    stop_at(dir.path(), &first, 7, None);
     let before = read_events(&py, &dir.path().join("logs/r"));
     let written = before.steps("train/loss");
     assert!(written.len() >= 6, "{written:?}");
 
-    let resumed = tch_cifar()
-        .args(["train", "--resume", "ck", "--json"])
+    // Resumed, then stopped with Ctrl-C (SIGINT: it saves a checkpoint and
+    // exits with 130) at step 17.
+    let resume: Vec<String> = ["train", "--resume", "ck", "--json"]
+        .map(String::from)
+        .to_vec();
+    let interrupted = stop_at(dir.path(), &resume, 17, Some(libc::SIGINT));
+    let from1 = interrupted[0]["resumed_from"]["global_step"]
+        .as_u64()
+        .unwrap();
+    assert!(from1 < *written.last().unwrap(), "nothing stale to purge");
+    let stopped = of_kind(&interrupted, "interrupted");
+    assert_eq!(stopped.len(), 1, "{interrupted:?}");
+    let middle = read_events(&py, &dir.path().join("logs/r"));
+    middle.assert_no_duplicates();
+
+    let last = tch_cifar()
+        .args(&resume[..])
         .current_dir(dir.path())
         .output()
         .unwrap();
-    let resumed = json_events(&ok(&resumed));
-    let from = resumed[0]["resumed_from"]["global_step"].as_u64().unwrap();
-    assert!(from < *written.last().unwrap(), "nothing stale to purge");
+    let last = json_events(&ok(&last));
+    let from2 = last[0]["resumed_from"]["global_step"].as_u64().unwrap();
+    assert_eq!(from2, stopped[0]["global_step"].as_u64().unwrap());
     let files = std::fs::read_dir(dir.path().join("logs/r"))
         .unwrap()
         .filter(|e| {
@@ -513,8 +512,8 @@ fn a_killed_and_resumed_run_shows_each_step_once() {
         })
         .count();
     assert_eq!(
-        files, 2,
-        "a resumed run writes a second file in the same folder"
+        files, 3,
+        "each resumed run writes a file of its own in the same folder"
     );
 
     let read = read_events(&py, &dir.path().join("logs/r"));
@@ -525,12 +524,56 @@ fn a_killed_and_resumed_run_shows_each_step_once() {
         assert!(g.0 == w.0 && close(g.1, w.1), "{got:?} {want:?}");
     }
     assert_eq!(read.steps("test/accuracy"), [30]);
-    // The settings at the start, and again where the resume starts.
+    // The settings at the start, and again where each resume starts.
     let hparams: Vec<u64> = read.texts["hparams/text_summary"]
         .iter()
         .map(|t| t.0)
         .collect();
-    assert_eq!(hparams, [0, from + 1]);
+    assert_eq!(hparams, [0, from1 + 1, from2 + 1]);
+}
+
+/// Runs `tch-cifar ARGS` in `dir` with slowed steps until its `--json`
+/// loss line for global step `at` (10 steps per epoch), then sends
+/// `signal` (and checks it exits with 130) or SIGKILL. Returns the events
+/// it printed.
+fn stop_at(dir: &Path, args: &[String], at: u64, signal: Option<i32>) -> Vec<Value> {
+    let mut child = tch_cifar()
+        .env("TCH_CIFAR_TEST_STEP_DELAY_MS", "150")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = vec![];
+    loop {
+        let line = lines.next().expect("the run ended early").unwrap();
+        let event: Value = serde_json::from_str(&line).unwrap();
+        let global =
+            (event["epoch"].as_u64().unwrap_or(1) - 1) * 10 + event["step"].as_u64().unwrap_or(0);
+        let done = event["event"] == "loss" && global == at;
+        seen.push(event);
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no step {at} within 2 minutes");
+    }
+    match signal {
+        None => {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        Some(signal) => {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            seen.extend(lines.map(|l| serde_json::from_str(&l.unwrap()).unwrap()));
+            let status = child.wait().unwrap();
+            assert_eq!(status.code(), Some(130), "{seen:?}");
+        }
+    }
+    seen
 }
 
 /// A `tensorboard` server, killed when dropped.
