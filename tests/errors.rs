@@ -786,12 +786,12 @@ fn bad_flag(flag: &str, value: &str, reason: &str) {
 
 #[test]
 fn batch_size_zero() {
-    bad_flag("--batch-size", "0", "not in 1..");
+    bad_flag("--batch-size", "0", "must be at least 1");
 }
 
 #[test]
 fn epochs_zero() {
-    bad_flag("--epochs", "0", "not in 1..");
+    bad_flag("--epochs", "0", "must be from 1 to 1000000");
 }
 
 #[test]
