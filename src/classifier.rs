@@ -49,7 +49,7 @@ pub struct TtaArgs {
     /// none: --tta is refused for its weights.
     #[arg(long, overrides_with = "no_tta", help_heading = "Model")]
     pub tta: bool,
-    /// Run airbench94 on the images as they are, without test-time augmentation (as Net always runs).
+    /// Run airbench94 without test-time augmentation (as Net always runs).
     #[arg(long, overrides_with = "tta", help_heading = "Model")]
     pub no_tta: bool,
 }

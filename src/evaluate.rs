@@ -21,7 +21,7 @@ use crate::report::{path_json, Reporter};
 /// Evaluate saved weights on the test set (CIFAR-10's, or an image tree's).
 #[derive(Debug, clap::Args)]
 pub struct EvaluateArgs {
-    /// Weights to evaluate (Net or airbench94): safetensors, a checkpoint or a `.pth`.
+    /// Weights (Net or airbench94): safetensors, a checkpoint or a `.pth`.
     ///
     /// Keyed like PyTorch's `state_dict`: safetensors (from `train`), a
     /// training checkpoint, or a `.pth` from `torch.save(net.state_dict(), PATH)`.
@@ -46,7 +46,8 @@ pub struct EvaluateArgs {
     )]
     pub device: DeviceArg,
     /// Images per forward pass (any size gives the same result).
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..), help_heading = "Performance")]
+    #[arg(long, value_name = "N", default_value_t = 1000, allow_negative_numbers = true,
+          value_parser = |s: &str| crate::train::count(s, 1, i64::MAX as u64).map(|n| n as i64), help_heading = "Performance")]
     pub batch_size: i64,
     /// Print one JSON object per line instead of the tutorial's text.
     #[arg(long, help_heading = "Output")]

@@ -54,6 +54,10 @@ impl Head {
 
 /// Export saved weights as TorchScript, `.pth` or safetensors.
 #[derive(Debug, clap::Args)]
+#[command(
+    override_usage = "tch-cifar export [OPTIONS] --weights <FILE> <--torchscript <FILE>|--pth <FILE>|\n       \
+                            --safetensors <FILE>>"
+)]
 #[command(group(
     clap::ArgGroup::new("outputs")
         .required(true)
@@ -61,10 +65,10 @@ impl Head {
         .args(["torchscript", "pth", "safetensors"])
 ))]
 pub struct ExportArgs {
-    /// Weights to export (Net or airbench94): safetensors, a checkpoint or a .pth (a torch.save state_dict).
+    /// Weights (Net or airbench94): safetensors, a checkpoint or a .pth state_dict.
     #[arg(long, value_name = "FILE")]
     pub weights: PathBuf,
-    /// Write a TorchScript module (.pt), the weights as its parameters.
+    /// Write a TorchScript module (.pt) that holds the weights.
     ///
     /// For `torch.jit.load` in Python or `CModule::load` in Rust. Its
     /// `state_dict()` has the PyTorch definition's keys, and it takes an
@@ -78,7 +82,7 @@ pub struct ExportArgs {
         help_heading = "Output"
     )]
     pub torchscript: Option<PathBuf>,
-    /// The module's output, logits or probabilities (with --torchscript).
+    /// Output: logits or probabilities (with --torchscript).
     #[arg(long, value_enum, hide_possible_values = true, default_value_t = Head::Logits, requires = "torchscript", help_heading = "Output")]
     pub head: Head,
     /// Write the weights in torch.save format (.pth or .pt).

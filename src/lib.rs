@@ -1,8 +1,8 @@
 //! tch-cifar: PyTorch's CIFAR-10 tutorial ("Training a Classifier") in Rust
 //! with tch, as a library so that the binary and the tests share one code.
 //!
-//! * [`data`] and [`download`]: the datasets (CIFAR-10's binary batches, image
-//!   folders), on disk and as tensors.
+//! * [`data`]: the datasets (CIFAR-10's binary batches, image folders), on
+//!   disk and as tensors, and downloading CIFAR-10 ([`data::download`]).
 //! * [`model`]: the tutorial's `Net` and its weights files; [`airbench`]: the
 //!   fast recipe's network, augmentation and optimizer.
 //! * [`classifier`]: either network, loaded from a weights file.
@@ -14,6 +14,7 @@
 //! * [`pth`], [`export`]: PyTorch's `torch.save` format and TorchScript export.
 //! * [`predict`], [`samples`]: classifying image files, and a grid of training images.
 //! * [`outputs`]: output files' formats, and the rule that none overwrites an input.
+//! * [`tensorboard`]: TensorBoard event files for `--logdir`.
 
 pub mod airbench;
 pub mod checkpoint;
@@ -22,7 +23,6 @@ pub mod compare;
 pub mod data;
 pub mod device;
 pub mod distributed;
-pub mod download;
 pub mod evaluate;
 pub mod export;
 pub mod fsutil;
@@ -35,4 +35,5 @@ pub mod pth;
 pub mod report;
 pub mod samples;
 pub mod settings;
+pub mod tensorboard;
 pub mod train;

@@ -41,15 +41,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train the tutorial's Net (or --model airbench94) on CIFAR-10, save its weights and report test accuracy.
+    /// Train the tutorial's Net (or airbench94) on CIFAR-10, save it, report its accuracy.
     Train(train::TrainArgs),
     /// Report the test accuracy of saved weights, overall and per class.
     Evaluate(evaluate::EvaluateArgs),
-    /// Train Net with cross-entropy on logits and with a softmax output + nll_loss(log p), side by side.
+    /// Train Net with logits + cross-entropy and softmax + nll_loss(log p), side by side.
     CompareLosses(compare::CompareArgs),
     /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
     Export(export::ExportArgs),
-    /// Classify PNG or JPEG files and print the most probable classes with their probabilities.
+    /// Classify image files: the most probable classes and their probabilities.
     Predict(predict::PredictArgs),
     /// Draw a labeled grid of random training images (the tutorial's "show some images").
     Samples(samples::SamplesArgs),

@@ -28,7 +28,7 @@ use crate::device::DeviceArg;
 /// Classify image files with saved weights.
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
-    /// Weights to classify with (Net or airbench94): safetensors, a checkpoint or a `.pth`.
+    /// Weights (Net or airbench94): safetensors, a checkpoint or a `.pth`.
     ///
     /// Safetensors (from `train`), a training checkpoint, or a `.pth` from
     /// `torch.save(net.state_dict(), PATH)`.
@@ -45,7 +45,8 @@ pub struct PredictArgs {
     /// How many of the most probable classes to print per image.
     ///
     /// At most the weights' number of classes.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Output")]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true,
+          value_parser = |s: &str| crate::train::count(s, 1, u16::MAX.into()).map(|n| n as u16), help_heading = "Output")]
     pub top_k: u16,
     /// Print one JSON object per image, with every probability and the logits.
     #[arg(long, help_heading = "Output")]
@@ -138,9 +139,19 @@ pub fn to_json(path: &Path, p: &Prediction, k: usize, classes: &[String]) -> ser
     })
 }
 
-/// The text line for an image that could not be classified.
+/// The text line for an image that could not be classified:
+/// `FILE: not classified: REASON`, the file named once (the reason's own
+/// mention of it, which the final `error:` line keeps, is left out).
 pub fn error_text(path: &Path, err: &anyhow::Error) -> String {
-    format!("{}: not classified: {err:#}", path.display())
+    let name = path.display().to_string();
+    let message = format!("{err:#}");
+    let reason = match message.strip_prefix(&format!("{name} is ")) {
+        // "photo.jpg is not a readable image: …" → "not a readable image: …"
+        Some(rest) => rest.to_string(),
+        // "cannot read image photo.jpg: …" → "cannot read image: …"
+        None => message.replacen(&format!(" {name}"), "", 1),
+    };
+    format!("{name}: not classified: {reason}")
 }
 
 /// The JSON object for an image that could not be classified.

@@ -457,9 +457,13 @@ impl Global {
                 .find(|(n, _, _)| *n == storage)
                 .map(Global::Storage)
                 .ok_or_else(|| anyhow!("unsupported global `torch.{storage}`")),
+            // torch.save(net) pickles the module's class (`__main__.Net`)
+            // and torch.nn's: the whole object, not its tensors.
             _ => bail!(
                 "unsupported global `{module}.{name}`: a state_dict file only refers to \
-                 collections.OrderedDict, torch._utils._rebuild_tensor_v2 and torch storage types"
+                 collections.OrderedDict, torch._utils._rebuild_tensor_v2 and torch storage \
+                 types. A file from torch.save(net) holds the whole pickled module; save \
+                 net.state_dict() instead: torch.save(net.state_dict(), PATH)"
             ),
         }
     }

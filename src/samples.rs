@@ -24,7 +24,8 @@ pub struct SamplesArgs {
     #[arg(long, default_value = "samples.png", value_name = "FILE.png", value_parser = crate::plot::parse_png, help_heading = "Output")]
     pub out: PathBuf,
     /// How many images (the tutorial shows one mini-batch of 4).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Data")]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true,
+          value_parser = |s: &str| crate::train::count(s, 1, 256).map(|n| n as u16), help_heading = "Data")]
     pub count: u16,
     /// Seed for picking the images; without one, each run picks others.
     ///
@@ -32,10 +33,12 @@ pub struct SamplesArgs {
     #[arg(long, help_heading = "Data")]
     pub seed: Option<u64>,
     /// Images per row of the grid (torchvision's make_grid uses 8).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64), help_heading = "Output")]
+    #[arg(long, default_value_t = 8, allow_negative_numbers = true,
+          value_parser = |s: &str| crate::train::count(s, 1, 64).map(|n| n as u16), help_heading = "Output")]
     pub columns: u16,
     /// Screen pixels per image pixel (the images are 32x32).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16), help_heading = "Output")]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true,
+          value_parser = |s: &str| crate::train::count(s, 1, 16).map(|n| n as u32), help_heading = "Output")]
     pub scale: u32,
     #[command(flatten)]
     pub data: DataArgs,

@@ -88,9 +88,37 @@ pub struct Settings {
     /// Where the dataset is.
     #[serde(with = "path")]
     pub data_dir: PathBuf,
+    /// `--train-dir`, `--test-dir`: image trees in place of `data_dir`'s.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_path"
+    )]
+    pub train_dir: Option<PathBuf>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_path"
+    )]
+    pub test_dir: Option<PathBuf>,
+    /// `--cache-dir`: where decoded image trees are cached.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_path"
+    )]
+    pub cache_dir: Option<PathBuf>,
     /// Where the trained weights go.
     #[serde(with = "path")]
     pub out: PathBuf,
+    /// The TensorBoard run folder (`--logdir`), which a resumed run goes on
+    /// writing into.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_path"
+    )]
+    pub tensorboard: Option<PathBuf>,
     /// The dataset's class names, in label order.
     pub classes: Vec<String>,
     /// The network and recipe; runs saved before there was a choice are Net's.
@@ -131,7 +159,11 @@ impl Settings {
             checkpoint_every: None,
             keep_checkpoints: DEFAULT_KEEP_CHECKPOINTS,
             data_dir: DEFAULT_DATA_DIR.into(),
+            train_dir: None,
+            test_dir: None,
+            cache_dir: None,
             out: DEFAULT_OUT.into(),
+            tensorboard: None,
             classes: crate::data::CLASSES.map(String::from).to_vec(),
             model: ModelKind::Net,
             schedule_epochs: None,
@@ -232,6 +264,27 @@ mod path {
     }
 }
 
+/// An optional [`path`].
+mod optional_path {
+    use std::path::PathBuf;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    struct Wrapped(#[serde(with = "super::path")] PathBuf);
+
+    pub fn serialize<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+        match path {
+            Some(p) => super::path::serialize(p, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
 /// A `--cpu-conv` kernel by its name.
 mod conv_name {
     use clap::ValueEnum;
@@ -269,7 +322,11 @@ mod tests {
             checkpoint_every: None,
             keep_checkpoints: 2,
             data_dir: "data".into(),
+            train_dir: Some("trees/train".into()),
+            test_dir: None,
+            cache_dir: Some("cache".into()),
             out: "net.safetensors".into(),
+            tensorboard: Some("logs/run".into()),
             classes: vec!["cat".into(), "dog".into()],
             model: ModelKind::Net,
             schedule_epochs: None,

@@ -356,8 +356,40 @@ fn epochs_and_momentum_are_range_checked() {
             &[&format!("invalid value '{value}' for '{flag} "), needle],
         );
     };
-    refused("--epochs", "-1", "-1 is not in 1..=1000000");
-    refused("--batch-size", "-4", "-4 is not in 1..=");
+    refused("--epochs", "-1", "-1 must be from 1 to 1000000");
+    refused("--batch-size", "-4", "-4 must be at least 1");
     refused("--momentum", "1.5", "`1.5` is not in [0, 1)");
     refused("--momentum", "1", "`1` is not in [0, 1)");
+}
+
+/// `-h` fits a 100-column terminal: the top level's and every subcommand's
+/// (read from the top level's list, so a new one is checked too).
+#[test]
+fn short_help_lines_fit_100_columns_in_every_subcommand() {
+    let top = ok(&run(&["-h"]));
+    let subcommands: Vec<String> = top
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|name| name != "help")
+        .collect();
+    assert!(subcommands.len() >= 6, "{top}");
+    let mut long = vec![];
+    for sub in std::iter::once(None).chain(subcommands.iter().map(Some)) {
+        let args: Vec<&str> = sub.map(|s| s.as_str()).into_iter().chain(["-h"]).collect();
+        let help = ok(&run(&args));
+        for line in help.lines() {
+            let columns = line.chars().count();
+            if columns > 100 {
+                long.push(format!("{args:?} ({columns}): {line}"));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "lines over 100 columns:\n{}",
+        long.join("\n")
+    );
 }

@@ -684,13 +684,49 @@ fn picture_outputs_must_be_png() {
 /// (100,000 threads) or overflow the step count (epochs near 2^64).
 #[test]
 fn absurd_sizes_are_refused() {
+    bad_flag("--batch-size", "9223372036854775808", "is too large");
+    bad_flag("--threads", "100000", "must be from 1 to 1024");
     bad_flag(
-        "--batch-size",
-        "9223372036854775808",
-        "not in 1..=9223372036854775807",
+        "--epochs",
+        "18446744073709551615",
+        "must be from 1 to 1000000",
     );
-    bad_flag("--threads", "100000", "not in 1..=1024");
-    bad_flag("--epochs", "18446744073709551615", "not in 1..=1000000");
+}
+
+/// A range error says the range as a person writes it ("at least 1"),
+/// never a type's raw limits (`1..=9223372036854775807`), in every
+/// subcommand.
+#[test]
+fn range_errors_say_the_range_in_words() {
+    let cases: [&[&str]; 6] = [
+        &["train", "--batch-size", "0"],
+        &["train", "--log-every", "0"],
+        &[
+            "evaluate",
+            "--weights",
+            "w.safetensors",
+            "--batch-size",
+            "0",
+        ],
+        &[
+            "predict",
+            "--weights",
+            "w.safetensors",
+            "--top-k",
+            "0",
+            "a.png",
+        ],
+        &["compare-losses", "--max-steps", "0"],
+        &["samples", "--count", "0"],
+    ];
+    for args in cases {
+        let line = fails_with(&run(args), &["'0'"]);
+        assert!(!line.contains("..="), "{args:?}: {line}");
+        assert!(
+            line.contains("must be at least 1") || line.contains("must be from 1 to "),
+            "{args:?}: {line}"
+        );
+    }
 }
 
 #[test]
@@ -750,12 +786,12 @@ fn bad_flag(flag: &str, value: &str, reason: &str) {
 
 #[test]
 fn batch_size_zero() {
-    bad_flag("--batch-size", "0", "not in 1..");
+    bad_flag("--batch-size", "0", "must be at least 1");
 }
 
 #[test]
 fn epochs_zero() {
-    bad_flag("--epochs", "0", "not in 1..");
+    bad_flag("--epochs", "0", "must be from 1 to 1000000");
 }
 
 #[test]
@@ -774,6 +810,62 @@ fn non_finite_learning_rate() {
 fn learning_rate_beyond_float32() {
     bad_flag("--lr", "1e39", "too large: the weights are float32");
     bad_flag("--momentum", "4e38", "too large: the weights are float32");
+}
+
+/// The line of a file that cannot be classified names it once: at its
+/// start, not again in the reason.
+#[test]
+fn predict_names_a_bad_file_once_in_its_line() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    std::fs::write(s.path("photo.jpg"), b"\xff\xd8\xff\xe0 not really a JPEG").unwrap();
+    let args = ["predict", "--device", "cpu", "--weights", "w.safetensors"];
+    for file in ["photo.jpg", "missing.png"] {
+        let out = tch_cifar()
+            .args(args)
+            .arg(file)
+            .current_dir(s.path(""))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let text = stdout(&out);
+        let line = text.lines().next().unwrap_or_default();
+        assert!(
+            line.starts_with(&format!("{file}: not classified: ")),
+            "{line}"
+        );
+        assert_eq!(line.matches(file).count(), 1, "{line}");
+    }
+}
+
+/// `torch.save(net)` pickles the whole module, class and all; the error
+/// says to save `net.state_dict()` instead.
+#[test]
+fn a_pickled_module_gets_the_state_dict_hint() {
+    let s = Scratch::empty();
+    let script = "import sys, torch, torch.nn as nn\n\
+                  class Net(nn.Module):\n\
+                  \x20   def __init__(self):\n\
+                  \x20       super().__init__()\n\
+                  \x20       self.fc = nn.Linear(4, 2)\n\
+                  torch.save(Net(), sys.argv[1])";
+    let made = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(s.path("net.pth"))
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    s.refused(
+        &[
+            "predict",
+            "--device",
+            "cpu",
+            "--weights",
+            "net.pth",
+            "a.png",
+        ],
+        &["net.pth", "torch.save(net)", "net.state_dict()"],
+    );
 }
 
 #[test]

@@ -657,3 +657,61 @@ fn a_three_class_tree_trains_evaluates_predicts_and_resumes_with_its_names() {
         std::fs::read(sc.path("b.safetensors")).unwrap()
     );
 }
+
+/// `--resume` adopts `--train-dir`, `--test-dir` and `--cache-dir` from the
+/// checkpoint like every other setting: the resumed run reads the same
+/// trees through the same cache without being told again.
+#[test]
+fn a_resume_adopts_the_train_test_and_cache_dirs() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tree(&dir.path().join("imgs"), &["cat", "dog"], 4);
+    let run = |args: &[&str]| {
+        tch_cifar()
+            .args(args)
+            .current_dir(dir.path())
+            // Where the cache would go without --cache-dir.
+            .env("TCH_CIFAR_CACHE_DIR", "elsewhere")
+            .output()
+            .unwrap()
+    };
+    let first = run(&[
+        "train",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--batch-size",
+        "2",
+        "--epochs",
+        "2",
+        "--max-steps",
+        "3",
+        "--train-dir",
+        "imgs/train",
+        "--test-dir",
+        "imgs/test",
+        "--cache-dir",
+        "cache",
+        "--checkpoint-dir",
+        "ck",
+        "--out",
+        "w.safetensors",
+    ]);
+    ok(&first);
+    assert!(dir.path().join("cache").is_dir());
+    // No data/ here: a resume that forgot the trees would look for
+    // CIFAR-10 there, and try to download it.
+    let resumed = run(&[
+        "train",
+        "--resume",
+        "ck",
+        "--max-steps",
+        "5",
+        "--download-url",
+        "http://127.0.0.1:9/cifar-10-binary.tar.gz",
+    ]);
+    let out = ok(&resumed);
+    assert!(out.contains("Accuracy for class: dog"), "{out}");
+    assert!(!dir.path().join("data").exists());
+    assert!(!dir.path().join("elsewhere").exists());
+}

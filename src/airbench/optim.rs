@@ -32,6 +32,24 @@ pub fn lr_factor(step: u64, total: u64) -> f64 {
     }
 }
 
+/// The learning rates of step `step` (0-based) of `total`: the norm
+/// biases' group's, then the other parameters'.
+pub fn learning_rates(step: u64, total: u64) -> [f64; 2] {
+    let lr = group_lr();
+    let factor = lr_factor(step, total);
+    [lr * BIAS_SCALER * factor, lr * factor]
+}
+
+/// The other parameters' group's rate before the schedule's factor.
+fn group_lr() -> f64 {
+    LR / kilostep_scale()
+}
+
+/// The reference's `1024 * (1 + 1 / (1 - momentum))`.
+fn kilostep_scale() -> f64 {
+    1024.0 * (1.0 + 1.0 / (1.0 - MOMENTUM))
+}
+
 /// The lookahead's EMA decay after step `step` (1-based) of `total`:
 /// `0.95**5 * (step / total)**3`, computed in f32 as the reference's tensor
 /// is. Small early, so the weights run free at first.
@@ -65,8 +83,8 @@ impl NesterovSgd {
     /// The recipe's two groups: the BatchNorm biases at 64× the learning
     /// rate, and the rest.
     pub fn new(norm_biases: Vec<Tensor>, others: Vec<Tensor>) -> NesterovSgd {
-        let kilostep_scale = 1024.0 * (1.0 + 1.0 / (1.0 - MOMENTUM));
-        let lr = LR / kilostep_scale;
+        let kilostep_scale = kilostep_scale();
+        let lr = group_lr();
         let wd = WEIGHT_DECAY * BATCH_SIZE as f64 / kilostep_scale;
         let lr_biases = lr * BIAS_SCALER;
         let group = |params: Vec<Tensor>, lr: f64| Group {

@@ -54,6 +54,7 @@ use crate::data::{self, DataArgs, Split};
 use crate::device::{device_name, CpuSettings};
 use crate::evaluate::{evaluate, predict_classes, Evaluation};
 use crate::report::{optional_path_json, Reporter};
+use crate::tensorboard::Events;
 use crate::train::RecipeArgs;
 use contenders::{largest, pair_key};
 use output::{accuracy_text, sci, text_only};
@@ -86,7 +87,7 @@ pub struct CompareArgs {
     pub data: DataArgs,
     #[command(flatten, next_help_heading = "Recipe")]
     pub recipe: RecipeArgs,
-    /// Float type of the data, weights and arithmetic: f32, f64 or f32,f64.
+    /// Float type of data, weights and math: f32, f64 or both.
     ///
     /// `f32,f64` runs the comparison once in each, one after the other.
     #[arg(
@@ -114,6 +115,8 @@ pub struct CompareArgs {
     /// Print one JSON object per line instead of tables.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    #[command(flatten)]
+    pub tensorboard: crate::tensorboard::LogdirArgs,
 }
 
 /// What every run of one invocation shares.
@@ -123,6 +126,8 @@ struct Setup<'a> {
     device: Device,
     cpu: CpuSettings,
     seed: u64,
+    /// The `--logdir` run folder, one subfolder per dtype.
+    run_dir: Option<PathBuf>,
     train: Split,
     /// Loaded after the first training, then kept.
     test: Option<Split>,
@@ -172,6 +177,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         train.classes.len()
     );
     let seed = recipe.seed_or_random();
+    let run_dir = args.tensorboard.run_dir("compare-losses", seed, None)?;
     let mut reporter = Reporter::new(args.json);
     eprintln!(
         "comparing losses on {} with {} images, seed {seed} (--seed {seed} repeats this run)",
@@ -184,6 +190,7 @@ pub fn run(args: CompareArgs) -> Result<()> {
         device,
         cpu: recipe.cpu_settings(),
         seed,
+        run_dir,
         train,
         test: None,
         test_split: Some(test_split),
@@ -272,7 +279,20 @@ fn run_one(
     // The training's CPU settings, until the test set is evaluated.
     let training = s.cpu.apply();
     let mut four = contenders(device, kind, seed, recipe.lr, recipe.momentum)?;
-    let history = side_by_side(&mut four, &s.train, recipe, args.max_steps, seed, reporter)?;
+    let mut board = match &s.run_dir {
+        Some(dir) => Events::open(&dir.join(dtype_flag(kind)), None, true)?,
+        None => Events::off(),
+    };
+    board.text("hparams", 0, &hparams_text(&setup));
+    let history = side_by_side(
+        &mut four,
+        &s.train,
+        recipe,
+        args.max_steps,
+        seed,
+        &mut board,
+        reporter,
+    )?;
     drop(training);
 
     if let Some(split) = s.test_split.take() {
@@ -311,6 +331,14 @@ fn run_one(
     for (r, e) in Role::ALL.iter().zip(&evals) {
         test_event[format!("accuracy_{}", r.key())] = json!(e.accuracy());
     }
+    let accuracies: Vec<(String, f64)> = Role::ALL
+        .iter()
+        .zip(&evals)
+        .map(|(r, e)| (format!("test/accuracy/{}", r.letter()), e.accuracy()))
+        .collect();
+    let accuracies: Vec<(&str, f64)> = accuracies.iter().map(|(t, a)| (t.as_str(), *a)).collect();
+    board.scalars(history.losses.len() as u64, &accuracies);
+    board.flush();
     reporter.emit(
         || {
             format!(
@@ -455,6 +483,21 @@ fn run_one(
         summary,
     );
     Ok(history)
+}
+
+/// A run's settings (its `start` event's) as a Markdown table.
+fn hparams_text(setup: &Value) -> String {
+    let mut text = String::from("| setting | value |\n| --- | --- |\n");
+    if let Some(fields) = setup.as_object() {
+        for (key, value) in fields {
+            let value = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            text.push_str(&format!("| {key} | {value} |\n"));
+        }
+    }
+    text
 }
 
 /// The key of a model in the JSON `models` objects: "A", "A_rev", "B", "C".

@@ -1,7 +1,7 @@
 //! The side-by-side training: every contender on the same mini-batches
 //! (A' on each one reversed), with the running losses and how far the
 //! weights drift apart: one [`Recipe`] for the training harness, and its
-//! table as a [`Hook`].
+//! table as a [`Hook`], which also writes the `--logdir` events.
 
 use anyhow::{ensure, Result};
 use serde_json::json;
@@ -12,6 +12,7 @@ use super::output::{finite_or_string, sci, text_only};
 use crate::checkpoint::Position;
 use crate::data::Split;
 use crate::report::Reporter;
+use crate::tensorboard::Events;
 use crate::train::harness::{
     self, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput, INTERRUPTS,
 };
@@ -70,13 +71,15 @@ impl History {
 /// Trains the contenders (in [`Role::ALL`] order) on `train` with one
 /// shared sequence of mini-batches, through the training harness (which
 /// gives it `--max-steps` and SIGINT/SIGTERM), reporting step 0 and the
-/// running losses.
+/// running losses (also as TensorBoard events into `board`: each
+/// contender's running loss, and the A-B and A-A' parameter differences).
 pub fn side_by_side(
     contenders: &mut [Contender],
     train: &Split,
     recipe: &RecipeArgs,
     max_steps: Option<u64>,
     seed: u64,
+    board: &mut Events,
     reporter: &mut Reporter,
 ) -> Result<History> {
     ensure!(!train.is_empty(), "the training set is empty");
@@ -98,6 +101,7 @@ pub fn side_by_side(
     let steps_per_epoch = four.steps_per_epoch();
     let total = recipe.epochs * steps_per_epoch;
     let mut table = Table {
+        board,
         log_every: recipe.log_every,
         epoch: 0,
         window: [RunningLoss::default(); 4],
@@ -219,7 +223,8 @@ impl Recipe for SideBySide<'_> {
 
 /// The side-by-side table: the first step's report, the running losses of
 /// the four, how far they drift apart, and the skipped updates.
-struct Table {
+struct Table<'b> {
+    board: &'b mut Events,
     log_every: u64,
     /// The epoch of `window`.
     epoch: u64,
@@ -227,7 +232,7 @@ struct Table {
     history: History,
 }
 
-impl Hook<SideBySide<'_>> for Table {
+impl Hook<SideBySide<'_>> for Table<'_> {
     fn needs_losses(&self, end: &StepEnd) -> bool {
         end.step.is_multiple_of(self.log_every)
     }
@@ -286,9 +291,12 @@ impl Hook<SideBySide<'_>> for Table {
         }
         let history = &mut self.history;
         if global.is_multiple_of(DIVERGENCE_EVERY) || end.last {
-            history
-                .divergence
-                .push(Divergence::of(four.contenders, global));
+            let d = Divergence::of(four.contenders, global);
+            history.divergence.push(d);
+            self.board.scalars(
+                global,
+                &[("param_diff/A-B", d.ab), ("param_diff/A-A'", d.a_rev)],
+            );
         }
         if step.is_multiple_of(self.log_every) {
             let now = match history.divergence.last() {
@@ -307,6 +315,12 @@ impl Hook<SideBySide<'_>> for Table {
             for r in [Role::B, Role::AReversed] {
                 event[format!("max_loss_diff_{}_so_far", pair_key(r))] = json!(max_diff(r));
             }
+            let tags = ["loss/A", "loss/A'", "loss/B", "loss/C"];
+            let means: Vec<(&str, f64)> = Role::ALL
+                .iter()
+                .filter_map(|r| Some((tags[r.index()], window[r.index()].mean()?)))
+                .collect();
+            self.board.scalars(global, &means);
             reporter.emit(
                 || {
                     loss_line(

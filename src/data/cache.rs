@@ -45,7 +45,7 @@ pub fn default_dir() -> Option<PathBuf> {
 /// The cache file for the split folder `root`.
 pub fn file_for(dir: &Path, root: &Path) -> PathBuf {
     let root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    let hash = crate::download::hex(&Md5::digest(root.as_os_str().as_encoded_bytes()));
+    let hash = super::download::hex(&Md5::digest(root.as_os_str().as_encoded_bytes()));
     dir.join(format!("images-{}.bin", &hash[..16]))
 }
 

@@ -10,8 +10,8 @@ use anyhow::{bail, ensure, Context, Result};
 use md5::{Digest, Md5};
 use tch::{Device, Kind, Tensor};
 
+use super::download;
 use super::{normalize_into, Split};
-use crate::download;
 
 /// Class names in label order, spelled as the PyTorch tutorial prints them.
 pub const CLASSES: [&str; 10] = [

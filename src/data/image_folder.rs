@@ -558,7 +558,7 @@ pub fn content_md5(classes: &[String], labels: &[i64], pixels: &[u8]) -> String 
         md5.update(label.to_le_bytes());
     }
     md5.update(pixels);
-    crate::download::hex(&md5.finalize())
+    super::download::hex(&md5.finalize())
 }
 
 #[cfg(test)]

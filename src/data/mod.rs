@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod cifar;
 pub mod decode;
+pub mod download;
 pub mod image_folder;
 
 use std::path::{Path, PathBuf};
@@ -24,8 +25,6 @@ pub use cifar::{
     load, load_split, load_test, load_train, locate, read_batch_file, Cifar10, BATCHES_DIR,
     CLASSES, IMAGE_BYTES, RECORD_BYTES, TEST_FILE, TRAIN_FILES,
 };
-
-use crate::download;
 
 /// One split on a device: `images` is `[N, 3, 32, 32]` f32 normalized to
 /// [-1, 1], `labels` is `[N]` i64, each an index into `classes`.
@@ -62,7 +61,7 @@ impl Split {
 /// Where the dataset is, and where to get it from when it is missing.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataArgs {
-    /// Dataset folder: CIFAR-10's batches, or images in class folders.
+    /// Dataset: CIFAR-10's batches, or images in class folders.
     ///
     /// CIFAR-10's batches directly or in cifar-10-batches-bin/ (the archive
     /// is fetched into a missing or empty folder), or images in class

@@ -75,11 +75,16 @@ pub struct RecipeArgs {
 }
 
 /// A whole number within `lo..=hi`. Negative numbers get the range error
-/// too, where clap would take `-1` for a flag.
+/// too, where clap would take `-1` for a flag. The error says the range as
+/// a person writes it: "at least 1" where `hi` is only a type's limit
+/// (from `i32::MAX` up), "from 1 to 1024" where it is a real bound.
 pub(crate) fn count(s: &str, lo: u64, hi: u64) -> Result<u64, String> {
+    let open_ended = hi >= i32::MAX as u64;
     match s.parse::<i128>() {
         Ok(v) if (lo as i128..=hi as i128).contains(&v) => Ok(v as u64),
-        Ok(_) => Err(format!("{s} is not in {lo}..={hi}")),
+        Ok(v) if open_ended && v > hi as i128 => Err(format!("{s} is too large")),
+        Ok(_) if open_ended => Err(format!("{s} must be at least {lo}")),
+        Ok(_) => Err(format!("{s} must be from {lo} to {hi}")),
         Err(e) => Err(format!("`{s}`: {e}")),
     }
 }
@@ -200,6 +205,8 @@ pub struct TrainArgs {
     /// Print one JSON object per line instead of the tutorial's text.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
+    #[command(flatten)]
+    pub tensorboard: crate::tensorboard::LogdirArgs,
     #[command(flatten, next_help_heading = "Distributed (under torchrun)")]
     pub distributed: DistArgs,
 }
@@ -245,12 +252,13 @@ pub struct CheckpointArgs {
     ///
     /// It goes on from the newest valid checkpoint in DIR and saves further
     /// checkpoints there (unless --checkpoint-dir says otherwise). Every
-    /// setting comes from the checkpoint, --data-dir and --out included.
-    /// A flag given that would change what the run computes (--seed,
-    /// --batch-size, --lr, --momentum, --log-every) is refused; --epochs (not
-    /// below the checkpoint's epoch), --max-steps, --checkpoint-every,
-    /// --keep-checkpoints, --data-dir, --out, --device, --threads and
-    /// --cpu-conv may be changed.
+    /// setting comes from the checkpoint, the data folders (--data-dir,
+    /// --train-dir, --test-dir, --cache-dir), --out and --logdir's run folder
+    /// included. A flag given that would change what the run computes
+    /// (--seed, --batch-size, --lr, --momentum, --log-every) is refused;
+    /// --epochs (not below the checkpoint's epoch), --max-steps,
+    /// --checkpoint-every, --keep-checkpoints, the data folders, --out,
+    /// --device, --threads and --cpu-conv may be changed.
     #[arg(long, value_name = "DIR")]
     pub resume: Option<PathBuf>,
 }
@@ -280,7 +288,11 @@ impl TrainArgs {
             checkpoint_every: self.checkpoints.checkpoint_every,
             keep_checkpoints: self.checkpoints.keep_checkpoints,
             data_dir: self.data.data_dir.clone(),
+            train_dir: self.data.train_dir.clone(),
+            test_dir: self.data.test_dir.clone(),
+            cache_dir: self.data.cache_dir.clone(),
             out: self.out.clone(),
+            tensorboard: None,
             classes: Vec::new(),
             model: ModelKind::Net,
             schedule_epochs: None,
@@ -311,7 +323,11 @@ impl TrainArgs {
             checkpoint_every: self.checkpoints.checkpoint_every,
             keep_checkpoints: self.checkpoints.keep_checkpoints,
             data_dir: self.data.data_dir.clone(),
+            train_dir: self.data.train_dir.clone(),
+            test_dir: self.data.test_dir.clone(),
+            cache_dir: self.data.cache_dir.clone(),
             out: self.out.clone(),
+            tensorboard: None,
             classes: Vec::new(),
             model: ModelKind::Airbench94,
             schedule_epochs: Some(schedule_epochs),
@@ -390,9 +406,11 @@ pub(crate) mod tests {
     #[test]
     fn counts_and_momentum_are_range_checked() {
         let err = refused(&["--epochs", "-1"]);
-        assert!(err.contains("-1 is not in 1..=1000000"), "{err}");
+        assert!(err.contains("-1 must be from 1 to 1000000"), "{err}");
         let err = refused(&["--batch-size", "0"]);
-        assert!(err.contains("0 is not in 1..="), "{err}");
+        assert!(err.contains("0 must be at least 1"), "{err}");
+        let err = refused(&["--batch-size", "9223372036854775808"]);
+        assert!(err.contains("9223372036854775808 is too large"), "{err}");
         let err = refused(&["--epochs", "two"]);
         assert!(err.contains("`two`: invalid digit"), "{err}");
         let err = refused(&["--momentum", "1.5"]);
@@ -407,7 +425,7 @@ pub(crate) mod tests {
             (0.0, Some(1024))
         );
         let err = refused(&["--threads", "1025"]);
-        assert!(err.contains("1025 is not in 1..=1024"), "{err}");
+        assert!(err.contains("1025 must be from 1 to 1024"), "{err}");
     }
 
     #[test]

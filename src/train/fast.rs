@@ -64,6 +64,7 @@ pub fn train(
     resumed: Option<Checkpoint>,
     start_event: serde_json::Value,
     control: &mut Control,
+    board: &mut super::board::Board,
     reporter: &mut Reporter,
 ) -> Result<(Airbench, TrainStats, Vec<f64>)> {
     if (train.len() as i64) < BATCH_SIZE {
@@ -101,7 +102,7 @@ pub fn train(
         ..control.plan(settings.epochs)
     };
     let mut lines = EpochLines::new(recipe.steps_per_epoch());
-    let stats = harness::run(&mut recipe, plan, &mut [&mut lines], reporter)?;
+    let stats = harness::run(&mut recipe, plan, &mut [&mut lines, board], reporter)?;
     drop(recipe);
     Ok((Airbench::trained(vs, net, classes), stats, lines.seconds))
 }

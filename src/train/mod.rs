@@ -14,6 +14,7 @@
 //! checkpoint with the run's own settings ([`resume`]).
 
 mod args;
+pub mod board;
 mod fast;
 mod folders;
 pub mod harness;
@@ -33,6 +34,7 @@ pub use self::args::{
     describe_device, CheckpointArgs, DistArgs, Given, RecipeArgs, TrainArgs, MAX_EPOCHS,
     MAX_THREADS,
 };
+use self::board::{Board, Marks};
 use self::folders::{
     check_no_interrupted_run, interrupt_dir, prepare_checkpoint_dir, remove_checkpoints, same_dir,
 };
@@ -108,6 +110,19 @@ pub fn train(
     control: &mut Control,
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
+    train_watched(model, opt, train, settings, control, None, reporter)
+}
+
+/// [`train`], with the TensorBoard `board` around each step.
+fn train_watched(
+    model: &Model,
+    opt: &mut Sgd,
+    train: &Split,
+    settings: &Settings,
+    control: &mut Control,
+    board: Option<&mut Board>,
+    reporter: &mut Reporter,
+) -> Result<TrainStats> {
     if train.is_empty() {
         bail!("the training set is empty");
     }
@@ -119,7 +134,10 @@ pub fn train(
         diverged_hint: Some(diverged_hint(settings.lr, settings.momentum)),
         ..control.plan(settings.epochs)
     };
-    harness::run(&mut recipe, plan, &mut [], reporter)
+    match board {
+        Some(board) => harness::run(&mut recipe, plan, &mut [board], reporter),
+        None => harness::run(&mut recipe, plan, &mut [], reporter),
+    }
 }
 
 /// `tch-cifar train`. `matches` are the subcommand's, which tell the flags
@@ -207,6 +225,19 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     if settings.model == ModelKind::Airbench94 {
         fast::check_flags(&given, resumed.is_some())?;
     }
+    let recorded = settings.tensorboard.clone();
+    settings.tensorboard =
+        args.tensorboard
+            .run_dir(settings.model.name(), settings.seed, recorded.as_deref())?;
+    if let (Some(old), Some(new)) = (&recorded, &settings.tensorboard) {
+        if old != new && launch.as_ref().is_none_or(|l| l.rank == 0) {
+            eprintln!(
+                "note: the TensorBoard events go to {} (the checkpoint's run wrote them to {})",
+                new.display(),
+                old.display()
+            );
+        }
+    }
     let seed = settings.seed;
     let json = args.json;
     let out = settings.out.clone();
@@ -227,6 +258,9 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     }
     let data_args = data::DataArgs {
         data_dir: settings.data_dir.clone(),
+        train_dir: settings.train_dir.clone(),
+        test_dir: settings.test_dir.clone(),
+        cache_dir: settings.cache_dir.clone(),
         ..args.data
     };
     crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
@@ -302,6 +336,18 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         resume_command: resume_command(&dir, json),
         saver: Saver::new(dir, keep, meta, last),
     };
+    // A resumed run's events start after its checkpoint's step: TensorBoard
+    // drops what the interrupted run wrote from there on.
+    let first_step = start.global_step + u64::from(resumed.is_some());
+    let events = match &settings.tensorboard {
+        Some(dir) => {
+            // Rank 0 writes a distributed run's events.
+            crate::tensorboard::Events::open(dir, resumed.is_some().then_some(first_step), main)?
+        }
+        None => crate::tensorboard::Events::off(),
+    };
+    let mut board = board_for(events, &settings, start, train_set.len() as u64);
+    board.hparams(if resumed.is_some() { first_step } else { 0 }, &settings);
     let (trained, mut stats, epoch_seconds) = match settings.model {
         ModelKind::Net => {
             let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
@@ -313,12 +359,13 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             if reporter.is_json() {
                 reporter.emit(String::new, start_event);
             }
-            let stats = train(
+            let stats = train_watched(
                 &model,
                 &mut opt,
                 &train_set,
                 &settings,
                 &mut control,
+                Some(&mut board),
                 &mut reporter,
             )?;
             drop(train_set);
@@ -331,6 +378,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 resumed,
                 start_event,
                 &mut control,
+                &mut board,
                 &mut reporter,
             )?;
             let trained = Classifier::Airbench94(Box::new(airbench));
@@ -401,6 +449,18 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         false => None,
     };
     let eval_seconds = eval_start.elapsed().as_secs_f64();
+    if let Some(dir) = settings
+        .tensorboard
+        .as_ref()
+        .filter(|_| board.events.is_on())
+    {
+        // The picture `evaluate --confusion` draws, kept beside the events.
+        let png = dir.join("confusion.png");
+        crate::evaluate::draw_confusion(&png, &eval)?;
+        let bytes =
+            std::fs::read(&png).with_context(|| format!("cannot read {}", png.display()))?;
+        board.evaluation(stats.steps, &eval, plain.as_ref(), &bytes)?;
+    }
     let mut summary = settings_json(&settings, device);
     summary["event"] = json!("summary");
     let fields = summary.as_object_mut().expect("json! object");
@@ -436,6 +496,45 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     };
     reporter.emit(text, summary);
     Ok(())
+}
+
+/// The TensorBoard board of a run of `settings` from `start` on
+/// `train_images` images: loss marks, learning rates and batch sizes as
+/// its recipe has them.
+fn board_for(
+    events: crate::tensorboard::Events,
+    settings: &Settings,
+    start: Position,
+    train_images: u64,
+) -> Board {
+    match settings.model {
+        ModelKind::Net => {
+            let (lr, batch) = (settings.lr, settings.batch_size);
+            Board::new(
+                events,
+                start,
+                Marks::EveryN(settings.log_every),
+                Box::new(move |_| vec![("train/lr", lr)]),
+                Box::new(move |step| batch.min(train_images - (step - 1) * batch)),
+            )
+        }
+        ModelKind::Airbench94 => {
+            let batch = crate::airbench::BATCH_SIZE as u64;
+            let schedule = settings.schedule_epochs.unwrap_or(crate::airbench::EPOCHS);
+            let total = crate::airbench::recipe::total_steps(train_images / batch, schedule);
+            Board::new(
+                events,
+                start,
+                Marks::Epochs,
+                Box::new(move |step| {
+                    let [biases, others] = crate::airbench::optim::learning_rates(step - 1, total);
+                    vec![("train/lr", others), ("train/lr_norm_biases", biases)]
+                }),
+                // The last partial batch is dropped.
+                Box::new(move |_| batch),
+            )
+        }
+    }
 }
 
 /// The settings in the `start` and `summary` events; a distributed run's

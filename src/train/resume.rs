@@ -135,6 +135,20 @@ pub fn resumed_settings(
             |p| Some(p.display().to_string()),
         );
     }
+    // Image trees and their cache: where the same images are.
+    let data = &args.data;
+    let dirs = [
+        ("--train-dir", &mut s.train_dir, &data.train_dir),
+        ("--test-dir", &mut s.test_dir, &data.test_dir),
+        ("--cache-dir", &mut s.cache_dir, &data.cache_dir),
+    ];
+    for (flag, field, now) in dirs {
+        if given.has(flag) {
+            notes.take(flag, field, now.clone(), |p| {
+                p.as_ref().map(|p| p.display().to_string())
+            });
+        }
+    }
     if given.has("--out") {
         notes.take("--out", &mut s.out, args.out.clone(), |p| {
             Some(p.display().to_string())

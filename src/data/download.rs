@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use md5::{Digest, Md5};
 
-use crate::data::{self, BATCHES_DIR, TEST_FILE, TRAIN_FILES};
+use super::{self as data, BATCHES_DIR, TEST_FILE, TRAIN_FILES};
 
 /// The official archive on the CIFAR-10 home page.
 pub const OFFICIAL_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
