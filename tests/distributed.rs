@@ -2,7 +2,8 @@
 //! binary, on loopback only: two ranks launched by torchrun and by a plain
 //! launcher that sets torchrun's environment itself, against one process on
 //! the same seed; one checkpoint for an interrupt on any rank and a
-//! bit-identical resume; a rank that dies or hangs; bad environments.
+//! bit-identical resume; a rank that dies or hangs; bad environments;
+//! airbench94 on two ranks, with rank 0 alone writing TensorBoard events.
 //! Every process a test starts is ended, and every wait is bounded.
 
 mod util;
@@ -410,10 +411,18 @@ fn airbench94_trains_on_two_ranks() {
         "--json",
         "--out",
         "w.safetensors",
+        "--logdir",
+        "tb",
     ]
     .map(String::from)
     .to_vec();
     let outs = run_ranks(dir.path(), 2, &args, &[]);
+    // Rank 0 alone writes TensorBoard events: one run folder, one file.
+    let written: Vec<_> = tree(&dir.path().join("tb"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("events.out.tfevents"))
+        .collect();
+    assert_eq!(written.len(), 1, "{written:?}");
     let rank0 = events(&ok(&outs[0]));
     assert_eq!(ok(&outs[1]), "");
     let summary = of_kind(&rank0, "summary")[0];

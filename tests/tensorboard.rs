@@ -38,14 +38,15 @@ fn tensorboard_python() -> Result<PathBuf, String> {
                 return Ok(py);
             }
             let install = Command::new(&py)
-                .args(["-m", "pip", "install", "--quiet", "tensorboard"])
+                // The version these tests were written against.
+                .args(["-m", "pip", "install", "--quiet", "tensorboard==2.21.0"])
                 .output()
                 .map_err(|e| format!("cannot run {} -m pip: {e}", py.display()))?;
             if imports() {
                 Ok(py)
             } else {
                 Err(format!(
-                    "the tensorboard package is missing and `pip install tensorboard` failed: {}",
+                    "the tensorboard package is missing and `pip install tensorboard==2.21.0` failed: {}",
                     String::from_utf8_lossy(&install.stderr).trim()
                 ))
             }

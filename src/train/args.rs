@@ -215,10 +215,10 @@ pub struct TrainArgs {
 /// same environment) launches the processes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DistArgs {
-    /// c10d backend: gloo or nccl [default: nccl on CUDA, gloo on the CPU].
+    /// c10d backend: gloo or nccl [default: nccl on CUDA, else gloo].
     #[arg(long, value_enum, value_name = "BACKEND", hide_possible_values = true)]
     pub dist_backend: Option<Backend>,
-    /// Seconds a rank waits for the others (rendezvous, each collective).
+    /// Seconds a rank waits for the others before it fails.
     ///
     /// A rank that dies or hangs makes every other one fail within this
     /// time, with an error that names it.
@@ -440,7 +440,8 @@ pub(crate) mod tests {
                 "Recipe:",
                 "Performance:",
                 "Checkpoints:",
-                "Output:"
+                "Output:",
+                "Distributed (under torchrun):"
             ],
             "{help}"
         );
