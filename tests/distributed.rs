@@ -257,6 +257,15 @@ fn an_interrupt_on_one_rank_stops_all_with_one_checkpoint_that_resumes_bit_for_b
     );
     let saved: Vec<_> = std::fs::read_dir(dir.path().join("cut")).unwrap().collect();
     assert_eq!(saved.len(), 1, "one checkpoint");
+    let checkpoint = saved[0].as_ref().unwrap().path();
+    std::fs::create_dir(dir.path().join("cut-copy")).unwrap();
+    std::fs::copy(
+        &checkpoint,
+        dir.path()
+            .join("cut-copy")
+            .join(checkpoint.file_name().unwrap()),
+    )
+    .unwrap();
     // Resumed on two ranks, the run ends where the uninterrupted one did.
     let resume: Vec<String> = ["train", "--resume", "cut", "--json"]
         .map(String::from)
@@ -267,6 +276,18 @@ fn an_interrupt_on_one_rank_stops_all_with_one_checkpoint_that_resumes_bit_for_b
     let full = std::fs::read(dir.path().join("full.safetensors")).unwrap();
     let cut = std::fs::read(dir.path().join("cut.safetensors")).unwrap();
     assert!(full == cut, "the resumed run's weights differ");
+    // On one process, the same checkpoint goes on with a note.
+    let one = tch_cifar()
+        .current_dir(dir.path())
+        .args(["train", "--resume", "cut-copy", "--out", "one.safetensors"])
+        .output()
+        .unwrap();
+    ok(&one);
+    let note = stderr(&one);
+    assert!(
+        note.contains("was saved by a run of 2 rank(s), this one has 1"),
+        "{note}"
+    );
 }
 
 /// Starts two ranks of `args`, each step slowed, and returns them once rank

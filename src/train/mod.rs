@@ -247,7 +247,11 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             let (world, device) = join(launch, &args.distributed, &mut settings, device)?;
             (Some(world), device)
         }
-        None => (None, device),
+        None => {
+            // A checkpoint of a distributed run goes on in one process.
+            settings.world_size = 1;
+            (None, device)
+        }
     };
     // Rank 0 speaks and writes for the whole run.
     let main = world.is_none_or(|w| w.rank == 0);
