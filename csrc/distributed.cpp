@@ -27,6 +27,11 @@ using tch_cifar::guarded;
 
 extern "C" {
 
+// Silences libtorch's own C++ log lines (c10d logs each failed connection
+// with a C++ backtrace): every error comes back through these functions'
+// messages instead.
+void tch_cifar_quiet_cpp_logs() { FLAGS_caffe2_log_level = c10::GLOG_FATAL; }
+
 // Connects to (or, with is_server, also hosts) the TCPStore at host:port.
 // A non-empty prefix puts every key under it, as torchrun's agent store
 // expects of its workers ("/worker/attempt_N").
@@ -75,6 +80,20 @@ char* tch_cifar_store_try_get(TchCifarStore* store, const char* key, bool* found
       std::memcpy(*value, bytes.data(), bytes.size());
       *len = bytes.size();
     }
+  });
+}
+
+// The value of `key`, waiting for it up to the store's timeout. The bytes
+// are malloc'ed; free them with tch_cifar_free_message.
+char* tch_cifar_store_get(TchCifarStore* store, const char* key, uint8_t** value, size_t* len) {
+  return guarded([&] {
+    std::vector<uint8_t> bytes = store->store->get(key);
+    *value = static_cast<uint8_t*>(std::malloc(bytes.size() + 1));
+    if (*value == nullptr) {
+      throw std::bad_alloc();
+    }
+    std::memcpy(*value, bytes.data(), bytes.size());
+    *len = bytes.size();
   });
 }
 

@@ -174,6 +174,50 @@ fn check_against_one_process(dir: &Path, two: &[Output], two_out: &str) {
 }
 
 #[test]
+fn every_rank_trains_rank_0s_recipe() {
+    let dir = scratch();
+    // Without --seed, each rank draws one, and rank 0's is the run's.
+    let mut args = train_args("two.safetensors", &[]);
+    let at = args.iter().position(|a| a == "--seed").unwrap();
+    args.drain(at..at + 2);
+    let two = run_ranks(dir.path(), 2, &args, &[]);
+    let rank0 = events(&ok(&two[0]));
+    let seed = of_kind(&rank0, "start")[0]["seed"].to_string();
+    let one = tch_cifar()
+        .current_dir(dir.path())
+        .args(&args)
+        .args(["--seed", &seed])
+        .output()
+        .unwrap();
+    let (a, b) = (losses(&events(&ok(&one))), losses(&rank0));
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-4, "seed {seed}: losses {a:?} and {b:?}");
+    }
+    // A rank started with another recipe is refused, and rank 0 names it.
+    let port = free_port();
+    let spawn = |r: usize, seed: &str| {
+        let mut args = train_args("w.safetensors", &["--dist-timeout", "20"]);
+        args[at + 1] = seed.to_string();
+        rank(dir.path(), r, 2, port, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (rank0, rank1) = (spawn(0, "1"), spawn(1, "2"));
+    let (out1, _) = wait_bounded(rank1, Duration::from_secs(60));
+    let (out0, _) = wait_bounded(rank0, Duration::from_secs(60));
+    fails_with(
+        &out1,
+        &["rank 1 was started with another recipe than rank 0's (--seed 2 here, 1 on rank 0)"],
+    );
+    fails_with(
+        &out0,
+        &["rank 1 failed: rank 1 was started with another recipe"],
+    );
+}
+
+#[test]
 fn two_ranks_of_a_plain_launch_train_what_one_process_trains() {
     let dir = scratch();
     let two = run_ranks(dir.path(), 2, &train_args("two.safetensors", &[]), &[]);
@@ -252,7 +296,7 @@ fn an_interrupt_on_one_rank_stops_all_with_one_checkpoint_that_resumes_bit_for_b
     assert!(stderr(&out1).trim().is_empty(), "{}", stderr(&out1));
     let said = stderr(&out0);
     assert!(
-        said.contains("resume with: tch-cifar train --resume cut"),
+        said.contains("resume with: torchrun --standalone --nproc-per-node 2 --no-python tch-cifar train --resume cut"),
         "{said}"
     );
     let saved: Vec<_> = std::fs::read_dir(dir.path().join("cut")).unwrap().collect();

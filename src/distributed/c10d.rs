@@ -44,6 +44,12 @@ extern "C" {
         value: *mut *mut u8,
         len: *mut usize,
     ) -> *mut c_char;
+    fn tch_cifar_store_get(
+        store: *mut CStore,
+        key: *const c_char,
+        value: *mut *mut u8,
+        len: *mut usize,
+    ) -> *mut c_char;
     fn tch_cifar_store_free(store: *mut CStore);
     fn tch_cifar_group_new_gloo(
         store: *mut CStore,
@@ -65,8 +71,16 @@ extern "C" {
     ) -> *mut c_char;
     fn tch_cifar_group_barrier(group: *mut CGroup) -> *mut c_char;
     fn tch_cifar_group_free(group: *mut CGroup);
+    fn tch_cifar_quiet_cpp_logs();
     // csrc/script_module.cpp: frees what the functions above malloc.
     fn tch_cifar_free_message(message: *mut c_char);
+}
+
+/// Silences libtorch's own C++ log lines: c10d logs each failed connection
+/// with a C++ backtrace, and every error also comes back as a message.
+pub fn quiet_cpp_logs() {
+    // SAFETY: sets one int of libtorch's logging.
+    unsafe { tch_cifar_quiet_cpp_logs() }
 }
 
 /// Turns a returned message (NULL on success) into a result.
@@ -144,6 +158,27 @@ impl Store {
                 value.as_ptr(),
                 value.len(),
             ))
+        }
+    }
+
+    /// The value of `key`, waiting for some rank to set it (up to the
+    /// store's timeout).
+    pub fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let key = c_string(key)?;
+        let mut value = std::ptr::null_mut();
+        let mut len = 0;
+        // SAFETY: the out-pointers are valid; the value is malloc'ed by the
+        // C++ side and freed here with its own function.
+        unsafe {
+            checked(tch_cifar_store_get(
+                self.ptr,
+                key.as_ptr(),
+                &mut value,
+                &mut len,
+            ))?;
+            let bytes = std::slice::from_raw_parts(value, len).to_vec();
+            tch_cifar_free_message(value.cast());
+            Ok(bytes)
         }
     }
 

@@ -14,6 +14,8 @@ pub struct Launch {
     pub world_size: i64,
     /// The rank among this machine's processes: it picks the GPU.
     pub local_rank: i64,
+    /// This machine's ranks (`LOCAL_WORLD_SIZE`; all of them without it).
+    pub local_world_size: i64,
     /// Where the rendezvous store listens.
     pub master_addr: String,
     pub master_port: u16,
@@ -79,6 +81,10 @@ impl Launch {
             None => rank,
         };
         ensure!(local_rank >= 0, "LOCAL_RANK={local_rank} is negative");
+        let local_world_size = match var("LOCAL_WORLD_SIZE") {
+            Some(v) => number("LOCAL_WORLD_SIZE", &v)?,
+            None => world_size,
+        };
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True");
         // torch.distributed's env:// rendezvous puts a worker's keys under
         // this prefix of the agent's store.
@@ -92,6 +98,7 @@ impl Launch {
             rank,
             world_size,
             local_rank,
+            local_world_size,
             master_addr,
             master_port,
             agent_store,
@@ -158,6 +165,7 @@ mod tests {
                 rank: 1,
                 world_size: 2,
                 local_rank: 1,
+                local_world_size: 2,
                 master_addr: "127.0.0.1".into(),
                 master_port: 29500,
                 agent_store: true,

@@ -23,7 +23,7 @@ mod nccl;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -87,6 +87,8 @@ pub struct World {
     pub rank: i64,
     pub size: i64,
     pub local_rank: i64,
+    /// The ranks on this machine.
+    pub local_size: i64,
     pub backend: Backend,
     /// Where this rank's tensors are, and so the collectives' buffers.
     pub device: Device,
@@ -95,7 +97,7 @@ pub struct World {
     /// operations give up quickly (the main one waits `timeout`).
     monitor: Arc<Store>,
     /// Holds the rendezvous (and, on rank 0 without torchrun, hosts it).
-    _store: Store,
+    store: Store,
     timeout: Duration,
     reduction: AtomicU8,
     /// This rank was asked to stop (SIGINT/SIGTERM), sent with the next step.
@@ -138,6 +140,10 @@ pub fn init(
     let Launch {
         rank, world_size, ..
     } = *launch;
+    // As in PyTorch, TORCH_CPP_LOG_LEVEL brings libtorch's own lines back.
+    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+        c10d::quiet_cpp_logs();
+    }
     let host = launch.master_addr.as_str();
     let port = launch.master_port;
     let is_server = rank == 0 && !launch.agent_store;
@@ -174,7 +180,7 @@ pub fn init(
     )
     .with_context(|| format!("rank {rank} cannot open a second connection to {where_}"))?;
     let monitor = Arc::new(monitor);
-    monitor.set(&heartbeat_key(rank), b"0")?;
+    monitor.set(&heartbeat_key(rank), now_ms().to_string().as_bytes())?;
     spawn_heartbeat(Arc::clone(&monitor), rank);
     // On loopback, Gloo's sockets stay there too; elsewhere they bind as
     // torch.distributed binds them (GLOO_SOCKET_IFNAME, else the host name).
@@ -205,11 +211,12 @@ pub fn init(
         rank,
         size: world_size,
         local_rank: launch.local_rank,
+        local_size: launch.local_world_size,
         backend,
         device,
         group,
         monitor,
-        _store: store,
+        store,
         timeout,
         reduction: AtomicU8::new(0),
         stop_requested: AtomicBool::new(false),
@@ -226,14 +233,19 @@ pub fn init(
 /// the process ends.
 fn spawn_heartbeat(store: Arc<Store>, rank: i64) {
     let key = heartbeat_key(rank);
-    std::thread::spawn(move || {
-        for beat in 1u64.. {
-            std::thread::sleep(HEARTBEAT_EVERY);
-            if store.set(&key, beat.to_string().as_bytes()).is_err() {
-                return;
-            }
+    std::thread::spawn(move || loop {
+        std::thread::sleep(HEARTBEAT_EVERY);
+        if store.set(&key, now_ms().to_string().as_bytes()).is_err() {
+            return;
         }
     });
+}
+
+/// Milliseconds since the Unix epoch: a heartbeat's value.
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 impl World {
@@ -298,6 +310,21 @@ impl World {
         Ok(())
     }
 
+    /// Rank 0's `mine`, on every rank: rank 0 publishes its value under
+    /// `key` in the store, the others wait for it (up to `--dist-timeout`).
+    pub fn rank0_value(&self, key: &str, mine: &str) -> Result<String> {
+        let key = format!("tch-cifar/rank0/{key}");
+        if self.rank == 0 {
+            self.store.set(&key, mine.as_bytes())?;
+            return Ok(mine.to_string());
+        }
+        let bytes = self
+            .store
+            .get(&key)
+            .with_context(|| format!("rank {} did not get rank 0's {key}", self.rank))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     /// Waits for every rank.
     pub fn barrier(&self, what: &str) -> Result<()> {
         self.group.barrier().map_err(|err| self.lost(what, err))
@@ -315,12 +342,19 @@ impl World {
     fn lost(&self, what: &str, err: anyhow::Error) -> anyhow::Error {
         let others: Vec<i64> = (0..self.size).filter(|&r| r != self.rank).collect();
         let me = format!("rank {} of {}", self.rank, self.size);
-        let beats = |store: &Store| -> Result<Vec<Option<Vec<u8>>>> {
+        // Each other rank's last heartbeat, as milliseconds before now.
+        let ages = || -> Result<Vec<(i64, Option<u128>)>> {
+            let now = now_ms();
             others
                 .iter()
-                .map(|&r| store.try_get(&heartbeat_key(r)))
+                .map(|&r| {
+                    let beat = self.monitor.try_get(&heartbeat_key(r))?;
+                    let at = beat.and_then(|b| String::from_utf8_lossy(&b).parse::<u128>().ok());
+                    Ok((r, at.map(|at| now.saturating_sub(at))))
+                })
                 .collect()
         };
+        let late = HEARTBEAT_EVERY.as_millis() * 5 / 2;
         let diagnosis = (|| -> Result<String> {
             for &r in &others {
                 if let Some(reason) = self.monitor.try_get(&failed_key(r))? {
@@ -330,27 +364,29 @@ impl World {
                     ));
                 }
             }
-            let before = beats(&self.monitor)?;
-            let waited = Instant::now();
-            std::thread::sleep(HEARTBEAT_EVERY * 5 / 2);
-            let after = beats(&self.monitor)?;
-            let silent: Vec<String> = others
-                .iter()
-                .zip(before.iter().zip(&after))
-                .filter(|(_, (b, a))| b == a)
-                .map(|(r, _)| r.to_string())
+            let mut silent: Vec<(i64, Option<u128>)> = ages()?
+                .into_iter()
+                .filter(|(_, age)| age.is_none_or(|a| a > late))
                 .collect();
+            if silent.is_empty() {
+                // A rank that died a moment ago beat recently: watch a while.
+                std::thread::sleep(HEARTBEAT_EVERY * 5 / 2);
+                silent = ages()?
+                    .into_iter()
+                    .filter(|(_, age)| age.is_none_or(|a| a > late))
+                    .collect();
+            }
+            let name = |(r, age): &(i64, Option<u128>)| match age {
+                Some(ms) => format!("rank {r} (last heartbeat {:.1} s ago)", *ms as f64 / 1e3),
+                None => format!("rank {r} (no heartbeat)"),
+            };
             Ok(match silent.as_slice() {
-                [] => "no rank's heartbeat stopped: a rank may have called another collective"
+                [] => "every rank's heartbeat goes on: a rank may be in another collective"
                     .to_string(),
-                [one] => format!(
-                    "lost rank {one}: its heartbeat stopped (no beat in {:.1} s), so it died \
-                     or hangs",
-                    waited.elapsed().as_secs_f64()
-                ),
+                [one] => format!("lost {}: it died or hangs", name(one)),
                 many => format!(
-                    "lost ranks {}: their heartbeats stopped, so they died or hang",
-                    many.join(", ")
+                    "lost {}: they died or hang",
+                    many.iter().map(name).collect::<Vec<_>>().join(", ")
                 ),
             })
         })();
@@ -358,8 +394,8 @@ impl World {
             "lost rank 0, which hosts the rendezvous store: the store stopped answering".to_string()
         });
         anyhow!(
-            "{me}: {diagnosis}; the {what} failed (timeout {} s, --dist-timeout), so every rank \
-             stops: {err:#}",
+            "{me}: {diagnosis}; the {what} failed (a rank waits up to {} s, --dist-timeout), so \
+             every rank stops: {err:#}",
             self.timeout.as_secs()
         )
     }

@@ -157,24 +157,29 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
 
 /// Joins the distributed run that `launch` describes, for `settings` on
 /// `device`: checks that the backend suits the device and that the batch
-/// divides among the ranks. Returns the device this rank trains on (GPU
-/// `LOCAL_RANK` on CUDA).
+/// divides among the ranks, then that every rank trains rank 0's recipe
+/// (taking its seed unless `seed_given`). Returns the device this rank
+/// trains on (GPU `LOCAL_RANK` on CUDA).
 fn join(
     launch: &Launch,
     dist: &DistArgs,
     settings: &mut Settings,
     device: Device,
+    seed_given: bool,
 ) -> Result<(&'static World, Device)> {
     let backend = dist.dist_backend.unwrap_or(Backend::for_device(device));
     if backend == Backend::Nccl && !device.is_cuda() {
         bail!(
-            "--dist-backend nccl runs on GPUs and this run trains on the CPU: use --device cuda,              or --dist-backend gloo for the CPU"
+            "--dist-backend nccl runs on GPUs and this run trains on the CPU: use --device cuda, \
+             or --dist-backend gloo for the CPU"
         );
     }
     let world_size = launch.world_size as u64;
     if !settings.batch_size.is_multiple_of(world_size) {
         bail!(
-            "--batch-size {} does not divide among WORLD_SIZE={world_size} ranks: the batch              size is the global batch, of which each rank takes batch size / world size              images; pick a multiple of {world_size}",
+            "--batch-size {} does not divide among WORLD_SIZE={world_size} ranks: the batch \
+             size is the global batch, of which each rank takes batch size / world size \
+             images; pick a multiple of {world_size}",
             settings.batch_size
         );
     }
@@ -185,11 +190,51 @@ fn join(
     settings.world_size = world_size;
     let timeout = std::time::Duration::from_secs(dist.dist_timeout);
     let world = distributed::init(launch, backend, device, timeout)?;
+    agree_on_recipe(world, settings, seed_given)?;
     // The ranks stop together, so a second signal waits for them.
     INTERRUPTS
         .patient
         .store(true, std::sync::atomic::Ordering::SeqCst);
     Ok((world, device))
+}
+
+/// Every rank of a distributed run trains rank 0's recipe: a seed drawn here
+/// (no `--seed`) is replaced by rank 0's, and any other difference in what
+/// the ranks would compute is refused, naming it.
+fn agree_on_recipe(world: &World, settings: &mut Settings, seed_given: bool) -> Result<()> {
+    let recipe = |s: &Settings| {
+        json!({
+            "--seed": s.seed, "--epochs": s.epochs, "--batch-size": s.batch_size,
+            "--lr": s.lr, "--momentum": s.momentum, "--log-every": s.log_every,
+            "--max-steps": s.max_steps, "--model": s.model.name(),
+            "airbench94's schedule": s.schedule_epochs,
+        })
+    };
+    let rank0 = world.rank0_value("recipe", &recipe(settings).to_string())?;
+    let rank0: serde_json::Value =
+        serde_json::from_str(&rank0).context("rank 0's recipe is not JSON")?;
+    if !seed_given {
+        settings.seed = rank0["--seed"]
+            .as_u64()
+            .context("rank 0's recipe has no seed")?;
+    }
+    let mine = recipe(settings);
+    let differs: Vec<String> = mine
+        .as_object()
+        .expect("json! object")
+        .iter()
+        .filter(|(k, v)| rank0.get(k.as_str()) != Some(*v))
+        .map(|(k, v)| format!("{k} {v} here, {} on rank 0", rank0[k.as_str()]))
+        .collect();
+    if !differs.is_empty() {
+        bail!(
+            "rank {} was started with another recipe than rank 0's ({}): give every rank the \
+             same command line",
+            world.rank,
+            differs.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
@@ -238,21 +283,29 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             );
         }
     }
-    let seed = settings.seed;
     let json = args.json;
     let out = settings.out.clone();
     let device = settings.device.resolve()?;
     let (world, device) = match &launch {
         Some(launch) => {
-            let (world, device) = join(launch, &args.distributed, &mut settings, device)?;
+            let seed_given = given.has("--seed") || resumed.is_some();
+            let (world, device) =
+                join(launch, &args.distributed, &mut settings, device, seed_given)?;
             (Some(world), device)
         }
         None => {
+            if given.has("--dist-backend") || given.has("--dist-timeout") {
+                eprintln!(
+                    "note: --dist-backend and --dist-timeout only matter when torchrun launches \
+                     the run (RANK and WORLD_SIZE are not set)"
+                );
+            }
             // A checkpoint of a distributed run goes on in one process.
             settings.world_size = 1;
             (None, device)
         }
     };
+    let seed = settings.seed;
     // Rank 0 speaks and writes for the whole run.
     let main = world.is_none_or(|w| w.rank == 0);
     // Until the test set is evaluated.
@@ -301,6 +354,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         other => format!("{} ", other.name()),
     };
     let ranks = match world {
+        Some(w) if w.size == 1 => format!("1 rank ({}) on ", w.backend.name()),
         Some(w) => format!("{} ranks ({}), each on ", w.size, w.backend.name()),
         None => String::new(),
     };
