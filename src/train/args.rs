@@ -29,7 +29,7 @@ pub struct RecipeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_EPOCHS, allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, MAX_EPOCHS))]
     pub epochs: u64,
-    /// Images per mini-batch.
+    /// Images per mini-batch (all ranks together, under torchrun).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH_SIZE, allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, i64::MAX as u64))]
     pub batch_size: u64,

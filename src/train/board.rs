@@ -144,6 +144,13 @@ impl Board {
 }
 
 impl<R: ?Sized> Hook<R> for Board {
+    /// The epoch and images/s clocks start with the steps, as the epoch
+    /// lines' do: the data's preparation is no part of epoch 1.
+    fn on_start(&mut self) {
+        let now = Instant::now();
+        (self.mark_began, self.epoch_began) = (now, now);
+    }
+
     fn needs_losses(&self, end: &StepEnd) -> bool {
         self.events.is_on() && self.is_mark(end)
     }

@@ -177,6 +177,10 @@ impl<R: ?Sized> Hook<R> for EpochLines {
         Ok(())
     }
 
+    fn on_start(&mut self) {
+        self.began = Instant::now();
+    }
+
     fn after_step(&mut self, _recipe: &R, end: &StepEnd, reporter: &Reporter) -> Result<()> {
         if !(end.epoch_end || end.last) {
             return Ok(());

@@ -371,7 +371,20 @@ pub fn resume_command(dir: &Path, json: bool) -> String {
     if json {
         cmd.push_str(" --json");
     }
-    cmd
+    match distributed::world() {
+        None => cmd,
+        // One machine's ranks: the launch that resumes them all.
+        Some(w) if w.local_size == w.size => {
+            format!(
+                "torchrun --standalone --nproc-per-node {} --no-python {cmd}",
+                w.size
+            )
+        }
+        Some(w) => format!(
+            "{cmd} (on every machine, under torchrun, as this run of {} ranks)",
+            w.size
+        ),
+    }
 }
 
 /// `s` as one word for a POSIX shell.

@@ -97,6 +97,9 @@ pub struct StepEnd {
 /// What a recipe adds around its steps, beside what the harness does.
 /// `R` is the recipe, which the hook may inspect after a step.
 pub trait Hook<R: ?Sized> {
+    /// Once, right before the first step: a clock for per-epoch figures
+    /// starts here, after whatever the run did to get ready.
+    fn on_start(&mut self) {}
     /// Whether this hook needs the losses up to `end` read (passed to
     /// [`Hook::on_losses`]) before its [`Hook::after_step`] for `end`.
     fn needs_losses(&self, _end: &StepEnd) -> bool {
@@ -262,6 +265,9 @@ impl Harness<'_> {
         hooks: &mut [&mut dyn Hook<R>],
         reporter: &Reporter,
     ) -> Result<()> {
+        for hook in hooks.iter_mut() {
+            hook.on_start();
+        }
         let mut at = start;
         for epoch in start.epoch..=self.plan.epochs {
             // Before the step: a run resumed at its --max-steps trains none.
