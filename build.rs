@@ -28,6 +28,8 @@ fn main() {
         println!("cargo:rerun-if-changed={file}");
     }
     println!("cargo:rerun-if-changed=csrc/gloo");
+    println!("cargo:rerun-if-changed=csrc/ffi.h");
+    println!("cargo:rerun-if-changed=csrc/distributed.h");
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
         .expect("torch-sys did not report its libtorch lib dir (DEP_TCH_LIBTORCH_LIB)");
     let lib = Path::new(&lib);

@@ -4,10 +4,7 @@
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
-#include <cstdlib>
-#include <cstring>
-#include <exception>
-#include <string>
+#include "ffi.h"
 
 // An opaque handle to a c10d store (a TCPStore, maybe behind a prefix).
 struct TchCifarStore {
@@ -18,32 +15,3 @@ struct TchCifarStore {
 struct TchCifarGroup {
   c10::intrusive_ptr<c10d::Backend> backend;
 };
-
-namespace tch_cifar {
-
-inline char* copy_message(const std::string& text) {
-  char* out = static_cast<char*>(std::malloc(text.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, text.c_str(), text.size() + 1);
-  }
-  return out;
-}
-
-// Runs `body`, turning any exception into a malloc'ed message (NULL when
-// none). c10's errors carry a C++ backtrace after their message, which is
-// not for a user's eyes.
-template <typename F>
-char* guarded(F body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
-}
-
-}  // namespace tch_cifar

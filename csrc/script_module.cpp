@@ -6,24 +6,19 @@
 // and the methods are compiled from source. tch binds `torch::jit::Module`
 // only for loading, so `export` builds and saves it here.
 //
-// C++ exceptions stay on this side: every error comes back as a message.
+// C++ exceptions stay on this side: every error comes back as a message
+// (csrc/ffi.h).
 #include <torch/csrc/jit/api/module.h>
+
+#include "ffi.h"
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
+#include <stdexcept>
 #include <string>
 
 namespace {
-
-char* copy_message(const std::string& text) {
-  char* out = static_cast<char*>(std::malloc(text.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, text.c_str(), text.size() + 1);
-  }
-  return out;
-}
 
 // A module with no methods yet, and the `training` flag that
 // `Module::train()` and Python's `.train()`/`.eval()` expect on every module.
@@ -73,7 +68,7 @@ extern "C" char* tch_cifar_save_script_module(
     size_t count,
     const char* source,
     const char* path) {
-  try {
+  return tch_cifar::guarded([&] {
     auto cu = std::make_shared<torch::jit::CompilationUnit>();
     const std::string root_class(class_name);
     torch::jit::Module root = new_module(root_class, cu);
@@ -83,7 +78,7 @@ extern "C" char* tch_cifar_save_script_module(
       if (roles[i] == kParameter) {
         value.set_requires_grad(true);
       } else if (roles[i] != kFrozenParameter && roles[i] != kBuffer) {
-        return copy_message("tensor " + name + " has an unknown role");
+        throw std::invalid_argument("tensor " + name + " has an unknown role");
       }
       // Walk (and create) the submodules down to the leaf's owner.
       torch::jit::Module owner = root;
@@ -105,14 +100,7 @@ extern "C" char* tch_cifar_save_script_module(
     }
     root.define(source);
     root.save(path);
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
+  });
 }
 
 extern "C" void tch_cifar_free_message(char* message) {

@@ -5,20 +5,7 @@
 
 mod util;
 
-use serde_json::Value;
 use util::*;
-
-/// The JSON events of a `--json` run's stdout.
-fn events(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["event"] == kind).collect()
-}
 
 #[test]
 fn trains_resumes_bit_identically_and_reports_both_accuracies() {

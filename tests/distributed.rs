@@ -114,17 +114,6 @@ fn run_ranks(dir: &Path, world: usize, args: &[String], env: &[(&str, &str)]) ->
         .collect()
 }
 
-fn events(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["event"] == kind).collect()
-}
-
 fn losses(events: &[Value]) -> Vec<f64> {
     of_kind(events, "loss")
         .iter()

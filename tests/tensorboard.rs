@@ -150,17 +150,6 @@ fn close(a: f64, b: f64) -> bool {
     (a - b).abs() <= 1e-6 * b.abs().max(1.0)
 }
 
-fn json_events(stdout: &str) -> Vec<Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn of_kind<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    events.iter().filter(|e| e["event"] == kind).collect()
-}
-
 /// The only folder in `logdir`.
 fn only_run(logdir: &Path) -> PathBuf {
     let runs: Vec<PathBuf> = std::fs::read_dir(logdir)
@@ -200,7 +189,7 @@ fn check_end(read: &Events, summary: &Value, last: u64, accuracy_tag: &str) {
 }
 
 #[test]
-fn a_train_runs_events_are_its_json_events() {
+fn a_train_runs_events_are_its_events() {
     let Some(py) = python_or_skip("a_train_runs_events_are_its_json_events") else {
         return;
     };
@@ -230,7 +219,7 @@ fn a_train_runs_events_are_its_json_events() {
         "--logdir",
         s(&logdir),
     ]));
-    let events = json_events(&out);
+    let events = events(&out);
     let run_dir = only_run(&logdir);
     let name = run_dir.file_name().unwrap().to_string_lossy().into_owned();
     assert!(name.ends_with("-net-seed4"), "{name}");
@@ -268,7 +257,7 @@ fn a_train_runs_events_are_its_json_events() {
 }
 
 #[test]
-fn an_airbench94_runs_events_are_its_json_events() {
+fn an_airbench94_runs_events_are_its_events() {
     let Some(py) = python_or_skip("an_airbench94_runs_events_are_its_json_events") else {
         return;
     };
@@ -296,7 +285,7 @@ fn an_airbench94_runs_events_are_its_json_events() {
         "--run-name",
         "fast",
     ]));
-    let events = json_events(&out);
+    let events = events(&out);
     let read = read_events(&py, &logdir.join("fast"));
     read.assert_no_duplicates();
     let epochs = of_kind(&events, "epoch");
@@ -336,7 +325,7 @@ fn an_airbench94_runs_events_are_its_json_events() {
 }
 
 #[test]
-fn compare_losses_events_are_its_json_events() {
+fn compare_losses_events_are_its_events() {
     let Some(py) = python_or_skip("compare_losses_events_are_its_json_events") else {
         return;
     };
@@ -366,7 +355,7 @@ fn compare_losses_events_are_its_json_events() {
         "--run-name",
         "cmp",
     ]));
-    let events = json_events(&out);
+    let events = events(&out);
     let read = read_events(&py, &logdir.join("cmp").join("f32"));
     read.assert_no_duplicates();
     let losses = of_kind(&events, "loss");
@@ -464,7 +453,7 @@ fn a_killed_and_resumed_run_shows_each_step_once() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    let whole = json_events(&ok(&whole));
+    let whole = events(&ok(&whole));
     let want: Vec<(u64, f64)> = of_kind(&whole, "loss")
         .iter()
         .map(|e| {
@@ -502,7 +491,7 @@ fn a_killed_and_resumed_run_shows_each_step_once() {
         .current_dir(dir.path())
         .output()
         .unwrap();
-    let last = json_events(&ok(&last));
+    let last = events(&ok(&last));
     let from2 = last[0]["resumed_from"]["global_step"].as_u64().unwrap();
     assert_eq!(from2, stopped[0]["global_step"].as_u64().unwrap());
     let files = std::fs::read_dir(dir.path().join("logs/r"))

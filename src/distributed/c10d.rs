@@ -100,6 +100,16 @@ fn c_string(text: &str) -> Result<CString> {
     CString::new(text).with_context(|| format!("{text:?} holds a NUL byte"))
 }
 
+/// The `len` bytes at `value`, which the C++ side malloc'ed, freed here.
+///
+/// # Safety
+/// `value` points at `len` readable bytes from malloc that nothing else frees.
+unsafe fn take_bytes(value: *mut u8, len: usize) -> Vec<u8> {
+    let bytes = std::slice::from_raw_parts(value, len).to_vec();
+    tch_cifar_free_message(value.cast());
+    bytes
+}
+
 pub(super) fn millis(timeout: Duration) -> i64 {
     timeout.as_millis().min(i64::MAX as u128) as i64
 }
@@ -176,9 +186,7 @@ impl Store {
                 &mut value,
                 &mut len,
             ))?;
-            let bytes = std::slice::from_raw_parts(value, len).to_vec();
-            tch_cifar_free_message(value.cast());
-            Ok(bytes)
+            Ok(take_bytes(value, len))
         }
     }
 
@@ -201,9 +209,7 @@ impl Store {
             if !found {
                 return Ok(None);
             }
-            let bytes = std::slice::from_raw_parts(value, len).to_vec();
-            tch_cifar_free_message(value.cast());
-            Ok(Some(bytes))
+            Ok(Some(take_bytes(value, len)))
         }
     }
 }

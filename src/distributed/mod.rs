@@ -128,6 +128,51 @@ fn failed_key(rank: i64) -> String {
     format!("tch-cifar/failed/{rank}")
 }
 
+/// SIGPIPE blocked in this thread, and so in every thread started while it
+/// is (threads inherit the mask): gloo writes to its sockets with `writev`
+/// and handles `EPIPE`, counting on SIGPIPE being ignored, as Python ignores
+/// it. Here `main` restores its default action, which would kill a rank
+/// whose peer died mid-write instead of letting it report the lost rank.
+struct SigpipeBlocked(libc::sigset_t);
+
+impl SigpipeBlocked {
+    fn new() -> SigpipeBlocked {
+        // SAFETY: plain signal-mask calls on sets they initialize.
+        unsafe {
+            let mut old = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, &sigpipe(), &mut old);
+            SigpipeBlocked(old)
+        }
+    }
+}
+
+impl Drop for SigpipeBlocked {
+    fn drop(&mut self) {
+        let set = sigpipe();
+        let none = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: as above. A SIGPIPE this thread raised meanwhile is taken
+        // off first, so that unblocking it does not kill the process.
+        unsafe {
+            libc::sigtimedwait(&set, std::ptr::null_mut(), &none);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
+        }
+    }
+}
+
+/// The signal set of SIGPIPE alone.
+fn sigpipe() -> libc::sigset_t {
+    // SAFETY: initializes the set before adding to it.
+    unsafe {
+        let mut set = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        set
+    }
+}
+
 /// Joins the run `launch` describes on `backend` for tensors on `device`,
 /// waiting up to `timeout` for every rank, and makes it this process's
 /// [`World`].
@@ -137,6 +182,8 @@ pub fn init(
     device: Device,
     timeout: Duration,
 ) -> Result<&'static World> {
+    // The threads c10d and gloo start from here on never die of SIGPIPE.
+    let _sigpipe = SigpipeBlocked::new();
     let Launch {
         rank, world_size, ..
     } = *launch;

@@ -35,6 +35,19 @@ pub fn synthetic(dir: &Path, train: usize, test: usize, seed: u64, archive: Opti
     );
 }
 
+/// The JSON events of a `--json` run's stdout, one per line.
+pub fn events(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The events of `kind` (`"loss"`, `"summary"`, …), in order.
+pub fn of_kind<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
+
 /// The `tch-cifar` binary under test.
 ///
 /// One libtorch thread per process: cargo runs several tests at once, and
