@@ -189,7 +189,7 @@ fn check_end(read: &Events, summary: &Value, last: u64, accuracy_tag: &str) {
 }
 
 #[test]
-fn a_train_runs_events_are_its_events() {
+fn a_train_runs_events_are_its_json_events() {
     let Some(py) = python_or_skip("a_train_runs_events_are_its_json_events") else {
         return;
     };
@@ -257,7 +257,7 @@ fn a_train_runs_events_are_its_events() {
 }
 
 #[test]
-fn an_airbench94_runs_events_are_its_events() {
+fn an_airbench94_runs_events_are_its_json_events() {
     let Some(py) = python_or_skip("an_airbench94_runs_events_are_its_json_events") else {
         return;
     };
@@ -325,7 +325,7 @@ fn an_airbench94_runs_events_are_its_events() {
 }
 
 #[test]
-fn compare_losses_events_are_its_events() {
+fn compare_losses_events_are_its_json_events() {
     let Some(py) = python_or_skip("compare_losses_events_are_its_json_events") else {
         return;
     };
