@@ -1,6 +1,6 @@
 // libtorch's c10d, as far as data-parallel training needs it: the TCPStore
 // rendezvous (as torchrun and torch.distributed use it), ProcessGroupGloo,
-// and the collectives (all-reduce, broadcast, barrier) through the
+// and the collectives (all-reduce, broadcast) through the
 // c10d::Backend interface that every process group implements. tch binds
 // none of it.
 //
@@ -157,10 +157,6 @@ char* tch_cifar_group_broadcast(TchCifarGroup* group, at::Tensor* tensor, int64_
     opts.rootRank = root;
     group->backend->broadcast(list, opts)->wait();
   });
-}
-
-char* tch_cifar_group_barrier(TchCifarGroup* group) {
-  return guarded([&] { group->backend->barrier()->wait(); });
 }
 
 void tch_cifar_group_free(TchCifarGroup* group) { delete group; }

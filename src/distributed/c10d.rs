@@ -69,7 +69,6 @@ extern "C" {
         tensor: *const torch_sys::C_tensor,
         root: i64,
     ) -> *mut c_char;
-    fn tch_cifar_group_barrier(group: *mut CGroup) -> *mut c_char;
     fn tch_cifar_group_free(group: *mut CGroup);
     fn tch_cifar_quiet_cpp_logs();
     // csrc/script_module.cpp: frees what the functions above malloc.
@@ -285,12 +284,6 @@ impl Group {
     pub fn broadcast(&self, tensor: &Tensor, root: i64) -> Result<()> {
         // SAFETY: the tensor outlives the call, which waits for the result.
         unsafe { checked(tch_cifar_group_broadcast(self.ptr, tensor.as_ptr(), root)) }
-    }
-
-    /// Waits until every rank has called it.
-    pub fn barrier(&self) -> Result<()> {
-        // SAFETY: a valid group.
-        unsafe { checked(tch_cifar_group_barrier(self.ptr)) }
     }
 }
 

@@ -86,7 +86,6 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 pub struct World {
     pub rank: i64,
     pub size: i64,
-    pub local_rank: i64,
     /// The ranks on this machine.
     pub local_size: i64,
     pub backend: Backend,
@@ -257,7 +256,6 @@ pub fn init(
     let world = World {
         rank,
         size: world_size,
-        local_rank: launch.local_rank,
         local_size: launch.local_world_size,
         backend,
         device,
@@ -370,11 +368,6 @@ impl World {
             .get(&key)
             .with_context(|| format!("rank {} did not get rank 0's {key}", self.rank))?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    /// Waits for every rank.
-    pub fn barrier(&self, what: &str) -> Result<()> {
-        self.group.barrier().map_err(|err| self.lost(what, err))
     }
 
     /// Tells the other ranks why this one is about to fail, so that their

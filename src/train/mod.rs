@@ -239,6 +239,8 @@ fn agree_on_recipe(world: &World, settings: &mut Settings, seed_given: bool) -> 
 
 fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let launch = Launch::from_env()?;
+    // Rank 0 speaks for a distributed run, before it has joined too.
+    let speaks = launch.as_ref().is_none_or(|l| l.rank == 0);
     let given = Given::from_matches(matches);
     let ck = &args.checkpoints;
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
@@ -258,8 +260,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 );
             }
             let (settings, notes) = resumed_settings(&args, &given, &c.meta, &c.path)?;
-            // Rank 0 speaks for a distributed run.
-            if launch.as_ref().is_none_or(|l| l.rank == 0) {
+            if speaks {
                 for note in notes {
                     eprintln!("{note}");
                 }
@@ -275,7 +276,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         args.tensorboard
             .run_dir(settings.model.name(), settings.seed, recorded.as_deref())?;
     if let (Some(old), Some(new)) = (&recorded, &settings.tensorboard) {
-        if old != new && launch.as_ref().is_none_or(|l| l.rank == 0) {
+        if old != new && speaks {
             eprintln!(
                 "note: the TensorBoard events go to {} (the checkpoint's run wrote them to {})",
                 new.display(),
@@ -497,15 +498,9 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let forward = trained.forward(airbench);
     report_test(&reporter, &forward, &test)?;
     let eval = evaluate_sharded(&forward, &test, 1000, world)?;
-    let plain = match airbench {
-        true => Some(evaluate_sharded(
-            &trained.forward(false),
-            &test,
-            1000,
-            world,
-        )?),
-        false => None,
-    };
+    let plain = airbench
+        .then(|| evaluate_sharded(&trained.forward(false), &test, 1000, world))
+        .transpose()?;
     let eval_seconds = eval_start.elapsed().as_secs_f64();
     if let Some(dir) = settings
         .tensorboard
