@@ -4,7 +4,8 @@ Jordan's 94 %-in-10-epochs CIFAR-10 recipe), reading the same binary batches
 as tch-cifar, for side-by-side runs on the same machine and data.
 
     airbench94.py --data-dir DIR [--epochs 9.9] [--seed 0] [--device cpu]
-                  [--threads N] [--channels-last] [--save net.pth] [--json]
+                  [--threads N] [--channels-last] [--max-steps N] [--no-eval]
+                  [--save net.pth] [--json]
 
 The recipe, in the order a step uses it:
 * data: the images normalized with CIFAR-10's mean and std; every image
@@ -101,13 +102,14 @@ def random_translate(padded, size, generator):
 class TrainBatches:
     """The training set's mini-batches, epoch after epoch, augmented."""
 
-    def __init__(self, images, labels, generator):
+    def __init__(self, images, labels, generator, batch_size=BATCH_SIZE):
         self.labels = labels
+        self.batch_size = batch_size
         self.generator = generator
         flipped = random_flip(images, generator)
         self.padded = F.pad(flipped, (TRANSLATE,) * 4, mode="reflect")
         self.size = images.shape[-1]
-        self.steps_per_epoch = len(images) // BATCH_SIZE
+        self.steps_per_epoch = len(images) // batch_size
 
     def epoch(self, epoch, memory_format):
         images = random_translate(self.padded, self.size, self.generator)
@@ -116,7 +118,7 @@ class TrainBatches:
         images = images.contiguous(memory_format=memory_format)
         order = torch.randperm(len(images), generator=self.generator, device=images.device)
         for i in range(self.steps_per_epoch):
-            index = order[i * BATCH_SIZE : (i + 1) * BATCH_SIZE]
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield images[index], self.labels[index]
 
 
@@ -159,8 +161,9 @@ class ConvGroup(nn.Module):
 
 
 class Airbench94(nn.Module):
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, scale=SCALE):
         super().__init__()
+        self.scale = scale
         whiten_width = 2 * 3 * 2 * 2
         self.whiten = nn.Conv2d(3, whiten_width, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad = False
@@ -178,18 +181,20 @@ class Airbench94(nn.Module):
         x = self.layer2(x)  # [N, 256, 7, 7]
         x = self.layer3(x)  # [N, 256, 3, 3]
         x = self.pool(x).flatten(1)  # [N, 256]
-        return self.head(x) * SCALE  # [N, classes]
+        return self.head(x) * self.scale  # [N, classes]
 
 
-def init_whitening(conv, images, eps=5e-4):
+def init_whitening(conv, images, eps=5e-4, largest_first=True):
     """The whitening filters: eigenvectors of the covariance of the images'
-    2x2 patches, scaled by 1/sqrt(eigenvalue), then their negatives."""
+    2x2 patches, scaled by 1/sqrt(eigenvalue), then their negatives; the
+    largest eigenvalue's first, or eigh's ascending order."""
     c, (h, w) = images.shape[1], conv.weight.shape[2:]
     patches = images.unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w).double()
     covariance = patches.T @ patches / len(patches)
     eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    # Largest eigenvalue first.
-    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+    eigenvectors = eigenvectors.T
+    if largest_first:
+        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(0)
     filters = (eigenvectors / torch.sqrt(eigenvalues + eps).view(-1, 1)).view(-1, c, h, w)
     with torch.no_grad():
         conv.weight.copy_(torch.cat((filters, -filters)).float())
@@ -275,6 +280,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
+    parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (speed runs)")
     parser.add_argument("--save", help="write the trained state_dict here (torch.save)")
     parser.add_argument("--json", action="store_true", help="every event as a JSON line")
     args = parser.parse_args()
@@ -321,6 +328,7 @@ def main():
                 lookahead.update(net, decay=ramp[step].item())
             if step >= total_steps:
                 lookahead.update(net, decay=1.0)
+            if step >= min(total_steps, args.max_steps or total_steps):
                 break
         epoch_seconds.append(time.perf_counter() - epoch_start)
         train_acc = (outputs.argmax(1) == labels).float().mean().item()
@@ -330,11 +338,13 @@ def main():
             {"event": "epoch", "epoch": epoch + 1, "step": step, "train_loss": loss.item() / len(labels),
              "train_accuracy": train_acc, "seconds": epoch_seconds[-1]},
         )
+        if args.max_steps and step >= args.max_steps:
+            break
     train_seconds = time.perf_counter() - started
 
     eval_start = time.perf_counter()
-    plain = accuracy(net, test_images, test_labels, False, memory_format)
-    tta = accuracy(net, test_images, test_labels, True, memory_format)
+    plain = None if args.no_eval else accuracy(net, test_images, test_labels, False, memory_format)
+    tta = None if args.no_eval else accuracy(net, test_images, test_labels, True, memory_format)
     eval_seconds = time.perf_counter() - eval_start
     if args.save:
         torch.save(net.state_dict(), args.save)
@@ -344,7 +354,7 @@ def main():
         "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(step, 1),
         "epoch_seconds": epoch_seconds, "accuracy": plain, "tta_accuracy": tta, "eval_seconds": eval_seconds,
     }
-    if not args.json:
+    if not args.json and not args.no_eval:
         print(f"test accuracy {100 * plain:.2f} % ({100 * tta:.2f} % with TTA); "
               f"{train_seconds:.1f} s of training, {eval_seconds:.1f} s of evaluation")
     print(json.dumps(summary), flush=True)

@@ -25,7 +25,7 @@
     interop.py airbench-keys --num-classes N
         The state_dict of scripts/airbench94.py's Airbench94(N): key, shape
         and dtype of each entry, in order, as JSON.
-    interop.py airbench-logits --weights FILE --input X.safetensors --out Y.safetensors [--tta]
+    interop.py airbench-logits --weights FILE --input X.safetensors --out Y.safetensors [--tta] [--muon]
         Loads a state_dict (.pth or safetensors) into Airbench94 (strict) in
         eval mode and writes logits(net, x, tta) (the reference's function)
         for a batch normalized to [-1, 1] as tch-cifar holds images,
@@ -113,11 +113,13 @@ def cmd_run_script(args):
         write_output(args.out, forward(load_file(args.input)["input"]))
 
 
-def load_airbench(path):
-    """scripts/airbench94.py's Airbench94 holding a state_dict, in eval mode."""
-    from airbench94 import Airbench94
+def load_airbench(path, muon=False):
+    """scripts/airbench94.py's Airbench94 holding a state_dict, in eval mode;
+    with muon, as scripts/airbench94_muon.py builds it (logits scaled by 1/256)."""
+    from airbench94 import Airbench94, WIDTHS
     state = load_weights(path)
-    net = Airbench94(state["head.weight"].shape[0])
+    scale = {"scale": 1 / WIDTHS[2]} if muon else {}
+    net = Airbench94(state["head.weight"].shape[0], **scale)
     net.load_state_dict(state)  # strict: every key, no extra
     net.eval()
     # The layout tch-cifar evaluates in.
@@ -142,14 +144,14 @@ def cmd_airbench_keys(args):
 
 def cmd_airbench_logits(args):
     from airbench94 import logits
-    net = load_airbench(args.weights)
+    net = load_airbench(args.weights, args.muon)
     x = airbench_input(load_file(args.input)["input"])
     write_output(args.out, logits(net, x, args.tta))
 
 
 def cmd_airbench_accuracy(args):
     from airbench94 import logits
-    net = load_airbench(args.weights)
+    net = load_airbench(args.weights, args.muon)
     testset = BinaryCIFAR10(args.data_dir, train=False, transform=tutorial_transform())
     loader = torch.utils.data.DataLoader(testset, batch_size=1000, shuffle=False)
     correct = total = 0
@@ -314,12 +316,14 @@ def main():
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--muon", action="store_true", help="airbench94-muon's network")
     p.set_defaults(func=cmd_airbench_logits)
 
     p = sub.add_parser("airbench-accuracy", help="Airbench94's accuracy on test_batch.bin")
     p.add_argument("--data-dir", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--tta", action="store_true")
+    p.add_argument("--muon", action="store_true", help="airbench94-muon's network")
     p.set_defaults(func=cmd_airbench_accuracy)
 
     p = sub.add_parser("airbench-script", help="an exported airbench94 module's entries")

@@ -166,10 +166,15 @@ impl Meta {
         let version: u32 = field(map, "version", path)?;
         let model = text(map, "model", path)?;
         ensure!(
-            [ModelKind::Net, ModelKind::Airbench94]
-                .iter()
-                .any(|m| m.class_name() == model),
-            "{origin}: holds a `{model}` model, tch-cifar trains Net and Airbench94"
+            [
+                ModelKind::Net,
+                ModelKind::Airbench94,
+                ModelKind::Airbench94Muon
+            ]
+            .iter()
+            .any(|m| m.class_name() == model),
+            "{origin}: holds a `{model}` model, tch-cifar trains Net, Airbench94 and \
+             Airbench94Muon"
         );
         let meta = match version {
             1 => Meta::from_v1(map, path)?,
@@ -417,8 +422,15 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         );
         weights.insert(name, tensor);
     }
-    if meta.settings.model == ModelKind::Airbench94 {
-        let expected = crate::airbench::recipe::checkpoint_shapes(num_classes);
+    if let Some(variant) = meta.settings.model.airbench() {
+        let expected = match variant {
+            crate::airbench::Variant::Airbench94 => {
+                crate::airbench::recipe::checkpoint_shapes(num_classes)
+            }
+            crate::airbench::Variant::Muon => {
+                crate::airbench::muon_recipe::checkpoint_shapes(num_classes)
+            }
+        };
         check_keys(&weights, &expected, path)?;
         return Ok(Checkpoint {
             path: path.to_path_buf(),

@@ -17,7 +17,7 @@ use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 use crate::airbench::net::{self, state_dict_shapes, Airbench94};
-use crate::airbench::Tta;
+use crate::airbench::{Tta, Variant};
 use crate::model::{classes_json, read_weights, Model, CLASSES_KEY, MODEL_KEY, OPTIMIZER_PREFIX};
 use crate::outputs::Format;
 use crate::settings::ModelKind;
@@ -59,7 +59,7 @@ impl TtaArgs {
     /// airbench94, never for `Net` (where `--tta` is an error).
     pub fn resolve(&self, classifier: &Classifier, weights: &Path) -> Result<bool> {
         match classifier.network() {
-            ModelKind::Airbench94 => Ok(!self.no_tta),
+            ModelKind::Airbench94 | ModelKind::Airbench94Muon => Ok(!self.no_tta),
             ModelKind::Net if self.tta => bail!(
                 "--tta applies to airbench94 weights; {} holds the tutorial's Net, which has \
                  no test-time augmentation",
@@ -94,27 +94,41 @@ impl Classifier {
         // Weights files name the network in lower case, checkpoints by its
         // class (`Net`, `Airbench94`).
         let network = match metadata_model(path) {
-            Some(name) if name.eq_ignore_ascii_case(ModelKind::Airbench94.name()) => {
-                ModelKind::Airbench94
+            Some(name) => {
+                let known = [
+                    ModelKind::Net,
+                    ModelKind::Airbench94,
+                    ModelKind::Airbench94Muon,
+                ];
+                let found = known.into_iter().find(|m| {
+                    name.eq_ignore_ascii_case(m.name()) || name.eq_ignore_ascii_case(m.class_name())
+                });
+                match found {
+                    Some(m) => m,
+                    None => bail!(
+                        "{}: the metadata names the network `{name}`; known are net, airbench94 \
+                         and airbench94-muon",
+                        path.display()
+                    ),
+                }
             }
-            Some(name) if name.eq_ignore_ascii_case(ModelKind::Net.name()) => ModelKind::Net,
-            Some(name) => bail!(
-                "{}: the metadata names the network `{name}`; known are net and airbench94",
-                path.display()
-            ),
             None => {
+                // A `.pth` does not name its network: airbench's keys are
+                // airbench94's (airbench94-muon's logits are scaled by 1/256
+                // instead of 1/9, which changes no prediction).
                 let (tensors, classes) = read_weights(path)?;
                 if tensors.contains_key("whiten.weight") {
-                    let airbench = Airbench::from_tensors(tensors, classes, path, device)?;
+                    let variant = crate::airbench::Variant::Airbench94;
+                    let airbench = Airbench::from_tensors(tensors, classes, path, device, variant)?;
                     return Ok(Classifier::Airbench94(Box::new(airbench)));
                 }
                 ModelKind::Net
             }
         };
-        Ok(match network {
-            ModelKind::Net => Classifier::Net(Model::load(path, device)?),
-            ModelKind::Airbench94 => {
-                Classifier::Airbench94(Box::new(Airbench::load(path, device)?))
+        Ok(match network.airbench() {
+            None => Classifier::Net(Model::load(path, device)?),
+            Some(variant) => {
+                Classifier::Airbench94(Box::new(Airbench::load(path, device, variant)?))
             }
         })
     }
@@ -122,7 +136,7 @@ impl Classifier {
     pub fn network(&self) -> ModelKind {
         match self {
             Classifier::Net(_) => ModelKind::Net,
-            Classifier::Airbench94(_) => ModelKind::Airbench94,
+            Classifier::Airbench94(a) => ModelKind::of_airbench(a.net.variant),
         }
     }
 
@@ -199,10 +213,10 @@ impl Airbench {
         }
     }
 
-    /// The airbench94 network in `path`, on `device`.
-    pub fn load(path: &Path, device: Device) -> Result<Airbench> {
+    /// The airbench network of `variant` in `path`, on `device`.
+    pub fn load(path: &Path, device: Device, variant: Variant) -> Result<Airbench> {
         let (tensors, classes) = read_weights(path)?;
-        Airbench::from_tensors(tensors, classes, path, device)
+        Airbench::from_tensors(tensors, classes, path, device, variant)
     }
 
     fn from_tensors(
@@ -210,6 +224,7 @@ impl Airbench {
         classes: Option<Vec<String>>,
         path: &Path,
         device: Device,
+        variant: Variant,
     ) -> Result<Airbench> {
         // A training checkpoint: its optimizer state is left out, and the
         // step counters it does not keep (they do not change evaluation)
@@ -246,7 +261,7 @@ impl Airbench {
             None => (0..outputs).map(|i| i.to_string()).collect(),
         };
         check_state_dict(&tensors, outputs as i64, path)?;
-        let (vs, net) = net::build(Device::Cpu, 0, outputs as i64);
+        let (vs, net) = net::build(Device::Cpu, 0, outputs as i64, variant);
         tch::no_grad(|| {
             for (key, mut t) in net.state_dict() {
                 t.copy_(&tensors[&key].to_kind(t.kind()));
@@ -347,7 +362,7 @@ pub fn save_airbench(
                 (CLASSES_KEY.to_string(), classes_json(classes)),
                 (
                     MODEL_KEY.to_string(),
-                    ModelKind::Airbench94.name().to_string(),
+                    ModelKind::of_airbench(net.variant).name().to_string(),
                 ),
             ]);
             crate::model::write_safetensors(path, &state, metadata)
@@ -392,7 +407,7 @@ mod tests {
     use super::*;
 
     fn trained_looking(seed: u64, classes: i64) -> Airbench94 {
-        let (_vs, net) = net::build(Device::Cpu, seed, classes);
+        let (_vs, net) = net::build(Device::Cpu, seed, classes, Variant::Airbench94);
         tch::no_grad(|| {
             crate::model::with_torch_rng(Some(seed), || {
                 for (_, mut t) in net.state_dict() {

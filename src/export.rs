@@ -28,10 +28,11 @@ use anyhow::{bail, ensure, Context, Result};
 use tch::nn::Module;
 use tch::{CModule, Device, Kind, Tensor};
 
-use crate::airbench::{Airbench94, BN_EPS, BN_MOMENTUM, LOGIT_SCALE};
+use crate::airbench::{Airbench94, BN_EPS, BN_MOMENTUM};
 use crate::classifier::{Airbench, Classifier};
 use crate::model::{with_torch_rng, Model};
 use crate::outputs::{self, Format};
+use crate::settings::ModelKind;
 
 /// What the exported module returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -136,7 +137,7 @@ def forward(self, x: Tensor) -> Tensor:
 /// TorchScript as `logits`, BatchNorm with its running statistics;
 /// `forward` applies `head` to it, and `tta` to the test-time augmented
 /// logits, weighted as the reference's `logits(net, x, tta=True)`.
-fn airbench_source(head: Head) -> String {
+fn airbench_source(head: Head, logit_scale: f64) -> String {
     let out = match head {
         Head::Logits => "x",
         Head::Probabilities => "torch.softmax(x, 1)",
@@ -171,7 +172,7 @@ fn airbench_source(head: Head) -> String {
     }
     logits.push_str(&format!(
         "    x = torch.flatten(torch.max_pool2d(x, [3, 3]), 1)
-    return torch.linear(x, self.head.weight) * {LOGIT_SCALE:?}
+    return torch.linear(x, self.head.weight) * {logit_scale:?}
 "
     ));
     format!(
@@ -350,10 +351,11 @@ pub fn write_airbench_torchscript(airbench: &Airbench, head: Head, path: &Path) 
             (name, t.detach().contiguous(), role)
         })
         .collect();
+    let variant = airbench.net.variant;
     write_checked(
-        "Airbench94",
+        ModelKind::of_airbench(variant).class_name(),
         &state,
-        &airbench_source(head),
+        &airbench_source(head, variant.logit_scale()),
         path,
         |module| check_airbench_module(&airbench.net, head, module),
     )
@@ -507,7 +509,8 @@ mod tests {
     fn airbench_module_has_its_parameters_and_gives_its_outputs() {
         let dir = tempfile::tempdir().unwrap();
         let weights = dir.path().join("w.safetensors");
-        let (_vs, net) = crate::airbench::net::build(Device::Cpu, 12, 4);
+        let (_vs, net) =
+            crate::airbench::net::build(Device::Cpu, 12, 4, crate::airbench::Variant::Airbench94);
         // Filters instead of the zeros a new network has, so the input matters.
         tch::no_grad(|| {
             let filters = with_torch_rng(Some(3), || {

@@ -1,7 +1,8 @@
-//! End-to-end tests of `train --model airbench94` on small synthetic data:
-//! its loss falls, its summary has both accuracies, a resumed run ends
-//! bit-identical to an uninterrupted one with the same seed, and the
-//! tutorial's flags are refused.
+//! End-to-end tests of `train --model airbench94` and `--model
+//! airbench94-muon` on small synthetic data: the loss falls, the summary
+//! has both accuracies, a resumed run ends bit-identical to an
+//! uninterrupted one with the same seed, and the tutorial's flags are
+//! refused.
 
 mod util;
 
@@ -9,16 +10,29 @@ use util::*;
 
 #[test]
 fn trains_resumes_bit_identically_and_reports_both_accuracies() {
+    // 1024 training images: one step of 1024 per epoch.
+    trains_and_resumes("airbench94", 1024, 3);
+}
+
+/// Four steps: the whitening bias trains for the first three (3 epochs).
+#[test]
+fn the_muon_recipe_trains_and_resumes_bit_identically() {
+    trains_and_resumes("airbench94-muon", 2000, 4);
+}
+
+/// `model` trains `epochs` one-step epochs on `images` images, then again
+/// stopped one step short with a checkpoint and resumed: the same weights.
+fn trains_and_resumes(model: &str, images: usize, epochs: u64) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // 1024 training images: one step of 1024 per epoch.
-    synthetic(&data, 1024, 100, 3, None);
+    synthetic(&data, images, 100, 3, None);
     let data = s(&data);
+    let epochs_text = epochs.to_string();
     let train = |out: &str, extra: &[&str]| {
         let mut args = vec![
             "train",
             "--model",
-            "airbench94",
+            model,
             "--data-dir",
             data,
             "--device",
@@ -26,7 +40,7 @@ fn trains_resumes_bit_identically_and_reports_both_accuracies() {
             "--seed",
             "5",
             "--epochs",
-            "3",
+            &epochs_text,
             "--json",
             "--out",
             out,
@@ -37,39 +51,43 @@ fn trains_resumes_bit_identically_and_reports_both_accuracies() {
     let whole = dir.path().join("whole.safetensors");
     let all = train(s(&whole), &[]);
 
-    let epochs = of_kind(&all, "epoch");
-    assert_eq!(epochs.len(), 3, "{all:?}");
-    let losses: Vec<f64> = epochs
+    let lines = of_kind(&all, "epoch");
+    assert_eq!(lines.len() as u64, epochs, "{all:?}");
+    let losses: Vec<f64> = lines
         .iter()
         .map(|e| e["train_loss"].as_f64().unwrap())
         .collect();
-    assert!(losses[2] < losses[0], "the loss did not fall: {losses:?}");
+    assert!(
+        losses[epochs as usize - 1] < losses[0],
+        "the loss did not fall: {losses:?}"
+    );
     let summary = of_kind(&all, "summary")[0];
-    assert_eq!(summary["model"], "airbench94");
-    assert_eq!(summary["steps"], 3);
+    assert_eq!(summary["model"], model);
+    assert_eq!(summary["steps"], epochs);
     let tta = summary["tta_accuracy"].as_f64().unwrap();
     let plain = summary["plain_accuracy"].as_f64().unwrap();
     assert!((0.0..=100.0).contains(&tta) && (0.0..=100.0).contains(&plain));
     // The reported accuracy is the test-time-augmented one.
     assert_eq!(summary["accuracy"].as_f64().unwrap(), tta);
 
-    // Stopped after 2 steps with a checkpoint, then resumed to the end.
+    // Stopped a step short with a checkpoint, then resumed to the end.
     let checkpoints = dir.path().join("checkpoints");
     let parts = dir.path().join("parts.safetensors");
+    let short = (epochs - 1).to_string();
     train(
         s(&parts),
-        &["--max-steps", "2", "--checkpoint-dir", s(&checkpoints)],
+        &["--max-steps", &short, "--checkpoint-dir", s(&checkpoints)],
     );
     let out = ok(&run(&[
         "train",
         "--resume",
         s(&checkpoints),
         "--max-steps",
-        "3",
+        &epochs_text,
         "--json",
     ]));
     let resumed = events(&out);
-    assert_eq!(of_kind(&resumed, "summary")[0]["steps"], 3);
+    assert_eq!(of_kind(&resumed, "summary")[0]["steps"], epochs);
     let bytes = |p: &std::path::Path| md5_hex(&std::fs::read(p).unwrap());
     assert_eq!(
         bytes(&whole),
@@ -80,11 +98,11 @@ fn trains_resumes_bit_identically_and_reports_both_accuracies() {
 
 #[test]
 fn the_tutorials_flags_are_refused() {
-    for flag in [["--lr", "0.1"], ["--batch-size", "8"], ["--log-every", "5"]] {
-        let out = run(&["train", "--model", "airbench94", flag[0], flag[1]]);
-        fails_cleanly(
-            &out,
-            &[flag[0], "airbench94 has its own fixed hyperparameters"],
-        );
+    for model in ["airbench94", "airbench94-muon"] {
+        for flag in [["--lr", "0.1"], ["--batch-size", "8"], ["--log-every", "5"]] {
+            let out = run(&["train", "--model", model, flag[0], flag[1]]);
+            let message = format!("{model} has its own fixed hyperparameters");
+            fails_cleanly(&out, &[flag[0], &message]);
+        }
     }
 }

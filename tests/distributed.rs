@@ -486,3 +486,70 @@ fn airbench94_trains_on_two_ranks() {
     assert!(epoch["train_loss"].as_f64().unwrap().is_finite());
     assert!(dir.path().join("w.safetensors").exists());
 }
+
+/// The record recipe runs distributed through the harness alone: on two
+/// ranks (two global batches of 2000, each rank taking 1000) it trains
+/// nearly what one process does. Not exactly: as under DDP, each rank's
+/// BatchNorm normalizes with its own 1000 images' statistics.
+#[test]
+fn airbench94_muon_on_two_ranks_trains_as_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    synthetic(&dir.path().join("data"), 4000, 100, 3, None);
+    let args = |out: &str| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            "airbench94-muon",
+            "--data-dir",
+            "data",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--seed",
+            "5",
+            "--epochs",
+            "1",
+            "--json",
+            "--out",
+            out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let outs = run_ranks(dir.path(), 2, &args("two.safetensors"), &[]);
+    let two = events(&ok(&outs[0]));
+    assert_eq!(of_kind(&two, "summary")[0]["world_size"], 2);
+    let one = tch_cifar()
+        .current_dir(dir.path())
+        .args(args("one.safetensors"))
+        .output()
+        .unwrap();
+    let one = events(&ok(&one));
+    let loss =
+        |events: &[serde_json::Value]| of_kind(events, "epoch")[0]["train_loss"].as_f64().unwrap();
+    let (a, b) = (loss(&two), loss(&one));
+    assert!(
+        (a - b).abs() < 1e-3 * b.abs(),
+        "2 ranks: loss {a}, 1 process: {b}"
+    );
+    let weights = |name: &str| -> std::collections::BTreeMap<String, Tensor> {
+        let tensors = Tensor::read_safetensors(dir.path().join(name)).unwrap();
+        tensors.into_iter().collect()
+    };
+    let (two, one) = (weights("two.safetensors"), weights("one.safetensors"));
+    assert_eq!(
+        two.keys().collect::<Vec<_>>(),
+        one.keys().collect::<Vec<_>>()
+    );
+    for ((key, x), y) in two.iter().zip(one.values()) {
+        if x.is_floating_point() {
+            let diff = (x - y).abs().max().double_value(&[]);
+            let scale = y.abs().max().double_value(&[]).max(1e-6);
+            assert!(
+                diff < 0.05 * scale,
+                "{key}: 2 ranks differ from 1 process by {diff} (of {scale})"
+            );
+        }
+    }
+}

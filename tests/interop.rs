@@ -1081,7 +1081,12 @@ fn airbench94_state_dict_is_the_python_definitions() {
             py(&["airbench-keys", "--num-classes", &classes.to_string()]).trim(),
         )
         .unwrap();
-        let (_vs, net) = tch_cifar::airbench::net::build(Device::Cpu, 1, classes);
+        let (_vs, net) = tch_cifar::airbench::net::build(
+            Device::Cpu,
+            1,
+            classes,
+            tch_cifar::airbench::Variant::Airbench94,
+        );
         let rust: Vec<serde_json::Value> = net
             .state_dict()
             .iter()
@@ -1339,4 +1344,105 @@ fn predict_with_airbench94_uses_tta_unless_told_and_net_refuses_tta() {
     let mut eval = evaluate_args(s(&t.data), s(&net)).to_vec();
     eval.push("--tta");
     fails_with(&run(&eval), &["--tta applies to airbench94 weights"]);
+}
+
+// ---------------------------------------------------------- airbench94-muon
+
+/// airbench94-muon's weights (1 epoch on 2000 synthetic images) name their
+/// network, and the PyTorch reference's network (logits scaled by 1/256)
+/// holding them gives Rust's logits, with and without TTA, from the
+/// safetensors and from the `.pth` export; the TorchScript export gives
+/// them too, and Python scores the test set as `evaluate` does.
+#[test]
+fn airbench94_muon_weights_give_rusts_logits_in_python_and_torchscript() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let data = p("data");
+    synthetic(&data, 2000, 500, 3, None);
+    let weights = p("w.safetensors");
+    ok(&run(&[
+        "train",
+        "--model",
+        "airbench94-muon",
+        "--epochs",
+        "1",
+        "--seed",
+        "7",
+        "--device",
+        "cpu",
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&weights),
+    ]));
+    let (pth, script) = (p("w.pth"), p("m.pt"));
+    ok(&run(&[
+        "export",
+        "--weights",
+        s(&weights),
+        "--pth",
+        s(&pth),
+        "--torchscript",
+        s(&script),
+    ]));
+    let Classifier::Airbench94(airbench) = Classifier::load(&weights, Device::Cpu).unwrap() else {
+        panic!("airbench94-muon weights load as an airbench network")
+    };
+    assert_eq!(airbench.net.variant, tch_cifar::airbench::Variant::Muon);
+
+    let images = batch(6, 3);
+    let (images_file, y_file) = (p("images.safetensors"), p("y.safetensors"));
+    write_input(&images_file, &images);
+    for (file, augment) in [(&weights, false), (&weights, true), (&pth, true)] {
+        let rust = tch::no_grad(|| airbench.tta(augment).forward(&images));
+        let mut args = vec![
+            "airbench-logits",
+            "--muon",
+            "--weights",
+            s(file),
+            "--input",
+            s(&images_file),
+            "--out",
+            s(&y_file),
+        ];
+        if augment {
+            args.push("--tta");
+        }
+        py(&args);
+        let diff = max_abs_diff(&read_output(&y_file), &rust);
+        assert!(
+            diff < 1e-4,
+            "{file:?}, tta {augment}: Python differs by {diff}"
+        );
+    }
+
+    let x = batch(6, 2) * 2.0;
+    write_input(&p("x.safetensors"), &x);
+    let want = tch::no_grad(|| airbench.net.forward_t(&x, false));
+    let python = python_forward("run-script", &script, &p("x.safetensors"));
+    let diff = max_abs_diff(&python, &want);
+    assert!(
+        diff < 1e-4,
+        "the TorchScript module in Python differs by {diff}"
+    );
+
+    let mut args = evaluate_args(s(&data), s(&weights)).to_vec();
+    args.push("--json");
+    let line = ok(&run(&args)).lines().last().unwrap().to_string();
+    let summary: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(summary["model"], "airbench94-muon");
+    let python: serde_json::Value = serde_json::from_str(
+        py(&[
+            "airbench-accuracy",
+            "--muon",
+            "--tta",
+            "--data-dir",
+            s(&data),
+            "--weights",
+            s(&pth),
+        ])
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(python["correct"], summary["correct"]);
 }

@@ -5,16 +5,27 @@
 //! * [`net`]: the network, `Airbench94`, keyed like the PyTorch module.
 //! * [`whiten`]: its first layer's filters, from the data.
 //! * [`augment`]: flips and translations, batched on the device.
+//! * [`loader`]: the augmented training set, served in mini-batches.
 //! * [`optim`]: Nesterov SGD, the schedule and the lookahead EMA.
 //! * [`recipe`]: the training step and test-time augmentation.
+//!
+//! The record recipe, airbench94-muon (`scripts/airbench94_muon.py`),
+//! trains the same network ([`net::Variant::Muon`]) on the same data:
+//!
+//! * [`muon`]: the Muon optimizer and its Newton–Schulz iteration.
+//! * [`muon_recipe`]: its schedule, optimizers and training step.
 
 pub mod augment;
+pub mod loader;
+pub mod muon;
+pub mod muon_recipe;
 pub mod net;
 pub mod optim;
 pub mod recipe;
 pub mod whiten;
 
-pub use self::net::Airbench94;
+pub use self::muon_recipe::MuonRecipe;
+pub use self::net::{Airbench94, Variant};
 pub use self::recipe::{FastRecipe, Tta};
 
 /// Passes over the training set (the schedule's length).

@@ -18,6 +18,31 @@ use tch::{Device, Kind, Tensor};
 
 use super::{BN_EPS, BN_MOMENTUM, LOGIT_SCALE, WHITEN_WIDTH, WIDTHS};
 
+/// The two recipes' networks: the same modules, keys and shapes. The record
+/// recipe (airbench94_muon) scales the logits by 1/256 (one over the
+/// head's width) instead of 1/9, starts the head's weights at unit standard
+/// deviation and keeps its whitening filters in eigh's ascending order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Airbench94,
+    Muon,
+}
+
+impl Variant {
+    /// The factor on the head's output.
+    pub fn logit_scale(self) -> f64 {
+        match self {
+            Variant::Airbench94 => LOGIT_SCALE,
+            Variant::Muon => 1.0 / WIDTHS[2] as f64,
+        }
+    }
+
+    /// Whether the whitening filters come largest eigenvalue first.
+    pub fn whiten_largest_first(self) -> bool {
+        self == Variant::Airbench94
+    }
+}
+
 /// PyTorch's default `Conv2d`/`Linear` weight init, `kaiming_uniform_(a=√5)`:
 /// uniform in ±1/√fan_in.
 fn pytorch_default(fan_in: i64) -> Init {
@@ -155,9 +180,11 @@ impl ConvGroup {
     }
 }
 
-/// The network. Its output is the logits, scaled by 1/9.
+/// The network. Its output is the logits, scaled by its variant's factor
+/// (1/9 for airbench94).
 #[derive(Debug)]
 pub struct Airbench94 {
+    pub variant: Variant,
     /// The 2×2 patch-whitening convolution: its weight is set from the
     /// data ([`super::whiten`]) and frozen; its bias trains for a few epochs.
     pub whiten_weight: Tensor,
@@ -170,19 +197,28 @@ pub struct Airbench94 {
 }
 
 impl Airbench94 {
-    pub fn new(vs: &nn::Path, num_classes: i64) -> Airbench94 {
+    pub fn new(vs: &nn::Path, num_classes: i64, variant: Variant) -> Airbench94 {
         let whiten = vs / "whiten";
         // Placeholders until the whitening filters are computed from data.
         let whiten_weight = whiten.zeros_no_train("weight", &[WHITEN_WIDTH, 3, 2, 2]);
         let whiten_bias = whiten.var("bias", &[WHITEN_WIDTH], Init::Const(0.0));
         let [w1, w2, w3] = WIDTHS;
+        let head = (vs / "head").var("weight", &[num_classes, w3], pytorch_default(w3));
+        if variant == Variant::Muon {
+            // `w *= 1 / w.std()`
+            tch::no_grad(|| {
+                let scale = head.std(true).reciprocal();
+                let _ = head.shallow_clone().g_mul_(&scale);
+            });
+        }
         Airbench94 {
+            variant,
             whiten_weight,
             whiten_bias,
             layer1: ConvGroup::new(vs / "layer1", WHITEN_WIDTH, w1),
             layer2: ConvGroup::new(vs / "layer2", w1, w2),
             layer3: ConvGroup::new(vs / "layer3", w2, w3),
-            head: (vs / "head").var("weight", &[num_classes, w3], pytorch_default(w3)),
+            head,
         }
     }
 
@@ -203,12 +239,13 @@ impl Airbench94 {
         let x = self.layer2.forward(&x, train); // [N, 256, 7, 7]
         let x = self.layer3.forward(&x, train); // [N, 256, 3, 3]
         let x = x.max_pool2d_default(3).flatten(1, -1); // [N, 256]
-        x.linear(&self.head, None::<Tensor>) * LOGIT_SCALE // [N, classes]
+        x.linear(&self.head, None::<Tensor>) * self.variant.logit_scale() // [N, classes]
     }
 
     /// The same network, its tensors shared (not copied).
     pub fn shallow_clone(&self) -> Airbench94 {
         Airbench94 {
+            variant: self.variant,
             whiten_weight: self.whiten_weight.shallow_clone(),
             whiten_bias: self.whiten_bias.shallow_clone(),
             layer1: self.layer1.shallow_clone(),
@@ -328,10 +365,15 @@ pub fn channels_last(x: &Tensor) -> Tensor {
 
 /// A network for `num_classes` in its own variable store, drawn on the CPU
 /// with torch's generator seeded by `seed`, then moved to `device`.
-pub fn build(device: Device, seed: u64, num_classes: i64) -> (nn::VarStore, Airbench94) {
+pub fn build(
+    device: Device,
+    seed: u64,
+    num_classes: i64,
+    variant: Variant,
+) -> (nn::VarStore, Airbench94) {
     let (mut vs, net) = crate::model::with_torch_rng(Some(seed), || {
         let vs = nn::VarStore::new(Device::Cpu);
-        let net = Airbench94::new(&vs.root(), num_classes);
+        let net = Airbench94::new(&vs.root(), num_classes, variant);
         (vs, net)
     });
     vs.set_device(device);

@@ -87,16 +87,28 @@ impl NesterovSgd {
         let lr = group_lr();
         let wd = WEIGHT_DECAY * BATCH_SIZE as f64 / kilostep_scale;
         let lr_biases = lr * BIAS_SCALER;
-        let group = |params: Vec<Tensor>, lr: f64| Group {
-            buffers: params.iter().map(|p| p.zeros_like()).collect(),
-            params,
-            lr,
-            weight_decay: wd / lr,
-        };
-        NesterovSgd {
-            groups: vec![group(norm_biases, lr_biases), group(others, lr)],
-            momentum: MOMENTUM,
-        }
+        NesterovSgd::with_groups(
+            vec![
+                (norm_biases, lr_biases, wd / lr_biases),
+                (others, lr, wd / lr),
+            ],
+            MOMENTUM,
+        )
+    }
+
+    /// `SGD([dict(params=…, lr=…, weight_decay=…), …], momentum, nesterov=True)`
+    /// from `(params, lr, weight_decay)` per group.
+    pub fn with_groups(groups: Vec<(Vec<Tensor>, f64, f64)>, momentum: f64) -> NesterovSgd {
+        let groups = groups
+            .into_iter()
+            .map(|(params, lr, weight_decay)| Group {
+                buffers: params.iter().map(|p| p.zeros_like()).collect(),
+                params,
+                lr,
+                weight_decay,
+            })
+            .collect();
+        NesterovSgd { groups, momentum }
     }
 
     /// Backward from `loss` to the parameters for which `trains` is true
@@ -104,41 +116,47 @@ impl NesterovSgd {
     /// learning rate. The others are left alone, decay included, as
     /// PyTorch skips a parameter whose `.grad` is `None`.
     pub fn step(&mut self, loss: &Tensor, factor: f64, trains: impl Fn(usize) -> bool) {
-        let mut chosen = vec![];
-        for (gi, group) in self.groups.iter().enumerate() {
-            for pi in 0..group.params.len() {
-                if trains(self.flat_index(gi, pi)) {
-                    chosen.push((gi, pi));
-                }
-            }
-        }
-        let inputs: Vec<Tensor> = chosen
-            .iter()
-            .map(|&(g, p)| self.groups[g].params[p].shallow_clone())
-            .collect();
+        let params = self.params();
+        let chosen: Vec<usize> = (0..params.len()).filter(|&i| trains(i)).collect();
+        let inputs: Vec<Tensor> = chosen.iter().map(|&i| params[i].shallow_clone()).collect();
         let grads = Tensor::run_backward(&[loss], &inputs, false, false);
         // DDP's all-reduce, in a distributed run: the global batch's gradients.
         crate::distributed::sync_gradients(loss, &grads);
+        let mut all: Vec<Option<Tensor>> = (0..params.len()).map(|_| None).collect();
+        for (i, g) in chosen.into_iter().zip(grads) {
+            all[i] = Some(g);
+        }
+        self.update(&all, &vec![factor; self.groups.len()]);
+    }
+
+    /// One update of every parameter that has a gradient in `grads` (one
+    /// entry per parameter, in group order), each group at `factors[g]`
+    /// times its learning rate.
+    pub fn update(&mut self, grads: &[Option<Tensor>], factors: &[f64]) {
+        assert_eq!(factors.len(), self.groups.len(), "one factor per group");
         let momentum = self.momentum;
+        let mut grads = grads.iter();
         tch::no_grad(|| {
-            for ((g, p), grad) in chosen.into_iter().zip(grads) {
-                let group = &mut self.groups[g];
-                let param = &mut group.params[p];
-                let buffer = &mut group.buffers[p];
-                let grad = grad + &*param * group.weight_decay;
-                let _ = buffer.g_mul_scalar_(momentum).g_add_(&grad);
-                let update = grad + &*buffer * momentum;
-                let _ = param.g_add_(&(update * (-group.lr * factor)));
+            for (group, &factor) in self.groups.iter_mut().zip(factors) {
+                for (param, buffer) in group.params.iter_mut().zip(&mut group.buffers) {
+                    let Some(grad) = grads.next().expect("a gradient slot per parameter") else {
+                        continue;
+                    };
+                    let grad = grad + &*param * group.weight_decay;
+                    let _ = buffer.g_mul_scalar_(momentum).g_add_(&grad);
+                    let update = grad + &*buffer * momentum;
+                    let _ = param.g_add_(&(update * (-group.lr * factor)));
+                }
             }
         });
     }
 
-    fn flat_index(&self, group: usize, param: usize) -> usize {
-        self.groups[..group]
+    /// The parameters, in group order.
+    pub fn params(&self) -> Vec<Tensor> {
+        self.groups
             .iter()
-            .map(|g| g.params.len())
-            .sum::<usize>()
-            + param
+            .flat_map(|g| g.params.iter().map(Tensor::shallow_clone))
+            .collect()
     }
 
     /// The momentum buffers, in group order: what a checkpoint saves.

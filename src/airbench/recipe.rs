@@ -7,12 +7,12 @@ use anyhow::{Context, Result};
 use tch::nn::Module;
 use tch::{Kind, Reduction, Tensor};
 
-use super::augment::{self, EpochDraws};
+use super::augment;
+use super::loader::TrainData;
 use super::net::{self, Airbench94};
 use super::optim::{ema_decay, lr_factor, Lookahead, NesterovSgd};
 use super::{
-    whiten, BATCH_SIZE, CIFAR_MEAN, CIFAR_STD, LABEL_SMOOTHING, LOOKAHEAD_EVERY, TRANSLATE,
-    WHITEN_BIAS_EPOCHS, WHITEN_IMAGES,
+    BATCH_SIZE, CIFAR_MEAN, CIFAR_STD, LABEL_SMOOTHING, LOOKAHEAD_EVERY, WHITEN_BIAS_EPOCHS,
 };
 
 /// The checkpoint keys of each parameter's momentum buffer (PyTorch's
@@ -92,56 +92,31 @@ pub fn total_steps(steps_per_epoch: u64, epochs: f64) -> u64 {
 /// the augmented data and where the schedule is.
 pub struct FastRecipe<'a> {
     net: &'a Airbench94,
+    data: TrainData,
     opt: NesterovSgd,
     /// The whitening bias's index among the optimizer's parameters.
     whiten_bias: usize,
     lookahead: Lookahead,
-    /// The training images, each mirrored at random once, reflect-padded
-    /// for the translations.
-    padded: Tensor,
-    labels: Tensor,
-    seed: u64,
-    /// The current epoch's shifts and order.
-    draws: Option<EpochDraws>,
     /// Steps taken, those before a resume included.
     step: u64,
     total_steps: u64,
-    channels_last: bool,
     /// Mixed precision (float16 autocast, BatchNorm and the loss in
     /// float32), on CUDA only.
     autocast: bool,
 }
 
 impl<'a> FastRecipe<'a> {
-    /// Sets the whitening filters from the first training images, then
-    /// prepares the augmented data; `images` are normalized to [−1, 1],
-    /// as [`crate::data::Split`] holds them, and are renormalized in place
-    /// and dropped once padded (a copy of the training set is hundreds of MB).
+    /// Sets the whitening filters and prepares the augmented data (see
+    /// [`TrainData::new`]) for a schedule of `epochs`.
     pub fn new(
         net: &'a Airbench94,
-        mut images: Tensor,
+        images: Tensor,
         labels: &Tensor,
         seed: u64,
         epochs: f64,
         channels_last: bool,
     ) -> FastRecipe<'a> {
-        renormalize_(&mut images);
-        let n = images.size()[0];
-        tch::no_grad(|| {
-            let first = images.narrow(0, 0, n.min(WHITEN_IMAGES));
-            net.whiten_weight
-                .shallow_clone()
-                .copy_(&whiten::filters(&first, 2));
-        });
-        let flips = crate::model::with_torch_rng(Some(seed), || {
-            augment::random_flip_mask(n, images.device())
-        });
-        // Mirroring commutes with the (symmetric) padding, so the padded
-        // copy is mirrored in place.
-        let mut padded = augment::reflect_pad(&images, TRANSLATE);
-        drop(images);
-        augment::flip_where_(&mut padded, &flips);
-        let steps_per_epoch = (n / BATCH_SIZE) as u64;
+        let data = TrainData::new(net, images, labels, seed, BATCH_SIZE, channels_last);
         let state: Vec<Tensor> = net.state_dict().into_iter().map(|(_, t)| t).collect();
         if channels_last {
             net::to_channels_last(&state);
@@ -151,25 +126,21 @@ impl<'a> FastRecipe<'a> {
             .map(|g| g.into_iter().map(|(_, t)| t).collect::<Vec<_>>());
         FastRecipe {
             net,
+            total_steps: total_steps(data.steps_per_epoch(), epochs),
+            data,
             // The whitening bias is the first of the second group.
             whiten_bias: norm_biases.len(),
             opt: NesterovSgd::new(norm_biases, others),
             // After the whitening filters are set, so the EMA starts from them.
             lookahead: Lookahead::new(state),
-            padded,
-            labels: labels.shallow_clone(),
-            seed,
-            draws: None,
             step: 0,
-            total_steps: total_steps(steps_per_epoch, epochs),
-            channels_last,
             autocast: labels.device().is_cuda(),
         }
     }
 
     /// Full mini-batches per epoch (the last partial one is dropped).
     pub fn steps_per_epoch(&self) -> u64 {
-        (self.labels.size()[0] / BATCH_SIZE) as u64
+        self.data.steps_per_epoch()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -178,34 +149,7 @@ impl<'a> FastRecipe<'a> {
 
     /// Draws epoch `epoch`'s (1-based) translations and order.
     pub fn start_epoch(&mut self, epoch: u64) {
-        let n = self.labels.size()[0];
-        self.draws = Some(augment::epoch_draws(
-            self.seed,
-            epoch - 1,
-            n,
-            TRANSLATE,
-            self.padded.device(),
-        ));
-    }
-
-    /// Mini-batch `step` (1-based) of epoch `epoch`, augmented.
-    fn batch(&self, epoch: u64, step: u64) -> (Tensor, Tensor) {
-        let draws = self.draws.as_ref().expect("start_epoch before a step");
-        let index = draws
-            .order
-            .narrow(0, (step as i64 - 1) * BATCH_SIZE, BATCH_SIZE);
-        // This rank's share of the global batch, in a distributed run.
-        let index = crate::distributed::local_share(&index);
-        let size = self.padded.size()[3] - 2 * TRANSLATE;
-        let shifts = draws.shifts.index_select(0, &index);
-        let mut images = augment::translate(&self.padded.index_select(0, &index), &shifts, size);
-        if augment::flips_all(epoch - 1) {
-            images = images.flip([-1]);
-        }
-        if self.channels_last {
-            images = net::channels_last(&images);
-        }
-        (images, self.labels.index_select(0, &index))
+        self.data.start_epoch(epoch);
     }
 
     /// One step, as the reference's loop body:
@@ -220,7 +164,7 @@ impl<'a> FastRecipe<'a> {
     ///
     /// Returns the summed loss (not read) and the batch's size.
     pub fn training_step(&mut self, epoch: u64, step: u64) -> (Tensor, i64) {
-        let (inputs, labels) = self.batch(epoch, step);
+        let (inputs, labels) = self.data.batch(epoch, step);
         let outputs = tch::autocast(self.autocast, || self.net.forward_t(&inputs, true));
         let loss = outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
             &labels,

@@ -25,16 +25,20 @@ pub fn patches(images: &Tensor, kernel: i64) -> Tensor {
 }
 
 /// The whitening filters for `images`: `[2·C·k·k, C, k, k]`, the scaled
-/// eigenvectors then their negatives, in the images' dtype.
-pub fn filters(images: &Tensor, kernel: i64) -> Tensor {
+/// eigenvectors (the largest eigenvalue's first, or in eigh's ascending
+/// order) then their negatives, in the images' dtype.
+pub fn filters(images: &Tensor, kernel: i64, largest_first: bool) -> Tensor {
     let c = images.size()[1];
     let patches = patches(images, kernel).to_kind(Kind::Double);
     let n = patches.size()[0] as f64;
     let covariance = patches.transpose(0, 1).matmul(&patches) / n;
-    let (eigenvalues, eigenvectors) = covariance.linalg_eigh("U");
-    // eigh sorts ascending: largest first instead; one eigenvector per row.
-    let eigenvalues = eigenvalues.flip([0]);
-    let eigenvectors = eigenvectors.transpose(0, 1).flip([0]);
+    let (mut eigenvalues, eigenvectors) = covariance.linalg_eigh("U");
+    // One eigenvector per row; eigh sorts ascending.
+    let mut eigenvectors = eigenvectors.transpose(0, 1);
+    if largest_first {
+        eigenvalues = eigenvalues.flip([0]);
+        eigenvectors = eigenvectors.flip([0]);
+    }
     let scaled = eigenvectors / (eigenvalues + EPS).sqrt().unsqueeze(1);
     let scaled = scaled.view([-1, c, kernel, kernel]);
     Tensor::cat(&[&scaled, &(-&scaled)], 0).to_kind(images.kind())
@@ -69,7 +73,7 @@ mod tests {
             let noise = Tensor::randn([200, 3, 8, 8], (Kind::Float, Device::Cpu)) * 0.3;
             smooth.expand([200, 3, 8, 8], false) * 2.0 + noise
         });
-        let w = filters(&images, 2);
+        let w = filters(&images, 2, true);
         assert_eq!(w.size(), [24, 3, 2, 2]);
         let half = w.narrow(0, 0, 12).reshape([12, -1]).to_kind(Kind::Double);
         let p = patches(&images, 2).to_kind(Kind::Double);

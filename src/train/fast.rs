@@ -1,8 +1,9 @@
-//! `tch-cifar train --model airbench94`: the fast recipe
-//! ([`crate::airbench`]) as the [harness](super::harness) drives it, one
-//! line per epoch. The trained network is a [`crate::classifier::Airbench`],
+//! `tch-cifar train --model airbench94` and `--model airbench94-muon`: the
+//! fast recipes ([`crate::airbench`]) as the [harness](super::harness)
+//! drives them, one line per epoch. The trained network is a [`crate::classifier::Airbench`],
 //! as `evaluate` loads it.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,7 @@ use tch::Tensor;
 use super::args::Given;
 use super::harness::{self, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput};
 use super::{Control, TrainStats};
-use crate::airbench::{FastRecipe, BATCH_SIZE};
+use crate::airbench::{FastRecipe, MuonRecipe, Variant};
 use crate::checkpoint::Checkpoint;
 use crate::classifier::Airbench;
 use crate::data::Split;
@@ -30,20 +31,20 @@ const TUTORIAL_ONLY: [&str; 5] = [
     "--cpu-conv",
 ];
 
-/// Refuses the flags airbench94 has no use for; on a resume also
-/// `--epochs`, which would change its schedule.
-pub fn check_flags(given: &Given, resuming: bool) -> Result<()> {
+/// Refuses the flags the fast recipe `name` has no use for; on a resume
+/// also `--epochs`, which would change its schedule.
+pub fn check_flags(given: &Given, resuming: bool, name: &str) -> Result<()> {
     for flag in TUTORIAL_ONLY {
         if given.has(flag) {
             bail!(
-                "{flag} is a setting of the tutorial's recipe; --model airbench94 has its own \
+                "{flag} is a setting of the tutorial's recipe; --model {name} has its own \
                  fixed hyperparameters (drop the flag, or use --model net)"
             );
         }
     }
     if resuming && given.has("--epochs") {
         bail!(
-            "--epochs cannot change on a resume of airbench94: its learning-rate schedule \
+            "--epochs cannot change on a resume of {name}: its learning-rate schedule \
              spans the run's epochs (drop --epochs; --max-steps stops it earlier)"
         );
     }
@@ -54,10 +55,18 @@ pub fn check_flags(given: &Given, resuming: bool) -> Result<()> {
 /// alike, as on GPUs.
 const CHANNELS_LAST: bool = true;
 
-/// airbench94 trains on `train` (which it drops once the augmented copy
-/// is made), from `resumed` if given, through the harness. Returns the
-/// network, the harness's figures and the seconds of each epoch this
-/// process trained (in part or whole).
+/// A fast recipe's training state, as [`train`] drives it.
+trait FastTraining: Recipe {
+    fn total_steps(&self) -> u64;
+    /// The checkpoint's tensors put back after `global_step` steps.
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, global_step: u64) -> Result<()>;
+}
+
+/// A fast recipe (`settings.model`: airbench94 or airbench94-muon) trains
+/// on `train` (which it drops once the augmented copy is made), from
+/// `resumed` if given, through the harness. Returns the network, the
+/// harness's figures and the seconds of each epoch this process trained
+/// (in part or whole).
 pub fn train(
     train: Split,
     settings: &Settings,
@@ -67,44 +76,128 @@ pub fn train(
     board: &mut super::board::Board,
     reporter: &mut Reporter,
 ) -> Result<(Airbench, TrainStats, Vec<f64>)> {
-    if (train.len() as i64) < BATCH_SIZE {
+    let variant = settings
+        .model
+        .airbench()
+        .expect("the fast recipes train an airbench network");
+    let name = settings.model.name();
+    let batch = batch_size(variant);
+    if (train.len() as i64) < batch {
         bail!(
-            "the training set has {} images, fewer than one mini-batch of {BATCH_SIZE} \
-             (airbench94 drops the last partial batch)",
+            "the training set has {} images, fewer than one mini-batch of {batch} \
+             ({name} drops the last partial batch)",
             train.len()
         );
     }
     let device = train.images.device();
     let classes = train.classes.clone();
-    let (vs, net) = crate::airbench::net::build(device, settings.seed, classes.len() as i64);
+    let (vs, net) =
+        crate::airbench::net::build(device, settings.seed, classes.len() as i64, variant);
     let epochs = settings
         .schedule_epochs
-        .expect("airbench94's settings have its schedule's length");
+        .expect("a fast recipe's settings have its schedule's length");
     let Split { images, labels, .. } = train;
-    let mut recipe = FastRecipe::new(&net, images, &labels, settings.seed, epochs, CHANNELS_LAST);
-    if let Some(c) = resumed {
-        let step = c.meta.position.global_step;
-        let path = c.path.clone();
-        recipe
-            .restore(&c.into_tensors(), step)
-            .with_context(|| format!("cannot resume from {}", path.display()))?;
-    }
-    if reporter.is_json() {
-        reporter.emit(String::new, start_event);
-    }
-    let total = recipe.total_steps();
-    // One line per epoch (a hook) instead of running-loss lines.
-    let plan = Plan {
-        max_steps: Some(settings.max_steps.map_or(total, |m| m.min(total))),
-        diverged_hint: Some(
-            "airbench94's hyperparameters are fixed: check the training data".to_string(),
-        ),
-        ..control.plan(settings.epochs)
+    let seed = settings.seed;
+    let run = Run {
+        settings,
+        name,
+        resumed,
+        start_event,
+        control,
+        board,
+        reporter,
     };
-    let mut lines = EpochLines::new(recipe.steps_per_epoch());
-    let stats = harness::run(&mut recipe, plan, &mut [&mut lines, board], reporter)?;
-    drop(recipe);
-    Ok((Airbench::trained(vs, net, classes), stats, lines.seconds))
+    let (stats, seconds) = match variant {
+        Variant::Airbench94 => run.drive(FastRecipe::new(
+            &net,
+            images,
+            &labels,
+            seed,
+            epochs,
+            CHANNELS_LAST,
+        ))?,
+        Variant::Muon => run.drive(MuonRecipe::new(
+            &net,
+            images,
+            &labels,
+            seed,
+            epochs,
+            CHANNELS_LAST,
+        ))?,
+    };
+    Ok((Airbench::trained(vs, net, classes), stats, seconds))
+}
+
+/// The global mini-batch of a fast recipe.
+pub fn batch_size(variant: Variant) -> i64 {
+    match variant {
+        Variant::Airbench94 => crate::airbench::BATCH_SIZE,
+        Variant::Muon => crate::airbench::muon_recipe::BATCH_SIZE,
+    }
+}
+
+/// What [`train`] hands the harness besides the recipe.
+struct Run<'s, 'c> {
+    settings: &'s Settings,
+    name: &'static str,
+    resumed: Option<Checkpoint>,
+    start_event: serde_json::Value,
+    control: &'s mut Control<'c>,
+    board: &'s mut super::board::Board,
+    reporter: &'s mut Reporter,
+}
+
+impl Run<'_, '_> {
+    fn drive<R: FastTraining>(self, mut recipe: R) -> Result<(TrainStats, Vec<f64>)> {
+        if let Some(c) = self.resumed {
+            let step = c.meta.position.global_step;
+            let path = c.path.clone();
+            recipe
+                .restore(&c.into_tensors(), step)
+                .with_context(|| format!("cannot resume from {}", path.display()))?;
+        }
+        if self.reporter.is_json() {
+            self.reporter.emit(String::new, self.start_event);
+        }
+        let total = recipe.total_steps();
+        // One line per epoch (a hook) instead of running-loss lines.
+        let plan = Plan {
+            max_steps: Some(self.settings.max_steps.map_or(total, |m| m.min(total))),
+            diverged_hint: Some(format!(
+                "{}'s hyperparameters are fixed: check the training data",
+                self.name
+            )),
+            ..self.control.plan(self.settings.epochs)
+        };
+        let mut lines = EpochLines::new(recipe.steps_per_epoch());
+        let stats = harness::run(
+            &mut recipe,
+            plan,
+            &mut [&mut lines, self.board],
+            self.reporter,
+        )?;
+        Ok((stats, lines.seconds))
+    }
+}
+
+impl FastTraining for FastRecipe<'_> {
+    fn total_steps(&self) -> u64 {
+        FastRecipe::total_steps(self)
+    }
+
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, global_step: u64) -> Result<()> {
+        FastRecipe::restore(self, tensors, global_step)
+    }
+}
+
+impl FastTraining for MuonRecipe<'_> {
+    fn total_steps(&self) -> u64 {
+        MuonRecipe::total_steps(self)
+    }
+
+    fn restore(&mut self, tensors: &HashMap<String, Tensor>, global_step: u64) -> Result<()> {
+        MuonRecipe::restore(self, tensors, global_step)
+    }
 }
 
 impl Recipe for FastRecipe<'_> {
@@ -119,12 +212,7 @@ impl Recipe for FastRecipe<'_> {
 
     fn training_step(&mut self, epoch: u64, step: u64) -> Result<StepOutput> {
         let (loss, images) = FastRecipe::training_step(self, epoch, step);
-        Ok(StepOutput {
-            // The recipe sums over the batch (the global batch, in a
-            // distributed run); the lines show the mean.
-            loss: loss.detach() / BATCH_SIZE as f64,
-            images: images as u64,
-        })
+        Ok(mean_loss(loss, images, crate::airbench::BATCH_SIZE))
     }
 
     fn loss_reduction(&self) -> LossReduction {
@@ -141,6 +229,52 @@ impl Recipe for FastRecipe<'_> {
 
     fn is_finite(&self) -> bool {
         FastRecipe::is_finite(self)
+    }
+}
+
+impl Recipe for MuonRecipe<'_> {
+    fn steps_per_epoch(&self) -> u64 {
+        MuonRecipe::steps_per_epoch(self)
+    }
+
+    fn start_epoch(&mut self, epoch: u64) -> Result<()> {
+        MuonRecipe::start_epoch(self, epoch);
+        Ok(())
+    }
+
+    fn training_step(&mut self, epoch: u64, step: u64) -> Result<StepOutput> {
+        let (loss, images) = MuonRecipe::training_step(self, epoch, step);
+        Ok(mean_loss(
+            loss,
+            images,
+            crate::airbench::muon_recipe::BATCH_SIZE,
+        ))
+    }
+
+    fn loss_reduction(&self) -> LossReduction {
+        LossReduction::Sum
+    }
+
+    fn replicated(&self) -> Vec<Tensor> {
+        MuonRecipe::replicated(self)
+    }
+
+    fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
+        MuonRecipe::checkpoint_tensors(self)
+    }
+
+    fn is_finite(&self) -> bool {
+        MuonRecipe::is_finite(self)
+    }
+}
+
+/// The step's output from a loss summed over this rank's `images`: the
+/// recipes sum over the batch (the global batch, in a distributed run),
+/// the lines show the mean over the global `batch`.
+fn mean_loss(loss: Tensor, images: i64, batch: i64) -> StepOutput {
+    StepOutput {
+        loss: loss.detach() / batch as f64,
+        images: images as u64,
     }
 }
 

@@ -268,8 +268,8 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             settings
         }
     };
-    if settings.model == ModelKind::Airbench94 {
-        fast::check_flags(&given, resumed.is_some())?;
+    if settings.model.airbench().is_some() {
+        fast::check_flags(&given, resumed.is_some(), settings.model.name())?;
     }
     let recorded = settings.tensorboard.clone();
     settings.tensorboard =
@@ -430,7 +430,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             drop(train_set);
             (Classifier::Net(model), stats, None)
         }
-        ModelKind::Airbench94 => {
+        ModelKind::Airbench94 | ModelKind::Airbench94Muon => {
             let (airbench, stats, epoch_seconds) = fast::train(
                 train_set,
                 &settings,
@@ -494,7 +494,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let test = test_split.load(device)?;
     let eval_start = Instant::now();
     // airbench94 reports its test-time augmentation, and the plain figure beside it.
-    let airbench = trained.network() == ModelKind::Airbench94;
+    let airbench = trained.network().airbench().is_some();
     let forward = trained.forward(airbench);
     report_test(&reporter, &forward, &test)?;
     let eval = evaluate_sharded(&forward, &test, 1000, world)?;
@@ -584,6 +584,19 @@ fn board_for(
                     vec![("train/lr", others), ("train/lr_norm_biases", biases)]
                 }),
                 // The last partial batch is dropped.
+                Box::new(move |_| batch),
+            )
+        }
+        ModelKind::Airbench94Muon => {
+            use crate::airbench::muon_recipe;
+            let batch = muon_recipe::BATCH_SIZE as u64;
+            let schedule = settings.schedule_epochs.unwrap_or(muon_recipe::EPOCHS);
+            let (total, whiten) = muon_recipe::schedule(train_images / batch, schedule);
+            Board::new(
+                events,
+                start,
+                Marks::Epochs,
+                Box::new(move |step| muon_recipe::learning_rates(step - 1, total, whiten).to_vec()),
                 Box::new(move |_| batch),
             )
         }
