@@ -16,41 +16,45 @@ peak resident memory (from wait4's ru_maxrss) are printed as a table.
                   [--skip-python] [--batch-sizes 4,32,128,512] [--json FILE]
                   [--binary PATH]
 
-With --model airbench94 it times the fast recipe instead: for each seed, the
-PyTorch reference (scripts/airbench94.py) and `tch-cifar train --model
-airbench94`, one after the other, with the same seed, epochs, threads and
-data, and prints each run's training time, seconds per step, seconds per
-full epoch, accuracy with and without TTA, evaluation time and peak RSS,
-the means over the seeds and the ratio of the two implementations' s/step:
+With --model airbench94 or airbench94-muon it times a fast recipe instead
+(scripts/bench_fast.py): for each seed, the PyTorch reference
+(scripts/airbench94.py, scripts/airbench94_muon.py) in every configuration
+asked for (memory layout x allocator, the allocator LD_PRELOADed from its
+Debian package) and `tch-cifar train --model ...`, one after the other, with
+the same seed, epochs, steps, threads and data. It measures the machine's
+matrix-multiply peak first (scripts/peak.py) and prints each run's training
+time, seconds per step, achieved GFLOP/s and its share of the float32 peak,
+accuracy with and without TTA, evaluation time and peak RSS, the means over
+the seeds and each PyTorch configuration's s/step over tch-cifar's:
 
-    scripts/bench --model airbench94 --data-dir DIR [--seeds 0,1] [--epochs N]
-                  [--threads T] [--device cpu|cuda] [--python-channels-last]
+    scripts/bench --model airbench94-muon --data-dir DIR [--seeds 0,1] [--epochs N]
+                  [--steps N] [--threads T] [--device cpu|cuda]
+                  [--reference-layout contiguous,channels-last]
+                  [--reference-allocator system,jemalloc,tcmalloc]
                   [--order python-first|tch-first] [--skip-python] [--json FILE]
 """
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from importlib import metadata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BINARY = os.path.join(ROOT, "target", "release", "tch-cifar")
 
 
-def run_measured(cmd, on_line=None):
-    """Runs cmd, reaping it with wait4 to read its own peak RSS. Returns its
-    last JSON line (the summary), its wall time and peak RSS in MiB. Each
-    line of its stdout goes to on_line as it comes, when given."""
+def run_measured(cmd, on_line=None, env=None):
+    """Runs cmd (in env, when given), reaping it with wait4 to read its own
+    peak RSS. Returns its last JSON line (the summary), its wall time and
+    peak RSS in MiB. Each line of its stdout goes to on_line as it comes,
+    when given."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     # stderr is drained on its own thread, so a chatty child can't block on it.
     err = []
     drain = threading.Thread(target=lambda: err.append(proc.stderr.read()))
@@ -94,29 +98,36 @@ def machine(device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["net", "airbench94"], default="net",
-                    help="net: the tutorial's recipe (default); airbench94: the fast recipe")
+    ap.add_argument("--model", choices=["net", "airbench94", "airbench94-muon"], default="net",
+                    help="net: the tutorial's recipe (default); airbench94, airbench94-muon: the fast recipes")
     ap.add_argument("--data-dir", required=True, help="CIFAR-10 binary batches")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=float, default=None,
-                    help="passes over the training set (net: 2; airbench94: the recipe's 9.9, or N whole epochs)")
-    ap.add_argument("--steps", type=int, default=None, help="net: cap every run at this many mini-batches")
+                    help="passes over the training set (net: 2; the fast recipes: their own 9.9 or 8, or N whole "
+                         "epochs)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="cap every run at this many mini-batches (the fast recipes keep their schedule)")
     ap.add_argument("--seed", type=int, default=1, help="net: the seed of every run")
-    ap.add_argument("--seeds", default="0,1", help="airbench94: one Python and one tch-cifar run per seed")
+    ap.add_argument("--seeds", default="0,1", help="fast recipes: one run per configuration and seed")
     ap.add_argument("--threads", type=int, default=os.cpu_count(),
-                    help="airbench94: torch threads of both implementations (default: every core)")
-    ap.add_argument("--python-channels-last", action="store_true",
-                    help="airbench94: run the PyTorch reference in channels-last (default: contiguous)")
+                    help="fast recipes: torch threads of both implementations (default: every core)")
+    ap.add_argument("--reference-layout", default="channels-last",
+                    help="fast recipes: the PyTorch reference's memory layouts, comma-separated: contiguous, "
+                         "channels-last (default: channels-last)")
+    ap.add_argument("--reference-allocator", default="jemalloc",
+                    help="fast recipes: the PyTorch reference's allocators, comma-separated: system (glibc), "
+                         "jemalloc, tcmalloc (LD_PRELOADed; default: jemalloc)")
     ap.add_argument("--order", choices=["python-first", "tch-first"], default="python-first",
-                    help="airbench94: which implementation runs first for each seed")
+                    help="fast recipes: which implementation runs first for each seed")
     ap.add_argument("--skip-python", action="store_true", help="time tch-cifar only")
     ap.add_argument("--batch-sizes", default="4,32,128,512", help="net: throughput table ('' to skip)")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--binary", default=DEFAULT_BINARY,
                     help="the tch-cifar to time (default: the release build; scripts/device-bench passes its copy)")
     args = ap.parse_args()
-    if args.model == "airbench94":
-        airbench94(args)
+    if args.model != "net":
+        import bench_fast
+        bench_fast.run(args, machine_info, describe_machine)
     else:
         if args.epochs is None:
             args.epochs = 2
@@ -201,11 +212,7 @@ def tutorial(args):
                   f"{r['accuracy']:8.2f}%  {r['threads']}, {r['cpu_conv']}")
 
 
-# ------------------------------------------------------------------ airbench94
-
-AIRBENCH_EPOCHS = 9.9  # the recipe's default, in both implementations
-AIRBENCH_BATCH = 1024
-RECORD_BYTES = 3073  # one label byte and a 3x32x32 image
+# ------------------------------------------------------------- the machine
 
 
 def machine_info(device):
@@ -238,181 +245,6 @@ def machine_info(device):
 def describe_machine(info):
     memory = f"{info['memory_gib']} GiB" if info["memory_gib"] else "unknown memory"
     return f"{info['cpu']}, {info['cores']} cores, {memory}, GPU: {info['gpu'] or 'none'}, {info['os']}"
-
-
-def train_images(data_dir):
-    """The number of training images in the binary batches."""
-    files = [os.path.join(data_dir, f"data_batch_{i}.bin") for i in range(1, 6)]
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        sys.exit(f"bench: {missing[0]} not found (--data-dir takes CIFAR-10 binary batches)")
-    return sum(os.path.getsize(f) for f in files) // RECORD_BYTES
-
-
-def progress(text):
-    print(text, file=sys.stderr, flush=True)
-
-
-def echo_epochs(line):
-    """Relays a run's epoch events to stderr, so a long bench can be watched."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return
-    if isinstance(event, dict) and event.get("event") == "epoch":
-        progress(f"    epoch {event['epoch']:2}  step {event['step']:4}  train loss {event['train_loss']:.4f}  "
-                 f"{event['seconds']:.1f} s")
-
-
-def airbench94(args):
-    """The fast recipe: the PyTorch reference against tch-cifar, per seed."""
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        sys.exit(f"bench: --seeds {args.seeds}: give whole numbers separated by commas, such as 0,1")
-    if not seeds:
-        sys.exit("bench: --seeds names no seed")
-    if args.epochs is not None and (args.epochs != int(args.epochs) or args.epochs < 1):
-        sys.exit(f"bench: --epochs {args.epochs}: tch-cifar takes whole epochs (leave --epochs out for the "
-                 f"recipe's {AIRBENCH_EPOCHS})")
-    if args.threads is None or args.threads < 1:
-        sys.exit("bench: --threads takes a number of threads, 1 or more")
-    epochs = AIRBENCH_EPOCHS if args.epochs is None else int(args.epochs)
-    steps_per_epoch = train_images(args.data_dir) // AIRBENCH_BATCH
-    if steps_per_epoch == 0:
-        sys.exit(f"bench: {args.data_dir} has fewer than {AIRBENCH_BATCH} training images, one mini-batch")
-    expected_steps = math.ceil(steps_per_epoch * epochs)
-    given_epochs = [] if args.epochs is None else ["--epochs", str(int(args.epochs))]
-    common = ["--data-dir", args.data_dir, "--device", args.device, "--threads", str(args.threads), *given_epochs]
-    python_format = "channels-last" if args.python_channels_last else "contiguous"
-    weights_dir = tempfile.mkdtemp(prefix="tch-cifar-bench-")
-
-    def python_cmd(seed):
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", "airbench94.py"), "--seed", str(seed), "--json", *common]
-        return cmd + (["--channels-last"] if args.python_channels_last else [])
-
-    def tch_cmd(seed):
-        return [args.binary, "train", "--model", "airbench94", "--seed", str(seed), "--json",
-                "--out", os.path.join(weights_dir, "airbench94.safetensors"), *common]
-
-    # (implementation, command, accuracy scale: the reference reports fractions)
-    impls = {"PyTorch": (python_cmd, 100.0), "tch-cifar": (tch_cmd, 1.0)}
-    names = ["tch-cifar"] if args.skip_python else ["PyTorch", "tch-cifar"]
-    if args.order == "tch-first":
-        names.reverse()
-    plan = [(name, seed) for seed in seeds for name in names]
-
-    info = machine_info(args.device)
-    try:
-        torch_version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        torch_version = "unknown"
-    settings = {"model": "airbench94", "device": args.device, "threads": args.threads, "epochs": epochs,
-                "steps": expected_steps, "batch_size": AIRBENCH_BATCH, "seeds": seeds, "order": args.order,
-                "dtype": "fp32", "python_memory_format": python_format, "tch_memory_format": "channels-last",
-                "data_dir": os.path.abspath(args.data_dir), "torch": torch_version, "python": sys.executable,
-                "binary": os.path.abspath(args.binary)}
-    print(f"machine: {describe_machine(info)}", flush=True)
-    print(f"recipe: airbench94, batch {AIRBENCH_BATCH}, {epochs} epoch(s) ({expected_steps} steps), device "
-          f"{args.device}, {args.threads} threads, fp32; PyTorch {torch_version} in {python_format}, tch-cifar "
-          f"in channels-last", flush=True)
-
-    runs = []
-
-    def save(complete):
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"machine": info, "settings": settings, "runs": runs, **results(runs, names),
-                           "complete": complete}, f, indent=1)
-
-    # A SIGTERM (from `timeout`, say) ends the bench like Ctrl-C: with the
-    # table and the JSON of the runs that finished.
-    def measure(i, name, seed):
-        make_cmd, scale = impls[name]
-        cmd = make_cmd(seed)
-        progress(f"[{i}/{len(plan)}] {time.strftime('%H:%M:%S')} starting {name}, seed {seed}: {' '.join(cmd)}")
-        s, wall, rss = run_measured(cmd, echo_epochs)
-        # Every epoch but a last partial one (9.9 epochs: the first 9 of 10).
-        full = s["epoch_seconds"][: s["steps"] // steps_per_epoch] or s["epoch_seconds"]
-        run = {"name": name, "seed": seed, "steps": s["steps"], "train_seconds": s["train_seconds"],
-               "seconds_per_step": s["seconds_per_step"], "epoch_seconds": s["epoch_seconds"],
-               "full_epochs": len(full), "seconds_per_epoch": sum(full) / len(full),
-               # tch-cifar's `accuracy` is the TTA one it reports; `plain_accuracy` is without.
-               "accuracy": s.get("plain_accuracy", s["accuracy"]) * scale,
-               "tta_accuracy": s["tta_accuracy"] * scale,
-               "eval_seconds": s["eval_seconds"], "wall_seconds": wall, "peak_rss_mib": rss,
-               "threads": s.get("threads"), "command": cmd,
-               "summary": {k: v for k, v in s.items() if k not in ("confusion", "per_class_accuracy")}}
-        progress(f"  done: {name}, seed {seed}: {run['steps']} steps, {run['train_seconds']:.1f} s of training "
-                 f"({run['seconds_per_step']:.3f} s/step), accuracy {run['accuracy']:.2f} %, "
-                 f"{run['tta_accuracy']:.2f} % with TTA, {wall:.1f} s wall")
-        return run
-
-    # A SIGTERM (from `timeout`, say) ends the bench like Ctrl-C: with the
-    # table and the JSON of the runs that finished.
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        for i, (name, seed) in enumerate(plan, 1):
-            runs.append(measure(i, name, seed))
-            save(complete=False)
-    except KeyboardInterrupt:
-        progress(f"bench: interrupted; the table has the {len(runs)} of {len(plan)} runs that finished")
-    shutil.rmtree(weights_dir, ignore_errors=True)
-    if not runs:
-        sys.exit(1)
-
-    header = (f"{'run':16} {'seed':>4} {'steps':>5} {'train s':>8} {'s/step':>7} {'s/epoch':>8} {'acc':>7} "
-              f"{'TTA acc':>8} {'eval s':>7} {'peak RSS':>9}")
-    print(header)
-    print("-" * len(header))
-
-    def row(label, seed, r):
-        print(f"{label:16} {seed:>4} {r['steps']:5.0f} {r['train_seconds']:8.2f} {r['seconds_per_step']:7.3f} "
-              f"{r['seconds_per_epoch']:8.2f} {r['accuracy']:6.2f}% {r['tta_accuracy']:7.2f}% "
-              f"{r['eval_seconds']:7.2f} {r['peak_rss_mib']:5.0f} MiB")
-
-    for r in runs:
-        row(r["name"], r["seed"], r)
-    out = results(runs, names)
-    for name, mean in out["means"].items():
-        row(f"{name} mean", "", mean)
-    if "ratio_seconds_per_step" in out:
-        ratio = out["ratio_seconds_per_step"]
-        print(f"PyTorch s/step / tch-cifar s/step: {ratio:.2f} "
-              f"(tch-cifar {'faster' if ratio > 1 else 'slower'} per step by {max(ratio, 1 / ratio):.2f}x)")
-        print(f"PyTorch s/epoch / tch-cifar s/epoch: {out['ratio_seconds_per_epoch']:.2f} (full epochs only, "
-              f"without the set-up before the first step)")
-        print(f"TTA accuracy, tch-cifar mean - PyTorch mean: {out['tta_accuracy_difference']:+.2f} points")
-    save(complete=len(runs) == len(plan))
-    if len(runs) < len(plan):
-        sys.exit(1)
-
-
-def interrupt(signum, frame):
-    # `timeout` signals the process and then its group: the second one
-    # would cut the table short.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-def results(runs, names):
-    """The means per implementation over the seeds run so far, and the
-    comparisons: PyTorch's s/step and s/epoch over tch-cifar's, and the
-    difference of the TTA accuracies in points."""
-    fields = ["steps", "train_seconds", "seconds_per_step", "seconds_per_epoch", "accuracy", "tta_accuracy",
-              "eval_seconds", "wall_seconds", "peak_rss_mib"]
-    means = {}
-    for name in names:
-        mine = [r for r in runs if r["name"] == name]
-        if mine:
-            means[name] = {k: sum(r[k] for r in mine) / len(mine) for k in fields}
-            means[name]["runs"] = len(mine)
-    out = {"means": means}
-    if "PyTorch" in means and "tch-cifar" in means:
-        out["ratio_seconds_per_step"] = means["PyTorch"]["seconds_per_step"] / means["tch-cifar"]["seconds_per_step"]
-        out["ratio_seconds_per_epoch"] = means["PyTorch"]["seconds_per_epoch"] / means["tch-cifar"]["seconds_per_epoch"]
-        out["tta_accuracy_difference"] = means["tch-cifar"]["tta_accuracy"] - means["PyTorch"]["tta_accuracy"]
-    return out
 
 
 if __name__ == "__main__":
