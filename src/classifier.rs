@@ -113,9 +113,10 @@ impl Classifier {
                 }
             }
             None => {
-                // A `.pth` does not name its network: airbench's keys are
-                // airbench94's (airbench94-muon's logits are scaled by 1/256
-                // instead of 1/9, which changes no prediction).
+                // A file from PyTorch does not name its network: airbench's
+                // keys are taken as airbench94's (airbench94-muon's logits
+                // are scaled by 1/256 instead of 1/9, which changes no
+                // predicted class).
                 let (tensors, classes) = read_weights(path)?;
                 if tensors.contains_key("whiten.weight") {
                     let variant = crate::airbench::Variant::Airbench94;
@@ -367,7 +368,10 @@ pub fn save_airbench(
             ]);
             crate::model::write_safetensors(path, &state, metadata)
         }
-        Format::Pth => crate::pth::write(path, &state, Some(classes)),
+        Format::Pth => {
+            let model = ModelKind::of_airbench(net.variant).name();
+            crate::pth::write_named(path, &state, Some(classes), Some(model))
+        }
         Format::TorchScript => bail!(
             "cannot write {}: weights alone are no TorchScript module (use `tch-cifar export`)",
             path.display()
@@ -375,15 +379,15 @@ pub fn save_airbench(
     }
 }
 
-/// The `model` entry of a safetensors file's metadata, if the file is
-/// safetensors and has one. Anything unreadable is `None`: reading the
-/// weights then says what is wrong.
+/// The `model` entry of a safetensors file's metadata or of a `.pth`'s
+/// `_metadata`, if the file has one. Anything unreadable is `None`: reading
+/// the weights then says what is wrong.
 fn metadata_model(path: &Path) -> Option<String> {
     let mut file = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).ok()?;
     if crate::pth::is_zip(&len[..4]) {
-        return None;
+        return crate::pth::model_name(path);
     }
     let len = u64::from_le_bytes(len);
     // safetensors' own limit on a header.
@@ -407,7 +411,11 @@ mod tests {
     use super::*;
 
     fn trained_looking(seed: u64, classes: i64) -> Airbench94 {
-        let (_vs, net) = net::build(Device::Cpu, seed, classes, Variant::Airbench94);
+        trained_looking_variant(seed, classes, Variant::Airbench94)
+    }
+
+    fn trained_looking_variant(seed: u64, classes: i64, variant: Variant) -> Airbench94 {
+        let (_vs, net) = net::build(Device::Cpu, seed, classes, variant);
         tch::no_grad(|| {
             crate::model::with_torch_rng(Some(seed), || {
                 for (_, mut t) in net.state_dict() {
@@ -419,6 +427,34 @@ mod tests {
             })
         });
         net
+    }
+
+    /// airbench94-muon's weights name their network in both formats, so its
+    /// logits keep their scale.
+    #[test]
+    fn muon_weights_load_as_muon_from_both_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = trained_looking_variant(4, 10, Variant::Muon);
+        let x = crate::model::with_torch_rng(Some(1), || {
+            Tensor::rand([2, 3, 32, 32], (Kind::Float, Device::Cpu))
+        });
+        let want = tch::no_grad(|| net.forward_t(&x, false));
+        for (file, format) in [
+            ("m.safetensors", Format::Safetensors),
+            ("m.pth", Format::Pth),
+        ] {
+            let path = dir.path().join(file);
+            save_airbench(&net, &crate::data::cifar::classes(), &path, format).unwrap();
+            let loaded = Classifier::load(&path, Device::Cpu).unwrap();
+            assert_eq!(loaded.network(), ModelKind::Airbench94Muon, "{file}");
+            let Classifier::Airbench94(a) = &loaded else {
+                unreachable!()
+            };
+            assert!(
+                tch::no_grad(|| a.net.forward_t(&x, false)).equal(&want),
+                "{file}"
+            );
+        }
     }
 
     #[test]

@@ -77,6 +77,24 @@ pub fn read_with_classes(path: &Path) -> Result<WithClasses> {
         .with_context(|| format!("cannot read PyTorch weights from {}", path.display()))
 }
 
+/// The network's name in the `_metadata` of the `torch.save` file at
+/// `path`, as [`write_named`] writes it; `None` when the file has none or
+/// cannot be read (reading its weights then says what is wrong).
+pub fn model_name(path: &Path) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut archive = Archive::new(&bytes).ok()?;
+    let names: Vec<String> = archive.zip.file_names().map(String::from).collect();
+    let pkl = names
+        .iter()
+        .filter(|n| *n == "data.pkl" || n.ends_with("/data.pkl"))
+        .min_by_key(|n| n.len())?
+        .clone();
+    let pickle = archive.read(&pkl, 64 << 20).ok()?;
+    let mut unpickler = Unpickler::new(&pickle);
+    unpickler.run().ok()?;
+    unpickler.model.take()
+}
+
 /// Parses a `torch.save` archive holding a `state_dict`.
 pub fn from_bytes(bytes: &[u8]) -> Result<Vec<(String, Tensor)>> {
     Ok(from_bytes_with_classes(bytes)?.0)
@@ -286,7 +304,18 @@ impl<'a> Archive<'a> {
 /// Writes `tensors` as a `torch.save` file of an `OrderedDict`, atomically,
 /// with `classes` (if given) in its `_metadata`.
 pub fn write(path: &Path, tensors: &[(String, Tensor)], classes: Option<&[String]>) -> Result<()> {
-    let bytes = to_bytes_with_classes(tensors, classes)?;
+    write_named(path, tensors, classes, None)
+}
+
+/// [`write`], with the network's name `model` (if given) in the
+/// `_metadata` too, where [`model_name`] finds it.
+pub fn write_named(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    classes: Option<&[String]>,
+    model: Option<&str>,
+) -> Result<()> {
+    let bytes = to_bytes_named(tensors, classes, model)?;
     crate::fsutil::write_atomically(path, |tmp| {
         std::fs::write(tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))
     })
@@ -303,6 +332,16 @@ pub fn to_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
 pub fn to_bytes_with_classes(
     tensors: &[(String, Tensor)],
     classes: Option<&[String]>,
+) -> Result<Vec<u8>> {
+    to_bytes_named(tensors, classes, None)
+}
+
+/// [`to_bytes_with_classes`], with the network's name `model` in the
+/// `_metadata` too.
+fn to_bytes_named(
+    tensors: &[(String, Tensor)],
+    classes: Option<&[String]>,
+    model: Option<&str>,
 ) -> Result<Vec<u8>> {
     let mut storages = Vec::with_capacity(tensors.len());
     let mut pickle = Pickler::new();
@@ -330,8 +369,8 @@ pub fn to_bytes_with_classes(
         storages.push(bytes);
     }
     pickle.end_ordered_dict();
-    if let Some(classes) = classes {
-        pickle.build_metadata(classes);
+    if classes.is_some() || model.is_some() {
+        pickle.build_metadata(classes.unwrap_or_default(), model);
     }
 
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
@@ -615,6 +654,8 @@ struct Unpickler<'a> {
     copy_budget: u64,
     /// The class names from a BUILD's `_metadata[""]["classes"]`.
     classes: Option<Vec<String>>,
+    /// The network's name from a BUILD's `_metadata[""]["model"]`.
+    model: Option<String>,
 }
 
 /// Copies may take this many bytes per byte of pickle, plus
@@ -668,6 +709,7 @@ impl<'a> Unpickler<'a> {
                 .saturating_mul(COPY_BYTES_PER_BYTE)
                 .saturating_add(COPY_BYTES_BASE),
             classes: None,
+            model: None,
         }
     }
 
@@ -1056,6 +1098,9 @@ impl<'a> Unpickler<'a> {
                 if let Some(classes) = metadata_classes(&state)? {
                     self.classes = Some(classes);
                 }
+                if let Some(Value::Str(model)) = metadata_entry(&state, "model") {
+                    self.model = Some(model);
+                }
             }
             other => bail!(
                 "unsupported pickle opcode 0x{other:02x}: this reader only knows what \
@@ -1066,9 +1111,8 @@ impl<'a> Unpickler<'a> {
     }
 }
 
-/// `state["_metadata"][""]["classes"]`, when a BUILD's state has it; an
-/// error when it is there but not a list of strings.
-fn metadata_classes(state: &Value) -> Result<Option<Vec<String>>> {
+/// `state["_metadata"][""][key]`, when a BUILD's state has it.
+fn metadata_entry(state: &Value, key: &str) -> Option<Value> {
     let get = |v: &Value, key: &str| -> Option<Value> {
         let Value::Dict(d) = v else { return None };
         d.entries
@@ -1076,10 +1120,15 @@ fn metadata_classes(state: &Value) -> Result<Option<Vec<String>>> {
             .find(|(k, _)| *k == Value::Str(key.to_string()))
             .map(|(_, v)| v.clone())
     };
-    let Some(classes) = get(state, "_metadata")
+    get(state, "_metadata")
         .and_then(|m| get(&m, ""))
-        .and_then(|m| get(&m, "classes"))
-    else {
+        .and_then(|m| get(&m, key))
+}
+
+/// `state["_metadata"][""]["classes"]`, when a BUILD's state has it; an
+/// error when it is there but not a list of strings.
+fn metadata_classes(state: &Value) -> Result<Option<Vec<String>>> {
+    let Some(classes) = metadata_entry(state, "classes") else {
         return Ok(None);
     };
     let Value::List(items) = classes else {
@@ -1320,8 +1369,9 @@ impl Pickler {
     }
 
     /// BUILD on the dict just written with the state
-    /// `{"_metadata": OrderedDict({"": {"version": 1, "classes": [...]}})}`.
-    fn build_metadata(&mut self, classes: &[String]) {
+    /// `{"_metadata": OrderedDict({"": {"version": 1, "classes": [...],
+    /// "model": "..."}})}`, without `model` when it is `None`.
+    fn build_metadata(&mut self, classes: &[String], model: Option<&str>) {
         self.out.extend([b'}', b'(']); // {  MARK
         self.str("_metadata");
         self.begin_ordered_dict();
@@ -1335,6 +1385,10 @@ impl Pickler {
             self.str(class);
         }
         self.out.push(b'e'); // APPENDS
+        if let Some(model) = model {
+            self.str("model");
+            self.str(model);
+        }
         self.out.push(b'u'); // SETITEMS of the inner dict
         self.end_ordered_dict();
         self.out.push(b'u'); // SETITEMS of the state

@@ -1389,6 +1389,8 @@ fn airbench94_muon_weights_give_rusts_logits_in_python_and_torchscript() {
         panic!("airbench94-muon weights load as an airbench network")
     };
     assert_eq!(airbench.net.variant, tch_cifar::airbench::Variant::Muon);
+    let from_pth = Classifier::load(&pth, Device::Cpu).unwrap();
+    assert_eq!(from_pth.network().name(), "airbench94-muon");
 
     let images = batch(6, 3);
     let (images_file, y_file) = (p("images.safetensors"), p("y.safetensors"));
