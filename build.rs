@@ -7,17 +7,19 @@
 //! * `csrc/`, compiled against the same libtorch's headers: the
 //!   `torch.backends.mkldnn.enabled` switch (`aten_context.cpp`), the
 //!   TorchScript module `export` writes (`script_module.cpp`) and c10d's
-//!   store, Gloo process group and collectives (`distributed.cpp`), none of
-//!   which tch binds; and c10d's NCCL process group as a shared library of
-//!   its own (`distributed_nccl.cpp`), where CUDA's headers are at hand.
+//!   store, Gloo process group and collectives (`distributed.cpp`) and
+//!   libtorch's profiler (`profiler.cpp`), none of which tch binds; and
+//!   c10d's NCCL process group as a shared library of its own
+//!   (`distributed_nccl.cpp`), where CUDA's headers are at hand.
 
 use std::path::Path;
 
 /// This project's own C++, compiled into one static library.
-const SOURCES: [&str; 3] = [
+const SOURCES: [&str; 4] = [
     "csrc/aten_context.cpp",
     "csrc/script_module.cpp",
     "csrc/distributed.cpp",
+    "csrc/profiler.cpp",
 ];
 
 fn main() {

@@ -4,7 +4,7 @@ Jordan's 94 %-in-10-epochs CIFAR-10 recipe), reading the same binary batches
 as tch-cifar, for side-by-side runs on the same machine and data.
 
     airbench94.py --data-dir DIR [--epochs 9.9] [--seed 0] [--device cpu]
-                  [--threads N] [--channels-last] [--max-steps N] [--no-eval]
+                  [--threads N] [--channels-last] [--max-steps N] [--no-eval] [--profile TRACE]
                   [--save net.pth] [--json]
 
 The recipe, in the order a step uses it:
@@ -240,6 +240,27 @@ class Lookahead:
                 now.copy_(ema)
 
 
+class StepProfiler:
+    """torch.profiler around one step (1-based), from the end of the step
+    before (so the batch's selection is in it) to the end of that step,
+    saved as a Chrome trace; nothing without a path."""
+
+    def __init__(self, path, step):
+        self.path, self.step, self.active = path, step, None
+
+    def after(self, done):
+        if not self.path:
+            return
+        if self.active is not None and done == self.step:
+            self.active.__exit__(None, None, None)
+            self.active.export_chrome_trace(self.path)
+            self.active = None
+        elif done + 1 == self.step:
+            from torch.profiler import ProfilerActivity, profile
+            self.active = profile(activities=[ProfilerActivity.CPU])
+            self.active.__enter__()
+
+
 # ----------------------------------------------------------------- evaluation
 
 
@@ -282,6 +303,8 @@ def main():
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule is unchanged)")
     parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (speed runs)")
+    parser.add_argument("--profile", help="record one step with torch.profiler into this Chrome trace")
+    parser.add_argument("--profile-step", type=int, default=3, help="the step --profile records (3)")
     parser.add_argument("--save", help="write the trained state_dict here (torch.save)")
     parser.add_argument("--json", action="store_true", help="every event as a JSON line")
     args = parser.parse_args()
@@ -313,6 +336,8 @@ def main():
     init_whitening(net.whiten, train_images[:5000])
     lookahead = Lookahead(net)
     step, epoch_seconds = 0, []
+    profiler = StepProfiler(args.profile, args.profile_step)
+    profiler.after(step)
     for epoch in range(math.ceil(args.epochs)):
         net.whiten.bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS
         epoch_start = time.perf_counter()
@@ -324,6 +349,7 @@ def main():
             optimizer.step()
             scheduler.step()
             step += 1
+            profiler.after(step)
             if step % LOOKAHEAD_EVERY == 0:
                 lookahead.update(net, decay=ramp[step].item())
             if step >= total_steps:

@@ -5,7 +5,7 @@ batches as tch-cifar, for side-by-side runs on the same machine and data.
 
     airbench94_muon.py --data-dir DIR [--epochs 8] [--seed 0] [--device cpu]
                        [--threads N] [--channels-last] [--max-steps N]
-                       [--ns-dtype bfloat16|float32] [--no-eval] [--save net.pth] [--json]
+                       [--ns-dtype bfloat16|float32] [--no-eval] [--profile TRACE] [--save net.pth] [--json]
 
 What differs from airbench94 (scripts/airbench94.py, whose data pipeline,
 network and evaluation this reuses):
@@ -121,6 +121,8 @@ def main():
     parser.add_argument("--ns-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="Newton-Schulz's precision (bfloat16, as the original)")
     parser.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation (speed runs)")
+    parser.add_argument("--profile", help="record one step with torch.profiler into this Chrome trace")
+    parser.add_argument("--profile-step", type=int, default=3, help="the step --profile records (3)")
     parser.add_argument("--save", help="write the trained state_dict here (torch.save)")
     parser.add_argument("--json", action="store_true", help="every event as a JSON line")
     args = parser.parse_args()
@@ -153,6 +155,8 @@ def main():
     started = time.perf_counter()
     ab.init_whitening(net.whiten, train_images[:5000], largest_first=False)
     step, epoch_seconds = 0, []
+    profiler = ab.StepProfiler(args.profile, args.profile_step)
+    profiler.after(step)
     for epoch in range(math.ceil(args.epochs)):
         epoch_start = time.perf_counter()
         for images, labels in batches.epoch(epoch, memory_format):
@@ -167,6 +171,7 @@ def main():
             muon.step()
             net.zero_grad(set_to_none=True)
             step += 1
+            profiler.after(step)
             if step >= stop:
                 break
         epoch_seconds.append(time.perf_counter() - epoch_start)

@@ -283,6 +283,47 @@ fn max_steps_cuts_the_run_short_and_still_evaluates() {
     assert!(weights.is_file());
 }
 
+/// `--profile` writes a Chrome trace of the step asked for, with the
+/// step's operators, and says so in an event; training goes on to the end.
+#[test]
+fn profile_writes_one_steps_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 200, 40, 8, None);
+    let weights = dir.path().join("net.safetensors");
+    let trace = dir.path().join("step.json");
+    let extra = [
+        "--json",
+        "--max-steps",
+        "6",
+        "--profile",
+        s(&trace),
+        "--profile-step",
+        "4",
+    ];
+    let text = ok(&train(&data, &weights, &extra));
+    let events = events(&text);
+    let profile = of_kind(&events, "profile");
+    assert_eq!(profile.len(), 1, "{text}");
+    assert_eq!(profile[0]["step"], 4);
+    assert_eq!(of_kind(&events, "summary")[0]["steps"], 6);
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let names: Vec<&str> = trace["traceEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    // One step of batch 4: one forward convolution per conv layer, and backward.
+    let convs = names.iter().filter(|n| **n == "aten::conv2d").count();
+    assert_eq!(convs, 2, "{names:?}");
+    assert!(
+        names.iter().any(|n| n.contains("ConvolutionBackward")),
+        "{names:?}"
+    );
+}
+
 #[test]
 fn a_closed_stdout_pipe_ends_the_run_quietly() {
     use std::process::Stdio;

@@ -179,9 +179,9 @@ pub fn describe_device(device: Device, cpu: CpuSettings) -> String {
 pub struct TrainArgs {
     #[command(flatten, next_help_heading = "Data")]
     pub data: DataArgs,
-    /// Network and recipe: net (the tutorial's), airbench94 or airbench94-muon.
+    /// Network and recipe: net, airbench94 or airbench94-muon.
     ///
-    /// airbench94 has its own fixed recipe (batch 1024, 9.9 epochs, Nesterov
+    /// net is the tutorial's. airbench94 has its own fixed recipe (batch 1024, 9.9 epochs, Nesterov
     /// SGD with a schedule, test-time augmentation); airbench94-muon trains
     /// the same network faster (batch 2000, 8 epochs, Muon for the filters).
     /// Of the recipe's flags they take --epochs (whole epochs, for a shorter
@@ -208,6 +208,17 @@ pub struct TrainArgs {
     pub json: bool,
     #[command(flatten)]
     pub tensorboard: crate::tensorboard::LogdirArgs,
+    /// Record one training step with libtorch's profiler into FILE.
+    ///
+    /// FILE is a Chrome trace (chrome://tracing, Perfetto, or
+    /// scripts/profile-summary.py for the time by kind of work). The step is
+    /// --profile-step's; training goes on as usual.
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub profile: Option<PathBuf>,
+    /// The step --profile records (1-based; the first ones warm up).
+    #[arg(long, value_name = "N", default_value_t = 3, help_heading = "Output",
+          value_parser = |s: &str| count(s, 1, u64::MAX))]
+    pub profile_step: u64,
     #[command(flatten, next_help_heading = "Distributed (under torchrun)")]
     pub distributed: DistArgs,
 }

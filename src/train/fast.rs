@@ -12,7 +12,7 @@ use tch::Tensor;
 
 use super::args::Given;
 use super::harness::{self, Hook, Plan, Recipe, StepEnd, StepLosses, StepOutput};
-use super::{Control, TrainStats};
+use super::{Control, TrainStats, Watchers};
 use crate::airbench::{FastRecipe, MuonRecipe, Variant};
 use crate::checkpoint::Checkpoint;
 use crate::classifier::Airbench;
@@ -73,7 +73,7 @@ pub fn train(
     resumed: Option<Checkpoint>,
     start_event: serde_json::Value,
     control: &mut Control,
-    board: &mut super::board::Board,
+    watchers: Watchers,
     reporter: &mut Reporter,
 ) -> Result<(Airbench, TrainStats, Vec<f64>)> {
     let variant = settings
@@ -104,7 +104,7 @@ pub fn train(
         resumed,
         start_event,
         control,
-        board,
+        watchers,
         reporter,
     };
     let (stats, seconds) = match variant {
@@ -143,7 +143,7 @@ struct Run<'s, 'c> {
     resumed: Option<Checkpoint>,
     start_event: serde_json::Value,
     control: &'s mut Control<'c>,
-    board: &'s mut super::board::Board,
+    watchers: Watchers<'s>,
     reporter: &'s mut Reporter,
 }
 
@@ -170,12 +170,10 @@ impl Run<'_, '_> {
             ..self.control.plan(self.settings.epochs)
         };
         let mut lines = EpochLines::new(recipe.steps_per_epoch());
-        let stats = harness::run(
-            &mut recipe,
-            plan,
-            &mut [&mut lines, self.board],
-            self.reporter,
-        )?;
+        let mut hooks: Vec<&mut dyn Hook<R>> = vec![&mut lines];
+        hooks.extend(self.watchers.into_hooks());
+        let stats = harness::run(&mut recipe, plan, &mut hooks, self.reporter)?;
+        drop(hooks);
         Ok((stats, lines.seconds))
     }
 }

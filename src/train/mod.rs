@@ -18,6 +18,7 @@ pub mod board;
 mod fast;
 mod folders;
 pub mod harness;
+mod profile;
 pub mod resume;
 pub mod tutorial;
 
@@ -38,10 +39,11 @@ use self::board::{Board, Marks};
 use self::folders::{
     check_no_interrupted_run, interrupt_dir, prepare_checkpoint_dir, remove_checkpoints, same_dir,
 };
-use self::harness::{install_signal_handlers, Checkpoints, Plan};
+use self::harness::{install_signal_handlers, Checkpoints, Hook, Plan};
 pub use self::harness::{
     read_losses_every, Interrupted, Interrupts, Saved, TrainStats, INTERRUPTS,
 };
+use self::profile::Profiler;
 use self::resume::{check_resume, evaluate_command, resume_command, resumed_settings};
 use self::tutorial::Tutorial;
 use crate::checkpoint::{self, Meta, Position, Saver};
@@ -110,17 +112,42 @@ pub fn train(
     control: &mut Control,
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
-    train_watched(model, opt, train, settings, control, None, reporter)
+    let watchers = Watchers {
+        board: None,
+        profiler: None,
+    };
+    train_watched(model, opt, train, settings, control, watchers, reporter)
 }
 
-/// [`train`], with the TensorBoard `board` around each step.
+/// What watches a run's steps beside the recipe's own lines: the
+/// TensorBoard board and `--profile`'s profiler, each when there is one.
+pub struct Watchers<'a> {
+    pub board: Option<&'a mut Board>,
+    pub profiler: Option<&'a mut Profiler>,
+}
+
+impl<'a> Watchers<'a> {
+    /// The harness's hooks for them.
+    fn into_hooks<R: ?Sized>(self) -> Vec<&'a mut dyn Hook<R>> {
+        let mut hooks: Vec<&'a mut dyn Hook<R>> = vec![];
+        if let Some(board) = self.board {
+            hooks.push(board);
+        }
+        if let Some(profiler) = self.profiler {
+            hooks.push(profiler);
+        }
+        hooks
+    }
+}
+
+/// [`train`], watched by `watchers`.
 fn train_watched(
     model: &Model,
     opt: &mut Sgd,
     train: &Split,
     settings: &Settings,
     control: &mut Control,
-    board: Option<&mut Board>,
+    watchers: Watchers,
     reporter: &mut Reporter,
 ) -> Result<TrainStats> {
     if train.is_empty() {
@@ -134,10 +161,7 @@ fn train_watched(
         diverged_hint: Some(diverged_hint(settings.lr, settings.momentum)),
         ..control.plan(settings.epochs)
     };
-    match board {
-        Some(board) => harness::run(&mut recipe, plan, &mut [board], reporter),
-        None => harness::run(&mut recipe, plan, &mut [], reporter),
-    }
+    harness::run(&mut recipe, plan, &mut watchers.into_hooks(), reporter)
 }
 
 /// `tch-cifar train`. `matches` are the subcommand's, which tell the flags
@@ -407,6 +431,11 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     };
     let mut board = board_for(events, &settings, start, train_set.len() as u64);
     board.hparams(if resumed.is_some() { first_step } else { 0 }, &settings);
+    let mut profiler = args
+        .profile
+        .clone()
+        .filter(|_| main)
+        .map(|path| Profiler::new(args.profile_step, path, start.global_step + 1));
     let (trained, mut stats, epoch_seconds) = match settings.model {
         ModelKind::Net => {
             let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
@@ -424,7 +453,10 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 &train_set,
                 &settings,
                 &mut control,
-                Some(&mut board),
+                Watchers {
+                    board: Some(&mut board),
+                    profiler: profiler.as_mut(),
+                },
                 &mut reporter,
             )?;
             drop(train_set);
@@ -437,7 +469,10 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
                 resumed,
                 start_event,
                 &mut control,
-                &mut board,
+                Watchers {
+                    board: Some(&mut board),
+                    profiler: profiler.as_mut(),
+                },
                 &mut reporter,
             )?;
             let trained = Classifier::Airbench94(Box::new(airbench));

@@ -1,0 +1,91 @@
+//! `train --profile FILE`: one training step recorded by libtorch's own
+//! profiler (`csrc/profiler.cpp`), as a hook around the steps. The file is
+//! the Chrome trace torch.profiler writes; `scripts/profile-summary.py`
+//! sums it by kind of work (convolutions, BatchNorm, GELU, pooling, the
+//! optimizer, the data), for tch-cifar and the PyTorch references alike.
+
+use std::ffi::{c_char, CStr, CString};
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::json;
+
+use super::harness::{Hook, StepEnd};
+use crate::report::Reporter;
+
+extern "C" {
+    fn tch_cifar_profiler_start() -> *mut c_char;
+    fn tch_cifar_profiler_stop(path: *const c_char) -> *mut c_char;
+    fn tch_cifar_free_message(message: *mut c_char);
+}
+
+/// The error in a message from `csrc/`, freed; `Ok` for none.
+fn checked(message: *mut c_char) -> Result<()> {
+    if message.is_null() {
+        return Ok(());
+    }
+    // SAFETY: csrc/ returns a NUL-terminated malloc'ed string, freed once here.
+    let text = unsafe { CStr::from_ptr(message) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { tch_cifar_free_message(message) };
+    Err(anyhow!(text))
+}
+
+/// Records global step `step` (1-based) into `path`.
+pub struct Profiler {
+    step: u64,
+    path: PathBuf,
+    /// The first step this process trains (after a resume's checkpoint).
+    first: u64,
+    recording: bool,
+}
+
+impl Profiler {
+    pub fn new(step: u64, path: PathBuf, first: u64) -> Profiler {
+        Profiler {
+            step,
+            path,
+            first,
+            recording: false,
+        }
+    }
+
+    fn start(&mut self) {
+        match checked(unsafe { tch_cifar_profiler_start() }) {
+            Ok(()) => self.recording = true,
+            // A profile is a diagnostic: training goes on without it.
+            Err(e) => eprintln!("note: the profiler did not start ({e:#}); no profile is written"),
+        }
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.recording = false;
+        let path = CString::new(self.path.to_string_lossy().as_bytes())
+            .with_context(|| format!("{} holds a NUL byte", self.path.display()))?;
+        checked(unsafe { tch_cifar_profiler_stop(path.as_ptr()) })
+            .with_context(|| format!("cannot write the profile to {}", self.path.display()))
+    }
+}
+
+impl<R: ?Sized> Hook<R> for Profiler {
+    fn on_start(&mut self) {
+        if self.step == self.first {
+            self.start();
+        }
+    }
+
+    fn after_step(&mut self, _recipe: &R, end: &StepEnd, reporter: &Reporter) -> Result<()> {
+        if end.global_step == self.step && self.recording {
+            self.stop()?;
+            let (step, path) = (self.step, self.path.display().to_string());
+            reporter.emit(
+                || format!("wrote the profile of step {step} to {path}"),
+                json!({"event": "profile", "step": step, "trace": path}),
+            );
+        } else if end.global_step + 1 == self.step {
+            self.start();
+        }
+        Ok(())
+    }
+}
