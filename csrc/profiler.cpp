@@ -41,3 +41,8 @@ extern "C" char* tch_cifar_profiler_stop(const char* path) {
     result->save(path);
   });
 }
+
+// Stops recording and drops what was recorded.
+extern "C" char* tch_cifar_profiler_discard() {
+  return tch_cifar::guarded([] { torch::autograd::profiler::disableProfiler(); });
+}

@@ -11,7 +11,8 @@ What differs from airbench94 (scripts/airbench94.py, whose data pipeline,
 network and evaluation this reuses):
 * data: mini-batches of 2000 (25 per epoch), 8 epochs;
 * net: the same modules and state_dict keys; the logits are scaled by 1/256
-  (1/width) instead of 1/9, the head's initial weights by 1/std, and the
+  (1/width) instead of 1/9, the head's initial weights by 1/std, the
+  whitening bias keeps PyTorch's default init (airbench94 zeroes it), and the
   whitening filters keep eigh's ascending order;
 * optimizers, one step each after every backward:
   - Nesterov SGD (momentum 0.85) for the whitening bias and the BatchNorm
@@ -143,8 +144,12 @@ def main():
     train_labels, test_labels = train_labels.to(device), test_labels.to(device)
 
     net = ab.Airbench94(scale=1 / ab.WIDTHS[2])
+    # airbench94_muon.py's reset(): the whitening convolution keeps its default
+    # init (its weight is replaced by the whitening filters below, its bias
+    # stays), and the head is scaled to unit std.
+    net.whiten.reset_parameters()
     with torch.no_grad():
-        net.head.weight /= net.head.weight.std()
+        net.head.weight *= 1 / net.head.weight.std()
     net = net.to(device).to(memory_format=memory_format)
     batches = ab.TrainBatches(train_images, train_labels, generator, batch_size=BATCH_SIZE)
     total_steps = math.ceil(batches.steps_per_epoch * args.epochs)
@@ -191,7 +196,10 @@ def main():
     tta = None if args.no_eval else ab.accuracy(net, test_images, test_labels, True, memory_format)
     eval_seconds = time.perf_counter() - eval_start
     if args.save:
-        torch.save(net.state_dict(), args.save)
+        state = net.state_dict()
+        # tch-cifar reads the network's name here (load_state_dict ignores it).
+        state._metadata[""]["model"] = "airbench94-muon"
+        torch.save(state, args.save)
     summary = {
         "event": "summary", "model": "airbench94-muon", "epochs": args.epochs, "steps": step,
         "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),

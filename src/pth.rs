@@ -370,7 +370,7 @@ fn to_bytes_named(
     }
     pickle.end_ordered_dict();
     if classes.is_some() || model.is_some() {
-        pickle.build_metadata(classes.unwrap_or_default(), model);
+        pickle.build_metadata(classes, model);
     }
 
     let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
@@ -1370,8 +1370,8 @@ impl Pickler {
 
     /// BUILD on the dict just written with the state
     /// `{"_metadata": OrderedDict({"": {"version": 1, "classes": [...],
-    /// "model": "..."}})}`, without `model` when it is `None`.
-    fn build_metadata(&mut self, classes: &[String], model: Option<&str>) {
+    /// "model": "..."}})}`, each of the two only when given.
+    fn build_metadata(&mut self, classes: Option<&[String]>, model: Option<&str>) {
         self.out.extend([b'}', b'(']); // {  MARK
         self.str("_metadata");
         self.begin_ordered_dict();
@@ -1379,12 +1379,14 @@ impl Pickler {
         self.out.extend([b'}', b'(']);
         self.str("version");
         self.int(1);
-        self.str("classes");
-        self.out.extend([b']', b'(']); // []  MARK
-        for class in classes {
-            self.str(class);
+        if let Some(classes) = classes {
+            self.str("classes");
+            self.out.extend([b']', b'(']); // []  MARK
+            for class in classes {
+                self.str(class);
+            }
+            self.out.push(b'e'); // APPENDS
         }
-        self.out.push(b'e'); // APPENDS
         if let Some(model) = model {
             self.str("model");
             self.str(model);

@@ -21,7 +21,8 @@ use super::{BN_EPS, BN_MOMENTUM, LOGIT_SCALE, WHITEN_WIDTH, WIDTHS};
 /// The two recipes' networks: the same modules, keys and shapes. The record
 /// recipe (airbench94_muon) scales the logits by 1/256 (one over the
 /// head's width) instead of 1/9, starts the head's weights at unit standard
-/// deviation and keeps its whitening filters in eigh's ascending order.
+/// deviation and the whitening bias at PyTorch's default draw (not zero),
+/// and keeps its whitening filters in eigh's ascending order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Airbench94,
@@ -201,7 +202,13 @@ impl Airbench94 {
         let whiten = vs / "whiten";
         // Placeholders until the whitening filters are computed from data.
         let whiten_weight = whiten.zeros_no_train("weight", &[WHITEN_WIDTH, 3, 2, 2]);
-        let whiten_bias = whiten.var("bias", &[WHITEN_WIDTH], Init::Const(0.0));
+        // airbench94 starts the bias at zero; airbench94_muon.py keeps
+        // `reset_parameters()`'s default draw.
+        let bias_init = match variant {
+            Variant::Airbench94 => Init::Const(0.0),
+            Variant::Muon => pytorch_default(3 * 2 * 2),
+        };
+        let whiten_bias = whiten.var("bias", &[WHITEN_WIDTH], bias_init);
         let [w1, w2, w3] = WIDTHS;
         let head = (vs / "head").var("weight", &[num_classes, w3], pytorch_default(w3));
         if variant == Variant::Muon {

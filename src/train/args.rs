@@ -174,7 +174,7 @@ pub fn describe_device(device: Device, cpu: CpuSettings) -> String {
     )
 }
 
-/// Train the tutorial's Net (or --model airbench94, airbench94-muon) on CIFAR-10, save it, and report test accuracy.
+/// Train the tutorial's Net (or a fast recipe) on CIFAR-10, save it, and report test accuracy.
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     #[command(flatten, next_help_heading = "Data")]
@@ -217,7 +217,7 @@ pub struct TrainArgs {
     pub profile: Option<PathBuf>,
     /// The step --profile records (1-based; the first ones warm up).
     #[arg(long, value_name = "N", default_value_t = 3, help_heading = "Output",
-          value_parser = |s: &str| count(s, 1, u64::MAX))]
+          requires = "profile", value_parser = |s: &str| count(s, 1, u64::MAX))]
     pub profile_step: u64,
     #[command(flatten, next_help_heading = "Distributed (under torchrun)")]
     pub distributed: DistArgs,

@@ -337,6 +337,9 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let training = settings.cpu_settings().apply();
     if main {
         crate::fsutil::check_writable(&out)?;
+        if let Some(profile) = &args.profile {
+            crate::fsutil::check_writable(profile)?;
+        }
     }
     let data_args = data::DataArgs {
         data_dir: settings.data_dir.clone(),
@@ -345,7 +348,14 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         cache_dir: settings.cache_dir.clone(),
         ..args.data
     };
-    crate::outputs::check_command_outputs(&data_args, &[], &[("--out", Some(out.as_path()))])?;
+    crate::outputs::check_command_outputs(
+        &data_args,
+        &[],
+        &[
+            ("--out", Some(out.as_path())),
+            ("--profile", args.profile.as_deref()),
+        ],
+    )?;
     let (out_format, note) = crate::outputs::weights_format(&out);
     if let Some(note) = note.filter(|_| main) {
         eprintln!("note: {note}");
@@ -435,7 +445,11 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         .profile
         .clone()
         .filter(|_| main)
-        .map(|path| Profiler::new(args.profile_step, path, start.global_step + 1));
+        .map(|path| {
+            let first = start.global_step + 1;
+            Profiler::new(args.profile_step, path, first, settings.max_steps)
+        })
+        .transpose()?;
     let (trained, mut stats, epoch_seconds) = match settings.model {
         ModelKind::Net => {
             let mut model = Model::with_classes(device, Some(seed), train_set.classes.clone());
