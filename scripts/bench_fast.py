@@ -190,8 +190,9 @@ def run(args, machine_info, describe_machine):
                 "data_dir": os.path.abspath(args.data_dir), "torch": torch_version, "python": sys.executable,
                 "binary": os.path.abspath(args.binary)}
     print(f"machine: {describe_machine(info)}", flush=True)
+    kernels = ", ".join(f"{k} {v:.1f}" for k, v in peak.items() if k.startswith(("float32_", "bfloat16_")))
     print(f"peak: float32 {peak['float32']:.1f} GFLOP/s, bfloat16 {peak['bfloat16']:.1f} GFLOP/s "
-          f"(torch.mm {peak['size']}^2, best of {peak['repeats']}, {args.threads} threads)", flush=True)
+          f"({peak['size']}^3 products, best of {peak['repeats']}, {args.threads} threads: {kernels})", flush=True)
     print(f"recipe: {args.model}, batch {batch}, {epochs} epoch(s), {expected_steps} steps, device {args.device}, "
           f"{args.threads} threads, fp32, {flops / 1e9:.3f} GFLOP per training image; PyTorch {torch_version}",
           flush=True)

@@ -39,8 +39,11 @@ def kind_of(name):
 
 
 def load(path):
-    with open(path) as f:
-        trace = json.load(f)
+    try:
+        with open(path) as f:
+            trace = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"profile-summary: cannot read the trace {path}: {e}")
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     ops = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function")
            and "dur" in e]
