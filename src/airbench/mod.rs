@@ -8,6 +8,7 @@
 //! * [`loader`]: the augmented training set, served in mini-batches.
 //! * [`optim`]: Nesterov SGD, the schedule and the lookahead EMA.
 //! * [`recipe`]: the training step and test-time augmentation.
+//! * [`state`]: what both recipes' checkpoints share.
 //!
 //! The record recipe, airbench94-muon (`scripts/airbench94_muon.py`),
 //! trains the same network ([`net::Variant::Muon`]) on the same data:
@@ -22,6 +23,7 @@ pub mod muon_recipe;
 pub mod net;
 pub mod optim;
 pub mod recipe;
+pub mod state;
 pub mod whiten;
 
 pub use self::muon_recipe::MuonRecipe;

@@ -5,13 +5,14 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tch::{Kind, Reduction, Tensor};
 
 use super::loader::TrainData;
 use super::muon::Muon;
 use super::net::{self, Airbench94};
 use super::optim::NesterovSgd;
+use super::state;
 use super::LABEL_SMOOTHING;
 
 pub const EPOCHS: f64 = 8.0;
@@ -69,30 +70,18 @@ fn ordered<'a, T>(items: impl Iterator<Item = (&'a str, T)> + Clone) -> Vec<(&'a
 
 /// The checkpoint key of each momentum buffer, in the optimizers' order,
 /// with the `state_dict` key it belongs to.
-fn optimizer_keys<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Vec<(String, &'a str)> {
+fn optimizer_keys<'a>(keys: &mut dyn Iterator<Item = &'a str>) -> Vec<(String, &'a str)> {
+    let keys: Vec<&'a str> = keys.collect();
+    let keys = keys.iter().copied();
     ordered(keys.map(|k| (k, ())))
         .into_iter()
         .map(|(k, ())| (format!("{}{k}", super::recipe::MOMENTUM_PREFIX), k))
         .collect()
 }
 
-fn is_counter(key: &str) -> bool {
-    key.ends_with("num_batches_tracked")
-}
-
 /// The keys and shapes of a checkpoint of airbench94-muon for `num_classes`.
 pub fn checkpoint_shapes(num_classes: i64) -> Vec<(String, Vec<i64>)> {
-    let state = net::state_dict_shapes(num_classes);
-    let shape = |key: &str| state.iter().find(|(k, _)| k == key).map(|(_, s)| s.clone());
-    let mut shapes: Vec<_> = state
-        .iter()
-        .filter(|(k, _)| !is_counter(k))
-        .cloned()
-        .collect();
-    for (key, of) in optimizer_keys(state.iter().map(|(k, _)| k.as_str())) {
-        shapes.push((key, shape(of).expect("a state_dict key")));
-    }
-    shapes
+    state::checkpoint_shapes(num_classes, optimizer_keys)
 }
 
 /// The learning-rate factor of step `step` (0-based) of `total`: a linear
@@ -259,12 +248,7 @@ impl<'a> MuonRecipe<'a> {
     }
 
     pub fn is_finite(&self) -> bool {
-        tch::no_grad(|| {
-            self.net
-                .state_dict()
-                .iter()
-                .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1)
-        })
+        state::is_finite(self.net)
     }
 
     /// The momentum buffers, in the optimizers' order.
@@ -286,44 +270,19 @@ impl<'a> MuonRecipe<'a> {
     /// What a checkpoint holds to go on bit for bit: the `state_dict`
     /// (without `num_batches_tracked`) and every parameter's momentum buffer.
     pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let state = self.net.state_dict();
-        let keys: Vec<String> = optimizer_keys(state.iter().map(|(k, _)| k.as_str()))
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect();
-        let extra: Vec<(String, Tensor)> = keys.into_iter().zip(self.buffers()).collect();
-        state
-            .into_iter()
-            .filter(|(k, _)| !is_counter(k))
-            .chain(extra)
-            .map(|(k, t)| (k, t.contiguous()))
-            .collect()
+        state::checkpoint_tensors(self.net, optimizer_keys, self.buffers())
     }
 
     /// Restores [`MuonRecipe::checkpoint_tensors`] saved after `global_step`
     /// steps (their keys checked by [`checkpoint_shapes`]).
     pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, global_step: u64) -> Result<()> {
-        let get = |key: &str| {
-            tensors
-                .get(key)
-                .with_context(|| format!("the checkpoint has no `{key}`"))
-        };
-        let state = self.net.state_dict();
-        let keys = optimizer_keys(state.iter().map(|(k, _)| k.as_str()));
-        let saved = state
-            .iter()
-            .filter(|(k, _)| !is_counter(k))
-            .map(|(k, t)| (k.as_str(), t.shallow_clone()))
-            .chain(keys.iter().map(|(k, _)| k.as_str()).zip(self.buffers()));
-        for (key, mut t) in saved {
-            let value = get(key)?;
-            tch::no_grad(|| t.copy_(value));
-        }
-        for (key, t) in &state {
-            if is_counter(key) {
-                let _ = tch::no_grad(|| t.shallow_clone().fill_(global_step as i64));
-            }
-        }
+        state::restore(
+            self.net,
+            optimizer_keys,
+            self.buffers(),
+            tensors,
+            global_step,
+        )?;
         self.step = global_step;
         Ok(())
     }
@@ -336,7 +295,7 @@ mod tests {
     #[test]
     fn the_optimizers_cover_every_trainable_parameter_once() {
         let state = net::state_dict_shapes(10);
-        let keys = optimizer_keys(state.iter().map(|(k, _)| k.as_str()));
+        let keys = optimizer_keys(&mut state.iter().map(|(k, _)| k.as_str()));
         let owners: Vec<&str> = keys.iter().map(|(_, k)| *k).collect();
         assert_eq!(owners[0], "whiten.bias");
         assert_eq!(owners[7], "head.weight");

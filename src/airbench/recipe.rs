@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use tch::nn::Module;
 use tch::{Kind, Reduction, Tensor};
 
@@ -11,6 +11,7 @@ use super::augment;
 use super::loader::TrainData;
 use super::net::{self, Airbench94};
 use super::optim::{ema_decay, lr_factor, Lookahead, NesterovSgd};
+use super::state::{self, is_counter};
 use super::{
     BATCH_SIZE, CIFAR_MEAN, CIFAR_STD, LABEL_SMOOTHING, LOOKAHEAD_EVERY, WHITEN_BIAS_EPOCHS,
 };
@@ -20,15 +21,13 @@ use super::{
 pub const MOMENTUM_PREFIX: &str = "optimizer.momentum_buffer.";
 pub const EMA_PREFIX: &str = "optimizer.lookahead.";
 
-fn is_counter(key: &str) -> bool {
-    key.ends_with("num_batches_tracked")
-}
-
 /// The checkpoint keys beside the `state_dict`'s, for a network whose
 /// `state_dict` has `keys` (in order): the momentum buffers' (in the
 /// optimizer's order, group by group) and the EMA's (in the lookahead's).
 /// Each names the `state_dict` key it belongs to.
-fn optimizer_keys<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Vec<(String, &'a str)> {
+fn optimizer_keys<'a>(keys: &mut dyn Iterator<Item = &'a str>) -> Vec<(String, &'a str)> {
+    let keys: Vec<&'a str> = keys.collect();
+    let keys = keys.iter().copied();
     let momentum = (0..2).flat_map(|g| {
         keys.clone()
             .filter(move |k| net::parameter_group(k) == Some(g))
@@ -43,17 +42,7 @@ fn optimizer_keys<'a>(keys: impl Iterator<Item = &'a str> + Clone) -> Vec<(Strin
 
 /// The keys and shapes of a checkpoint of airbench94 for `num_classes`.
 pub fn checkpoint_shapes(num_classes: i64) -> Vec<(String, Vec<i64>)> {
-    let state = net::state_dict_shapes(num_classes);
-    let shape = |key: &str| state.iter().find(|(k, _)| k == key).map(|(_, s)| s.clone());
-    let mut shapes: Vec<_> = state
-        .iter()
-        .filter(|(k, _)| !is_counter(k))
-        .cloned()
-        .collect();
-    for (key, of) in optimizer_keys(state.iter().map(|(k, _)| k.as_str())) {
-        shapes.push((key, shape(of).expect("a state_dict key")));
-    }
-    shapes
+    state::checkpoint_shapes(num_classes, optimizer_keys)
 }
 
 /// Images normalized as the project's datasets are (`(x − 0.5) / 0.5`,
@@ -190,12 +179,7 @@ impl<'a> FastRecipe<'a> {
     }
 
     pub fn is_finite(&self) -> bool {
-        tch::no_grad(|| {
-            self.net
-                .state_dict()
-                .iter()
-                .all(|(_, t)| t.isfinite().all().int64_value(&[]) == 1)
-        })
+        state::is_finite(self.net)
     }
 
     /// The live training state: the `state_dict`, the momentum buffers and
@@ -213,46 +197,31 @@ impl<'a> FastRecipe<'a> {
     /// parameter's momentum buffer and the lookahead's EMA. The schedule's
     /// place is the step count, and every epoch's draws follow from the seed.
     pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        let state = self.net.state_dict();
-        let optimizer = self.opt.buffers().into_iter().chain(self.lookahead.ema());
-        let keys: Vec<String> = optimizer_keys(state.iter().map(|(k, _)| k.as_str()))
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect();
-        let extra: Vec<(String, Tensor)> = keys.into_iter().zip(optimizer).collect();
-        state
-            .into_iter()
-            .filter(|(k, _)| !is_counter(k))
-            .chain(extra)
-            .map(|(k, t)| (k, t.contiguous()))
-            .collect()
+        state::checkpoint_tensors(
+            self.net,
+            optimizer_keys,
+            self.opt
+                .buffers()
+                .into_iter()
+                .chain(self.lookahead.ema())
+                .collect(),
+        )
     }
 
     /// Restores [`FastRecipe::checkpoint_tensors`] saved after `global_step`
     /// steps (their keys checked by [`checkpoint_shapes`]).
     pub fn restore(&mut self, tensors: &HashMap<String, Tensor>, global_step: u64) -> Result<()> {
-        let get = |key: &str| {
-            tensors
-                .get(key)
-                .with_context(|| format!("the checkpoint has no `{key}`"))
-        };
-        let state = self.net.state_dict();
-        let keys = optimizer_keys(state.iter().map(|(k, _)| k.as_str()));
-        let targets = self.opt.buffers().into_iter().chain(self.lookahead.ema());
-        let saved = state
-            .iter()
-            .filter(|(k, _)| !is_counter(k))
-            .map(|(k, t)| (k.as_str(), t.shallow_clone()))
-            .chain(keys.iter().map(|(k, _)| k.as_str()).zip(targets));
-        for (key, mut t) in saved {
-            let value = get(key)?;
-            tch::no_grad(|| t.copy_(value));
-        }
-        for (key, t) in &state {
-            if is_counter(key) {
-                let _ = tch::no_grad(|| t.shallow_clone().fill_(global_step as i64));
-            }
-        }
+        state::restore(
+            self.net,
+            optimizer_keys,
+            self.opt
+                .buffers()
+                .into_iter()
+                .chain(self.lookahead.ema())
+                .collect(),
+            tensors,
+            global_step,
+        )?;
         self.step = global_step;
         Ok(())
     }
