@@ -186,10 +186,13 @@ impl<'a> FastRecipe<'a> {
     /// the lookahead's EMA, which a distributed run keeps equal to rank 0's.
     pub fn replicated(&self) -> Vec<Tensor> {
         let state = self.net.state_dict().into_iter().map(|(_, t)| t);
-        state
-            .chain(self.opt.buffers())
-            .chain(self.lookahead.ema())
-            .collect()
+        state.chain(self.optimizer_state()).collect()
+    }
+
+    /// The momentum buffers, then the lookahead's EMA: the checkpoint's order.
+    fn optimizer_state(&self) -> Vec<Tensor> {
+        let buffers = self.opt.buffers().into_iter();
+        buffers.chain(self.lookahead.ema()).collect()
     }
 
     /// What a checkpoint holds to go on bit for bit: the `state_dict`
@@ -197,15 +200,7 @@ impl<'a> FastRecipe<'a> {
     /// parameter's momentum buffer and the lookahead's EMA. The schedule's
     /// place is the step count, and every epoch's draws follow from the seed.
     pub fn checkpoint_tensors(&self) -> Vec<(String, Tensor)> {
-        state::checkpoint_tensors(
-            self.net,
-            optimizer_keys,
-            self.opt
-                .buffers()
-                .into_iter()
-                .chain(self.lookahead.ema())
-                .collect(),
-        )
+        state::checkpoint_tensors(self.net, optimizer_keys, self.optimizer_state())
     }
 
     /// Restores [`FastRecipe::checkpoint_tensors`] saved after `global_step`
@@ -214,11 +209,7 @@ impl<'a> FastRecipe<'a> {
         state::restore(
             self.net,
             optimizer_keys,
-            self.opt
-                .buffers()
-                .into_iter()
-                .chain(self.lookahead.ema())
-                .collect(),
+            self.optimizer_state(),
             tensors,
             global_step,
         )?;
