@@ -264,16 +264,28 @@ class StepProfiler:
 # ----------------------------------------------------------------- evaluation
 
 
+def mixed_precision(device):
+    """float16 autocast on CUDA, as tch-cifar's recipes (BatchNorm stays in
+    float32 under autocast; the loss is taken in float32); off on a CPU."""
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def forward(net, x):
+    """The network's float32 logits, in mixed precision on CUDA."""
+    with mixed_precision(x.device):
+        return net(x).float()
+
+
 @torch.no_grad()
 def logits(net, images, tta):
     """The logits, with tta: the average over the mirror image and, at half
     the weight, the two 1-pixel diagonal translations and their mirrors."""
 
     def mirrored(x):
-        return 0.5 * net(x) + 0.5 * net(x.flip(-1))
+        return 0.5 * forward(net, x) + 0.5 * forward(net, x.flip(-1))
 
     if not tta:
-        return net(images)
+        return forward(net, images)
     padded = F.pad(images, (1,) * 4, mode="reflect")
     translated = [padded[:, :, 0:32, 0:32], padded[:, :, 2:34, 2:34]]
     shifted = torch.stack([mirrored(x) for x in translated]).mean(0)
@@ -342,7 +354,7 @@ def main():
         net.whiten.bias.requires_grad = epoch < WHITEN_BIAS_EPOCHS
         epoch_start = time.perf_counter()
         for images, labels in batches.epoch(epoch, memory_format):
-            outputs = net(images)
+            outputs = forward(net, images)
             loss = loss_fn(outputs, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -166,7 +166,7 @@ def main():
         epoch_start = time.perf_counter()
         for images, labels in batches.epoch(epoch, memory_format):
             net.whiten.bias.requires_grad = step < whiten_bias_steps
-            outputs = net(images)
+            outputs = ab.forward(net, images)
             loss = F.cross_entropy(outputs, labels, label_smoothing=ab.LABEL_SMOOTHING, reduction="sum")
             loss.backward()
             sgd.param_groups[0]["lr"] = sgd.param_groups[0]["initial_lr"] * (1 - step / whiten_bias_steps)

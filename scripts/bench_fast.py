@@ -182,9 +182,11 @@ def run(args, machine_info, describe_machine):
     progress(f"measuring the matrix-multiply peak ({args.threads} threads)")
     peak = peak_module.peak(args.threads, device=args.device)
     flops = training_flops_per_image()
+    # Both sides: float16 autocast on CUDA, float32 on a CPU.
+    precision = "fp16 autocast" if args.device.startswith("cuda") else "fp32"
     settings = {"model": args.model, "device": args.device, "threads": args.threads, "epochs": epochs,
                 "steps": expected_steps, "batch_size": batch, "seeds": seeds, "order": args.order,
-                "dtype": "fp32", "reference_layouts": layouts, "reference_allocators": allocators,
+                "dtype": precision, "reference_layouts": layouts, "reference_allocators": allocators,
                 "preloaded": preload, "tch_memory_format": "channels-last", "tch_allocator": "jemalloc (built in)",
                 "training_flops_per_image": flops, "peak": peak,
                 "data_dir": os.path.abspath(args.data_dir), "torch": torch_version, "python": sys.executable,
@@ -194,7 +196,7 @@ def run(args, machine_info, describe_machine):
     print(f"peak: float32 {peak['float32']:.1f} GFLOP/s, bfloat16 {peak['bfloat16']:.1f} GFLOP/s "
           f"({peak['size']}^3 products, best of {peak['repeats']}, {args.threads} threads: {kernels})", flush=True)
     print(f"recipe: {args.model}, batch {batch}, {epochs} epoch(s), {expected_steps} steps, device {args.device}, "
-          f"{args.threads} threads, fp32, {flops / 1e9:.3f} GFLOP per training image; PyTorch {torch_version}",
+          f"{args.threads} threads, {precision}, {flops / 1e9:.3f} GFLOP per training image; PyTorch {torch_version}",
           flush=True)
 
     runs = []

@@ -10,7 +10,7 @@ Each operator's self time (its time less its children's) goes to a kind:
 the data (everything before the first convolution: batch selection,
 flips, translations, layout), the optimizer (everything after the last
 backward node), or, in the forward and backward passes, what the operator
-or its nearest named ancestor is: convolutions, BatchNorm, GELU, pooling,
+or its outermost named ancestor is: convolutions, BatchNorm, GELU, pooling,
 the head and loss, layout copies, or other. One column per trace.
 """
 import argparse
@@ -23,8 +23,8 @@ KINDS = [
     ("BatchNorm", ["batch_norm"]),
     ("GELU", ["gelu"]),
     ("pooling", ["max_pool", "pool2d"]),
-    ("head and loss", ["linear", "addmm", "aten::mm", "matmul", "cross_entropy", "log_softmax", "nll_loss",
-                       "label_smooth"]),
+    ("head and loss", ["linear", "addmm", "aten::mm", "mmbackward", "matmul", "cross_entropy", "log_softmax",
+                       "nll_loss", "label_smooth"]),
     ("layout copies", ["copy_", "contiguous", "clone", "to_dense", "reorder", "permute"]),
 ]
 ORDER = ["data", "convolutions", "BatchNorm", "GELU", "pooling", "head and loss", "layout copies", "optimizer",
@@ -32,6 +32,8 @@ ORDER = ["data", "convolutions", "BatchNorm", "GELU", "pooling", "head and loss"
 
 
 def kind_of(name):
+    # Autograd's nodes are CamelCase: ConvolutionBackward0, NativeBatchNormBackward0.
+    name = name.lower().replace("batchnorm", "batch_norm").replace("maxpool", "max_pool")
     for kind, patterns in KINDS:
         if any(p in name for p in patterns):
             return kind
@@ -89,11 +91,13 @@ def summarize(ops):
         elif r["ts"] >= last_backward_end:
             kind = "optimizer"
         else:
-            kind, j = None, i
-            while kind is None and j is not None:
-                kind = kind_of(main[j]["name"])
+            # The outermost named operator decides: a copy or a matrix
+            # product inside a convolution is the convolution's time.
+            chain, j = [], i
+            while j is not None:
+                chain.append(j)
                 j = parent[j]
-            kind = kind or "other"
+            kind = next((k for k in map(kind_of, (main[j]["name"] for j in reversed(chain))) if k), "other")
         totals[kind] += self_time / 1000
     start = min(e["ts"] for e in main)
     end = max(e["ts"] + e["dur"] for e in main)
