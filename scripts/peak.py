@@ -22,20 +22,26 @@ import time
 import torch
 
 
+def best_gflops(product, flops, repeats, sync=lambda: None):
+    """`flops` over the best of `repeats` timed calls of `product`, after
+    one untimed warm-up call, in GFLOP/s."""
+    product()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
 def measure(kind, size, repeats, device):
     """The best GFLOP/s of `repeats` products of two size x size matrices."""
     a = torch.randn(size, size, device=device).to(kind)
     b = torch.randn(size, size, device=device).to(kind)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.mm(a, b)
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+    return best_gflops(lambda: torch.mm(a, b), 2 * size**3, repeats, sync)
 
 
 def measure_conv(kind, size, repeats):
@@ -44,14 +50,7 @@ def measure_conv(kind, size, repeats):
     images = max(size // 64, 1)
     x = torch.randn(images, size, 8, 8).to(kind).contiguous(memory_format=torch.channels_last)
     w = torch.randn(size, size, 1, 1).to(kind).contiguous(memory_format=torch.channels_last)
-    flops = 2 * images * 64 * size * size
-    torch.nn.functional.conv2d(x, w)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.nn.functional.conv2d(x, w)
-        best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+    return best_gflops(lambda: torch.nn.functional.conv2d(x, w), 2 * images * 64 * size * size, repeats)
 
 
 def measure_conv3x3(kind, repeats):
@@ -61,13 +60,7 @@ def measure_conv3x3(kind, repeats):
     x = torch.randn(64, 256, 32, 32).to(kind).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3).to(kind).contiguous(memory_format=torch.channels_last)
     flops = 2 * 64 * 32 * 32 * 256 * 256 * 9
-    torch.nn.functional.conv2d(x, w, padding=1)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.nn.functional.conv2d(x, w, padding=1)
-        best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+    return best_gflops(lambda: torch.nn.functional.conv2d(x, w, padding=1), flops, repeats)
 
 
 def peak(threads, size=4096, repeats=5, device="cpu"):
