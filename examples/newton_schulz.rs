@@ -14,8 +14,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
-use tch_cifar::airbench::muon::{newton_schulz, Muon};
-use tch_cifar::airbench::muon_recipe::{MUON_LR, MUON_MOMENTUM, NEWTON_SCHULZ_STEPS};
+use tch_cifar::train::optim::muon::{newton_schulz, Muon};
+use tch_cifar::train::recipes::airbench::airbench94_muon::{
+    MUON_LR, MUON_MOMENTUM, NEWTON_SCHULZ_STEPS,
+};
 
 /// airbench94-muon's filters: `[out, in, 3, 3]`.
 const FILTERS: [[i64; 4]; 6] = [

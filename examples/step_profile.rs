@@ -14,9 +14,9 @@ use anyhow::{Context, Result};
 use clap::ValueEnum;
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
-use tch_cifar::device::{CpuConv, CpuSettings};
-use tch_cifar::model::Model;
-use tch_cifar::optim::Sgd;
+use tch_cifar::nets::tutorial::Model;
+use tch_cifar::train::optim::Sgd;
+use tch_cifar::util::device::{CpuConv, CpuSettings};
 
 // The same allocator as the binary, so the figures match `train`'s.
 #[global_allocator]

@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use tch_cifar::{compare, evaluate, export, predict, report, samples, train};
+use tch_cifar::cli::{compare, evaluate, export, predict, samples, train};
+use tch_cifar::util::report;
 use tracing_subscriber::EnvFilter;
 
 // jemalloc, unprefixed: it replaces malloc for the whole process, libtorch

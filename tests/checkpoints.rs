@@ -14,7 +14,8 @@ use std::process::{Child, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tch_cifar::checkpoint;
+use tch_cifar::train::checkpoint;
+use tch_cifar::train::recipes::checkpoint_shapes;
 use util::*;
 
 /// A scratch folder with the synthetic training data in `data/`.
@@ -93,7 +94,7 @@ fn read(path: PathBuf) -> Vec<u8> {
 fn assert_all_loadable(dir: &Path) -> usize {
     let files = checkpoint::list(dir).unwrap();
     for (_, path) in &files {
-        if let Err(e) = checkpoint::load(path) {
+        if let Err(e) = checkpoint::load(path, checkpoint_shapes) {
             panic!("torn or invalid checkpoint {}: {e:#}", path.display());
         }
     }
@@ -109,7 +110,7 @@ fn temp_names(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir).map_or(Vec::new(), |entries| {
         entries
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|name| tch_cifar::fsutil::is_temp_name(name))
+            .filter(|name| tch_cifar::util::files::is_temp_name(name))
             .collect()
     })
 }
@@ -893,7 +894,9 @@ fn a_resume_without_flags_adopts_the_runs_settings_and_matches_an_uninterrupted_
         "{}",
         stderr(&out)
     );
-    let meta = checkpoint::load(&dir.path().join(&at_stop)).unwrap().meta;
+    let meta = checkpoint::load(&dir.path().join(&at_stop), checkpoint_shapes)
+        .unwrap()
+        .meta;
     assert_eq!(meta.position.global_step, 30);
     assert_eq!(
         (
@@ -979,7 +982,7 @@ fn a_resume_refuses_a_conflicting_flag_and_takes_a_safe_one_with_a_note() {
         "{err}"
     );
     assert!(dir.path().join("other.safetensors").exists());
-    let newest = checkpoint::newest(&ck).unwrap();
+    let newest = checkpoint::newest(&ck, checkpoint_shapes).unwrap();
     assert_eq!(newest.meta.settings.epochs, 2);
     assert_eq!(newest.meta.settings.keep_checkpoints, 3);
     assert_eq!(newest.meta.settings.out, Path::new("other.safetensors"));
@@ -1046,7 +1049,7 @@ fn a_version_1_checkpoint_still_resumes() {
         .collect();
     assert_eq!(loss_lines(&then), after);
     // Its next checkpoints are version 2.
-    let newest = checkpoint::newest(&old).unwrap();
+    let newest = checkpoint::newest(&old, checkpoint_shapes).unwrap();
     assert!(newest.meta.unrecorded.is_empty());
     assert_eq!(newest.meta.settings.out, Path::new("cifar_net.safetensors"));
 }

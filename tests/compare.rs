@@ -92,7 +92,7 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
     assert!(text.contains("  loss A "), "{text}");
     assert!(text.contains("   A' "), "{text}");
     assert!(text.contains("max|gA-gA'|"), "{text}");
-    for (name, _) in tch_cifar::model::PARAMETERS {
+    for (name, _) in tch_cifar::nets::tutorial::PARAMETERS {
         assert!(
             text.contains(&format!("\n  {name:<14}")),
             "no row for {name}: {text}"

@@ -3,8 +3,8 @@
 //! other test sees the kernel or thread count change under it.
 
 use tch::{Device, Kind, Tensor};
-use tch_cifar::device::{default_threads, mkldnn_enabled, CpuConv, CpuSettings};
-use tch_cifar::model::with_torch_rng;
+use tch_cifar::util::device::{default_threads, mkldnn_enabled, CpuConv, CpuSettings};
+use tch_cifar::util::rng::with_torch_rng;
 
 #[test]
 fn settings_guard_switches_the_kernel_and_restores_the_defaults() {

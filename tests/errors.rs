@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use tch::{Device, Kind, Tensor};
-use tch_cifar::model::Model;
+use tch_cifar::nets::tutorial::Model;
 use util::*;
 
 /// A scratch folder with a small synthetic dataset in `data/`.

@@ -458,7 +458,7 @@ fn an_unreadable_folder_is_an_error() {
     use std::os::unix::process::CommandExt;
     let sc = Scratch::new();
     let weights = sc.path("w.safetensors");
-    tch_cifar::model::Model::with_classes(
+    tch_cifar::nets::tutorial::Model::with_classes(
         tch::Device::Cpu,
         Some(1),
         vec!["cat".into(), "dog".into(), "eel".into()],
@@ -610,7 +610,7 @@ fn a_three_class_tree_trains_evaluates_predicts_and_resumes_with_its_names() {
 
     // Weights of another class list are refused on this tree, naming both.
     let ten = sc.path("ten.safetensors");
-    tch_cifar::model::Model::new(tch::Device::Cpu, Some(1))
+    tch_cifar::nets::tutorial::Model::new(tch::Device::Cpu, Some(1))
         .save(&ten)
         .unwrap();
     let out = sc.run(&[

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
-use tch_cifar::classifier::Classifier;
-use tch_cifar::model::{with_torch_rng, Model};
+use tch_cifar::nets::classifier::Classifier;
+use tch_cifar::nets::tutorial::Model;
+use tch_cifar::util::rng::with_torch_rng;
 use util::*;
 
 /// Runs `scripts/interop.py ARGS` and returns its stdout.
@@ -154,7 +155,7 @@ fn exported_torchscript_gives_rust_outputs_in_python_and_in_tch() {
             s(&y),
         ]);
         let info: serde_json::Value = serde_json::from_str(info.trim()).unwrap();
-        let want_params: Vec<serde_json::Value> = tch_cifar::model::PARAMETERS
+        let want_params: Vec<serde_json::Value> = tch_cifar::nets::tutorial::PARAMETERS
             .iter()
             .map(|(name, shape)| serde_json::json!([name, shape, true]))
             .collect();
@@ -163,7 +164,7 @@ fn exported_torchscript_gives_rust_outputs_in_python_and_in_tch() {
             serde_json::json!(want_params),
             "{module}"
         );
-        let keys: Vec<&str> = tch_cifar::model::PARAMETERS
+        let keys: Vec<&str> = tch_cifar::nets::tutorial::PARAMETERS
             .iter()
             .map(|(n, _)| *n)
             .collect();
@@ -457,7 +458,7 @@ fn predict_prints_probabilities_that_sum_to_one_and_match_python() {
     // so 2/255 after normalization).
     let py_inputs = Tensor::read_safetensors(&x_path).unwrap().remove(0).1;
     for (i, path) in images.iter().enumerate() {
-        let rust = tch_cifar::predict::load_image(path).unwrap();
+        let rust = tch_cifar::cli::predict::load_image(path).unwrap();
         let levels = max_abs_diff(&rust, &py_inputs.get(i as i64)) * 255.0 / 2.0;
         // No resize: the same bytes. Resized: PIL rounds its bilinear
         // filter's result differently, by one level at most.
@@ -1081,11 +1082,11 @@ fn airbench94_state_dict_is_the_python_definitions() {
             py(&["airbench-keys", "--num-classes", &classes.to_string()]).trim(),
         )
         .unwrap();
-        let (_vs, net) = tch_cifar::airbench::net::build(
+        let (_vs, net) = tch_cifar::nets::airbench::net::build(
             Device::Cpu,
             1,
             classes,
-            tch_cifar::airbench::Variant::Airbench94,
+            tch_cifar::nets::airbench::Variant::Airbench94,
         );
         let rust: Vec<serde_json::Value> = net
             .state_dict()
@@ -1100,10 +1101,11 @@ fn airbench94_state_dict_is_the_python_definitions() {
             })
             .collect();
         assert_eq!(serde_json::Value::from(rust), python, "{classes} classes");
-        let shapes: Vec<serde_json::Value> = tch_cifar::airbench::net::state_dict_shapes(classes)
-            .into_iter()
-            .map(|(k, shape)| serde_json::json!([k, shape]))
-            .collect();
+        let shapes: Vec<serde_json::Value> =
+            tch_cifar::nets::airbench::net::state_dict_shapes(classes)
+                .into_iter()
+                .map(|(k, shape)| serde_json::json!([k, shape]))
+                .collect();
         let python_shapes: Vec<serde_json::Value> = python
             .as_array()
             .unwrap()
@@ -1234,7 +1236,7 @@ fn airbench94_torchscript_and_state_dict_give_rusts_logits_in_python() {
             "tta {augment}: the reference differs by {diff}"
         );
     }
-    let renormalized = tch_cifar::airbench::recipe::renormalize(&images);
+    let renormalized = tch_cifar::data::normalize::renormalize(&images);
     write_input(&p("r.safetensors"), &renormalized);
     let out = p("y.safetensors");
     py(&[
@@ -1258,7 +1260,7 @@ fn airbench94_torchscript_and_state_dict_give_rusts_logits_in_python() {
         serde_json::from_str(py(&["airbench-script", "--model", s(&p("m.pt"))]).trim()).unwrap();
     assert_eq!(info["parameters"], info["reference_parameters"]);
     assert_eq!(info["buffers"], info["reference_buffers"]);
-    let keys: Vec<serde_json::Value> = tch_cifar::airbench::net::state_dict_shapes(10)
+    let keys: Vec<serde_json::Value> = tch_cifar::nets::airbench::net::state_dict_shapes(10)
         .into_iter()
         .map(|(k, _)| k.into())
         .collect();
@@ -1312,7 +1314,7 @@ fn predict_with_airbench94_uses_tta_unless_told_and_net_refuses_tta() {
     };
     let batch: Vec<Tensor> = images
         .iter()
-        .map(|i| tch_cifar::predict::load_image(i).unwrap())
+        .map(|i| tch_cifar::cli::predict::load_image(i).unwrap())
         .collect();
     let logits = tch::no_grad(|| airbench.tta(true).forward(&Tensor::stack(&batch, 0)));
     let first: Vec<f64> = default[0]["logits"]
@@ -1388,7 +1390,10 @@ fn airbench94_muon_weights_give_rusts_logits_in_python_and_torchscript() {
     let Classifier::Airbench94(airbench) = Classifier::load(&weights, Device::Cpu).unwrap() else {
         panic!("airbench94-muon weights load as an airbench network")
     };
-    assert_eq!(airbench.net.variant, tch_cifar::airbench::Variant::Muon);
+    assert_eq!(
+        airbench.net.variant,
+        tch_cifar::nets::airbench::Variant::Muon
+    );
     let from_pth = Classifier::load(&pth, Device::Cpu).unwrap();
     assert_eq!(from_pth.network().name(), "airbench94-muon");
 

@@ -4,13 +4,14 @@
 //! bit must not see them change.
 
 use tch::{Device, Kind, Tensor};
-use tch_cifar::checkpoint::{Meta, Position, Saver};
+use tch_cifar::cli::train::{train, Control, Interrupts, TrainStats};
 use tch_cifar::data::Split;
-use tch_cifar::model::{with_torch_rng, Model};
-use tch_cifar::optim::Sgd;
-use tch_cifar::report::Reporter;
-use tch_cifar::settings::Settings;
-use tch_cifar::train::{train, Control, Interrupts, TrainStats};
+use tch_cifar::nets::tutorial::Model;
+use tch_cifar::train::checkpoint::{Meta, Position, Saver};
+use tch_cifar::train::optim::Sgd;
+use tch_cifar::train::settings::Settings;
+use tch_cifar::util::report::Reporter;
+use tch_cifar::util::rng::with_torch_rng;
 
 struct Run {
     /// The error's text has the checkpoint folder replaced by `DIR`.

@@ -133,7 +133,7 @@ pub fn read(path: &Path, key: &[u8; 16]) -> Result<Option<Decoded>> {
 
 /// Writes `decoded` as the cache in `path` for `key`, atomically.
 pub fn write(path: &Path, key: &[u8; 16], decoded: &Decoded) -> Result<()> {
-    let dir = crate::fsutil::parent_dir(path);
+    let dir = crate::util::files::parent_dir(path);
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create the cache folder {}", dir.display()))?;
     let mut out = Vec::with_capacity(decoded.pixels.len() + 4 * decoded.labels.len() + 4096);
@@ -167,7 +167,7 @@ pub fn write(path: &Path, key: &[u8; 16], decoded: &Decoded) -> Result<()> {
     let mut crc32 = flate2::Crc::new();
     crc32.update(&out);
     out.extend(crc32.sum().to_le_bytes());
-    crate::fsutil::write_atomically(path, |tmp| {
+    crate::util::files::write_atomically(path, |tmp| {
         std::fs::write(tmp, &out).with_context(|| format!("cannot write {}", tmp.display()))
     })
 }

@@ -156,11 +156,11 @@ fn download_within(
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let bar = crate::report::byte_bar(total, "downloading CIFAR-10");
+    let bar = crate::util::report::byte_bar(total, "downloading CIFAR-10");
     let mut body = response.into_body().into_reader();
     // Written like every output: a temporary file, renamed onto `dest` only
     // once the whole archive has arrived and its md5 matched.
-    crate::fsutil::write_atomically(dest, |tmp| {
+    crate::util::files::write_atomically(dest, |tmp| {
         let mut file =
             File::create(tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
         let mut hasher = Md5::new();

@@ -98,7 +98,7 @@ impl Tree {
                 "there is no training split beside {}: expected {}/<class>/<image> (or \
                  --train-dir DIR)",
                 test.display(),
-                crate::fsutil::parent_dir(test)
+                crate::util::files::parent_dir(test)
                     .join(TRAIN_SPLIT_NAME)
                     .display()
             ),
@@ -115,7 +115,7 @@ impl Tree {
                 train.display()
             ),
             (None, Some(train)) => {
-                let base = crate::fsutil::parent_dir(train);
+                let base = crate::util::files::parent_dir(train);
                 bail!(
                     "there is no test split beside {}: expected {}/<class>/<image> or \
                      {}/<class>/<image> (or --test-dir DIR)",
@@ -498,7 +498,7 @@ fn bad_images_message(bad: &[(PathBuf, String)]) -> String {
 /// `skip_bad`, left out and listed in [`Decoded::skipped`].
 pub fn decode_listing(listing: &Listing, skip_bad: bool) -> Result<Decoded> {
     let n = listing.files.len();
-    let bar = crate::report::step_bar(n as u64);
+    let bar = crate::util::report::step_bar(n as u64);
     bar.set_prefix(format!("decoding {}", listing.root.display()));
     let mut pixels = vec![0u8; n * PLANAR_BYTES];
     let outcomes: Vec<Option<String>> = listing

@@ -10,11 +10,13 @@
 //!   and `test/<class>/…` (or `val/<class>/…`), with any number of classes,
 //!   decoded in parallel by [`decode`] and kept in the [`cache`].
 
+pub mod augment;
 pub mod cache;
 pub mod cifar;
 pub mod decode;
 pub mod download;
 pub mod image_folder;
+pub mod normalize;
 
 use std::path::{Path, PathBuf};
 

@@ -27,7 +27,7 @@ pub fn group(store: &Store, rank: i64, world_size: i64, timeout: Duration) -> Re
         *mut *mut super::c10d::CGroup,
     ) -> *mut c_char;
 
-    crate::device::cuda_support()
+    crate::util::device::cuda_support()
         .map_err(|reason| anyhow!("NCCL needs libtorch's CUDA library: {reason}"))?;
     // dlopen takes a file: a private copy, removed once it is mapped.
     let mut file = tempfile::Builder::new()

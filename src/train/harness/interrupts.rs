@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Result;
 
-use crate::checkpoint::Position;
+use crate::train::checkpoint::Position;
 
 /// What SIGINT and SIGTERM do, as two flags the signal handlers read or set.
 pub struct Interrupts {

@@ -17,8 +17,10 @@
 //! the steps ([`ranks`]); the recipe's step is the same as in one process,
 //! since its optimizer's backward all-reduces the gradients.
 
+pub mod board;
 pub mod interrupts;
 pub mod losses;
+pub mod profile;
 mod ranks;
 
 use std::path::Path;
@@ -34,9 +36,9 @@ pub use self::interrupts::{install_signal_handlers, Interrupted, Interrupts, Sav
 use self::losses::PendingLosses;
 pub use self::losses::{read_losses_every, StepLosses};
 use self::ranks::Ranks;
-use crate::checkpoint::{Position, Saver};
 use crate::distributed::LossReduction;
-use crate::report::{path_json, step_bar, Diverged, Reporter};
+use crate::train::checkpoint::{Position, Saver};
+use crate::util::report::{path_json, step_bar, Diverged, Reporter};
 
 /// What one training step hands back to the harness.
 pub struct StepOutput {
