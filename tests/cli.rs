@@ -283,6 +283,38 @@ fn max_steps_cuts_the_run_short_and_still_evaluates() {
     assert!(weights.is_file());
 }
 
+/// A run shorter than `--log-every` prints no loss line; a note on stderr
+/// says why, naming the flag, and a run that prints one has no such note.
+#[test]
+fn a_run_shorter_than_log_every_says_why_no_loss_line_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 200, 40, 8, None);
+    let weights = dir.path().join("net.safetensors");
+    let short = ["--epochs", "1", "--max-steps", "20", "--log-every", "2000"];
+    let out = train(&data, &weights, &short);
+    let text = ok(&out);
+    assert!(!text.contains("] loss: "), "{text}");
+    let err = stderr(&out);
+    let notes: Vec<&str> = err.lines().filter(|l| l.contains("--log-every")).collect();
+    assert_eq!(
+        notes,
+        [
+            "note: this run prints no running-loss line: one comes every --log-every 2000 \
+          mini-batches of an epoch, and it trains at most 20 in one; --log-every 2 prints them"
+        ],
+        "{err}"
+    );
+
+    let out = train(
+        &data,
+        &weights,
+        &["--epochs", "1", "--max-steps", "20", "--log-every", "2"],
+    );
+    assert!(ok(&out).contains("[1,    20] loss: "));
+    assert!(!stderr(&out).contains("--log-every"), "{}", stderr(&out));
+}
+
 /// `--profile` writes a Chrome trace of the step asked for, with the
 /// step's operators, and says so in an event; training goes on to the end.
 #[test]

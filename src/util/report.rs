@@ -136,6 +136,14 @@ impl Reporter {
         });
     }
 
+    /// Prints `note: TEXT` on stderr (in text and JSON alike: a note is
+    /// advice, not output), keeping a live progress bar intact.
+    pub fn note(&self, text: &str) {
+        if !self.muted {
+            self.bar.suspend(|| eprintln!("note: {text}"));
+        }
+    }
+
     /// Shows `bar` (made by [`step_bar`]) until [`Reporter::finish_bar`].
     pub fn attach_bar(&mut self, bar: ProgressBar) -> ProgressBar {
         if self.muted {

@@ -120,6 +120,8 @@ pub fn side_by_side(
         max_steps,
         log_every: recipe.log_every,
         loss_lines: false,
+        // The table's lines come every --log-every steps too.
+        note_no_loss_line: true,
         // The step reads its losses itself (a skipped update depends on them).
         read_losses_every: 1,
         interrupts: &INTERRUPTS,

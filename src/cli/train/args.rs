@@ -46,6 +46,9 @@ pub struct RecipeArgs {
     #[arg(long, allow_negative_numbers = true, value_parser = |s: &str| count(s, 0, u64::MAX))]
     pub seed: Option<u64>,
     /// Print the running loss every N mini-batches.
+    ///
+    /// Counted within each epoch, as the tutorial does: a run whose epochs
+    /// are shorter than N prints none, and a note says so.
     #[arg(long, default_value_t = DEFAULT_LOG_EVERY, value_name = "N", allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, u64::MAX))]
     pub log_every: u64,

@@ -83,6 +83,7 @@ impl Control<'_> {
             max_steps: None,
             log_every: u64::MAX,
             loss_lines: false,
+            note_no_loss_line: false,
             read_losses_every: self.read_losses_every,
             interrupts: self.interrupts,
             checkpoints: Some(Checkpoints {
@@ -154,6 +155,7 @@ fn train_watched(
         max_steps: settings.max_steps,
         log_every: settings.log_every,
         loss_lines: true,
+        note_no_loss_line: true,
         diverged_hint: Some(diverged_hint(settings.lr, settings.momentum)),
         ..control.plan(settings.epochs)
     };

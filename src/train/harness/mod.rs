@@ -139,6 +139,10 @@ pub struct Plan<'a> {
     /// Print the tutorial's running-loss lines; a recipe with its own
     /// table prints that from a [`Hook`] instead.
     pub loss_lines: bool,
+    /// Say so before the first step when the run is too short for any line
+    /// at `log_every` (the tutorial's, or a hook's table): a run shorter
+    /// than `--log-every` would otherwise print no loss at all, unexplained.
+    pub note_no_loss_line: bool,
     /// Read the losses on the host every N steps: [`read_losses_every`].
     pub read_losses_every: usize,
     pub interrupts: &'a Interrupts,
@@ -209,6 +213,11 @@ pub fn run<R: Recipe + ?Sized>(
         .max_steps
         .unwrap_or(u64::MAX)
         .min(plan.epochs * steps_per_epoch);
+    if plan.note_no_loss_line {
+        if let Some(note) = no_loss_line_note(start, stop_at, &plan, steps_per_epoch) {
+            reporter.note(&note);
+        }
+    }
     let bar = reporter.attach_bar(step_bar(stop_at));
     bar.set_position(start.global_step);
     let mut run = Harness {
@@ -237,6 +246,45 @@ pub fn run<R: Recipe + ?Sized>(
     run.stats.train_seconds = run.began.elapsed().as_secs_f64();
     reporter.finish_bar();
     result.map(|()| run.stats)
+}
+
+/// The note for a run from `start` to global step `stop_at` that reaches
+/// no multiple of `plan.log_every` within an epoch, and so prints no
+/// running-loss line; `None` when it prints one, or trains no step.
+fn no_loss_line_note(
+    start: Position,
+    stop_at: u64,
+    plan: &Plan,
+    steps_per_epoch: u64,
+) -> Option<String> {
+    let every = plan.log_every;
+    let (mut global, mut longest) = (start.global_step, 0);
+    for epoch in start.epoch..=plan.epochs {
+        if global >= stop_at {
+            break;
+        }
+        let done = if epoch == start.epoch { start.step } else { 0 };
+        let last = steps_per_epoch.min(done + (stop_at - global));
+        // A multiple of `every` in (done, last]: that step prints a line.
+        if last / every > done / every {
+            return None;
+        }
+        longest = longest.max(last - done);
+        global += last - done;
+    }
+    if longest == 0 {
+        return None;
+    }
+    // A resumed run keeps its checkpoint's --log-every.
+    let advice = if start.global_step == 0 {
+        format!("; --log-every {} prints them", (longest / 10).max(1))
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "this run prints no running-loss line: one comes every --log-every {every} mini-batches \
+         of an epoch, and it trains at most {longest} in one{advice}"
+    ))
 }
 
 /// A run in progress: the plan, the counts, and the losses on their way
@@ -587,6 +635,7 @@ mod tests {
             max_steps,
             log_every: 2,
             loss_lines: false,
+            note_no_loss_line: false,
             read_losses_every: read_every,
             interrupts: &INTERRUPTS,
             checkpoints: None,
@@ -658,6 +707,53 @@ mod tests {
                 "after 5 3"
             ]
         );
+    }
+
+    /// The note comes exactly when no step of the run is a multiple of
+    /// `--log-every` within its epoch.
+    #[test]
+    fn a_run_too_short_for_a_loss_line_is_noted() {
+        let note = |start: Position, stop_at: u64, log_every: u64| {
+            let plan = Plan {
+                log_every,
+                ..plan(start, None, 1)
+            };
+            // Epochs of 3 steps, 3 epochs.
+            no_loss_line_note(start, stop_at.min(9), &plan, 3)
+        };
+        let start = Position::START;
+        // Every 2 steps: step 2 of epoch 1 prints.
+        assert_eq!(note(start, 9, 2), None);
+        assert_eq!(note(start, 2, 2), None);
+        // One step: no line.
+        let one = note(start, 1, 2).unwrap();
+        assert!(one.contains("--log-every 2 mini-batches"), "{one}");
+        assert!(
+            one.contains("at most 1 in one; --log-every 1 prints them"),
+            "{one}"
+        );
+        // Epochs of 3 steps never reach --log-every 4, however many.
+        let short = note(start, 9, 4).unwrap();
+        assert!(short.contains("at most 3 in one"), "{short}");
+        // Resumed at step 1 of epoch 2 (global 4): step 2 of epoch 2 prints.
+        let resumed = Position {
+            epoch: 2,
+            step: 1,
+            global_step: 4,
+            running_loss: 0.0,
+        };
+        assert_eq!(note(resumed, 9, 2), None);
+        // Resumed at step 2, one step to go: no line, and no advice, since
+        // a resume keeps its --log-every.
+        let late = Position {
+            step: 2,
+            global_step: 5,
+            ..resumed
+        };
+        let text = note(late, 6, 2).unwrap();
+        assert!(text.ends_with("at most 1 in one"), "{text}");
+        // Nothing left to train: nothing to say.
+        assert_eq!(note(late, 5, 2), None);
     }
 
     #[test]
