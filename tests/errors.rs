@@ -120,6 +120,31 @@ fn missing_data_directory_names_it_and_the_url() {
     assert!(!s.path("no").exists(), "{line}");
 }
 
+/// A mistyped `--data-dir` reads as one that does not exist, not merely
+/// as a failed download, and the error names the ways out without a
+/// network; a folder that exists but is empty is not called missing.
+#[test]
+fn a_data_directory_that_does_not_exist_is_named_as_such() {
+    let s = Scratch::empty();
+    let url = dead_url();
+    let ways_out = ["--data-dir DIR", "--archive FILE"];
+    let line = s.train(
+        &["--data-dir", "no/such/data", "--download-url", &url],
+        &[
+            &["data directory no/such/data does not exist"][..],
+            &ways_out[..],
+        ]
+        .concat(),
+    );
+    assert!(line.contains(&url), "{line}");
+    std::fs::create_dir(s.path("empty")).unwrap();
+    let line = s.train(
+        &["--data-dir", "empty", "--download-url", &url],
+        &[&["CIFAR-10 is not in empty"][..], &ways_out[..]].concat(),
+    );
+    assert!(!line.contains("does not exist"), "{line}");
+}
+
 #[test]
 fn missing_batch_file_is_named_and_nothing_is_downloaded() {
     let s = Scratch::new();
@@ -327,6 +352,26 @@ fn output_in_a_directory_that_does_not_exist() {
         &["--out", "no/dir/w.safetensors"],
         &["no/dir/w.safetensors", "directory no/dir does not exist"],
     );
+}
+
+/// An output in /proc names the kernel's file system as the reason, not
+/// the "No such file or directory" that creating a file there answers.
+#[test]
+fn output_on_a_kernel_file_system_names_it() {
+    if !Path::new("/proc/self").exists() {
+        eprintln!("skipped: no /proc here");
+        return;
+    }
+    let s = Scratch::new();
+    let line = s.train(
+        &["--out", "/proc/x.safetensors"],
+        &[
+            "/proc/x.safetensors",
+            "/proc is on a proc file system",
+            "takes no new files",
+        ],
+    );
+    assert!(!line.contains(".tmp"), "{line}");
 }
 
 #[test]
@@ -866,6 +911,42 @@ fn a_pickled_module_gets_the_state_dict_hint() {
         ],
         &["net.pth", "torch.save(net)", "net.state_dict()"],
     );
+}
+
+/// `--top-k` above the weights' classes shows them all, and says so.
+#[test]
+fn predict_notes_a_top_k_above_the_classes() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    // A 2x2 binary PPM, which predict reads like any image.
+    let mut ppm = b"P6\n2 2\n255\n".to_vec();
+    ppm.extend((0..12u8).map(|i| i * 20));
+    std::fs::write(s.path("tiny.ppm"), ppm).unwrap();
+    let predict = |top_k: &[&str]| {
+        let out = tch_cifar()
+            .args(["predict", "--device", "cpu", "--weights", "w.safetensors"])
+            .args(top_k)
+            .arg("tiny.ppm")
+            .current_dir(s.path(""))
+            .output()
+            .unwrap();
+        (ok(&out), stderr(&out))
+    };
+    let (text, err) = predict(&["--top-k", "11"]);
+    assert_eq!(text.lines().count(), 1 + 10, "{text}");
+    assert!(
+        err.contains("note: --top-k 11 is more than the 10 classes of w.safetensors"),
+        "{err}"
+    );
+    // Within the classes, and by default, no note.
+    for top_k in [&["--top-k", "10"][..], &[]] {
+        let (text, err) = predict(top_k);
+        assert!(!err.contains("note:"), "{top_k:?}: {err}");
+        assert_eq!(
+            text.lines().count(),
+            1 + top_k.get(1).map_or(3, |k| k.parse().unwrap())
+        );
+    }
 }
 
 #[test]

@@ -42,12 +42,13 @@ pub struct PredictArgs {
     /// images are.
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
-    /// How many of the most probable classes to print per image.
+    /// How many of the most probable classes to print per image [default: 3].
     ///
-    /// At most the weights' number of classes.
-    #[arg(long, default_value_t = 3, allow_negative_numbers = true,
+    /// At most the weights' number of classes: a larger N shows them all,
+    /// with a note.
+    #[arg(long, value_name = "N", allow_negative_numbers = true,
           value_parser = |s: &str| crate::cli::count(s, 1, u16::MAX.into()).map(|n| n as u16), help_heading = "Output")]
-    pub top_k: u16,
+    pub top_k: Option<u16>,
     /// Print one JSON object per image, with every probability and the logits.
     #[arg(long, help_heading = "Output")]
     pub json: bool,
@@ -159,12 +160,32 @@ pub fn error_json(path: &Path, err: &anyhow::Error) -> serde_json::Value {
     json!({"image": crate::util::report::path_json(path), "error": format!("{err:#}")})
 }
 
+/// `--top-k`'s classes per image for weights of `classes` classes: the
+/// default 3 quietly fits fewer classes; a larger N given is noted.
+fn top_k(given: Option<u16>, classes: usize, weights: &Path) -> usize {
+    match given {
+        Some(k) if k as usize > classes => {
+            eprintln!(
+                "note: --top-k {k} is more than the {classes} classes of {}: each image shows \
+                 all {classes}",
+                weights.display()
+            );
+            classes
+        }
+        Some(k) => k as usize,
+        None => classes.min(DEFAULT_TOP_K),
+    }
+}
+
+/// `--top-k` when not given.
+const DEFAULT_TOP_K: usize = 3;
+
 /// `tch-cifar predict`.
 pub fn run(args: PredictArgs) -> Result<()> {
     let device = args.device.resolve()?;
     let model = Classifier::load(&args.weights, device)?;
     let net = model.forward(args.tta.resolve(&model, &args.weights)?);
-    let k = (args.top_k as usize).min(model.num_classes());
+    let k = top_k(args.top_k, model.num_classes(), &args.weights);
     let mut failed: Vec<anyhow::Error> = vec![];
     // A thousand images per forward pass bounds the memory for long lists.
     for paths in args.images.chunks(1000) {

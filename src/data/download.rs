@@ -62,7 +62,8 @@ pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<Pat
     );
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
-    let fetched = fetch(data_dir, source, md5);
+    let existed = !created.iter().any(|d| d == data_dir);
+    let fetched = fetch(data_dir, source, md5, existed);
     if fetched.is_err() {
         // Deepest first; remove_dir only removes empty folders.
         for dir in &created {
@@ -72,7 +73,10 @@ pub fn ensure_dataset(data_dir: &Path, source: &Source, md5: &str) -> Result<Pat
     fetched
 }
 
-fn fetch(data_dir: &Path, source: &Source, md5: &str) -> Result<PathBuf> {
+/// Unpacks the archive `source` names into `data_dir`, downloading it
+/// first from a URL; `existed` says whether `data_dir` was there before
+/// (a folder that was not is often a mistyped `--data-dir`).
+fn fetch(data_dir: &Path, source: &Source, md5: &str, existed: bool) -> Result<PathBuf> {
     match source {
         Source::Archive(archive) => {
             tracing::info!("unpacking {}", archive.display());
@@ -83,9 +87,18 @@ fn fetch(data_dir: &Path, source: &Source, md5: &str) -> Result<PathBuf> {
             let archive = data_dir.join(ARCHIVE_NAME);
             if !archive.is_file() || check_md5(&archive, md5).is_err() {
                 download(url, &archive, md5).with_context(|| {
+                    let dir = data_dir.display();
+                    let what = if existed {
+                        format!("CIFAR-10 is not in {dir} and could not be downloaded")
+                    } else {
+                        format!(
+                            "the data directory {dir} does not exist, and CIFAR-10 could not be \
+                             downloaded into it"
+                        )
+                    };
                     format!(
-                        "CIFAR-10 is not in {} and could not be downloaded",
-                        data_dir.display()
+                        "{what} (--data-dir DIR takes a folder that holds the batches or your \
+                         images, --archive FILE a cifar-10-binary.tar.gz you have)"
                     )
                 })?;
             }

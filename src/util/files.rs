@@ -84,8 +84,99 @@ pub fn check_dir_writable(dir: &Path) -> Result<()> {
     if !dir.is_dir() {
         anyhow::bail!("directory {} does not exist", dir.display());
     }
-    tempfile::tempfile_in(dir).with_context(|| format!("{} is not writable", dir.display()))?;
-    Ok(())
+    match tempfile::tempfile_in(dir) {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            // The system's reason without tempfile's random file name.
+            let err = err
+                .raw_os_error()
+                .map_or(err, std::io::Error::from_raw_os_error);
+            let reason = unwritable_reason(dir, &err, file_system_type(dir).as_deref());
+            Err(anyhow::Error::new(err).context(reason))
+        }
+    }
+}
+
+/// File systems through which the kernel shows its state: they exist as
+/// folders, but take no new files (and refuse them with odd reasons, such
+/// as `/proc`'s "No such file or directory").
+const KERNEL_FILE_SYSTEMS: [&str; 14] = [
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "debugfs",
+    "tracefs",
+    "securityfs",
+    "pstore",
+    "bpf",
+    "configfs",
+    "devpts",
+    "fusectl",
+    "binfmt_misc",
+    "efivarfs",
+];
+
+/// Why no file can be created in the existing folder `dir`, which failed
+/// with `err`, on a file system of type `fs_type` (when known): a kernel
+/// file system is named as such, since its error alone reads as nonsense.
+fn unwritable_reason(dir: &Path, err: &std::io::Error, fs_type: Option<&str>) -> String {
+    let dir = dir.display();
+    match fs_type {
+        Some(fs) if KERNEL_FILE_SYSTEMS.contains(&fs) => format!(
+            "{dir} is on a {fs} file system, the kernel's view of its own state, which takes no \
+             new files"
+        ),
+        _ if err.kind() == std::io::ErrorKind::NotFound => format!(
+            "no file can be created in {dir}, though the folder exists (its file system takes \
+             none)"
+        ),
+        _ => format!("{dir} is not writable"),
+    }
+}
+
+/// The type of the file system `dir` is on ("ext4", "proc", …), from the
+/// mount table: the mount point that holds it deepest. `None` off Linux or
+/// when the table cannot be read.
+fn file_system_type(dir: &Path) -> Option<String> {
+    let dir = dir.canonicalize().ok()?;
+    let table = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let point = unescape_mount_field(fields.nth(1)?);
+            let fs = fields.next()?;
+            dir.starts_with(&point)
+                .then(|| (Path::new(&point).components().count(), fs.to_string()))
+        })
+        // The last of equally deep mounts is the one on top.
+        .max_by_key(|(depth, _)| *depth)
+        .map(|(_, fs)| fs)
+}
+
+/// A mount table field with its octal escapes (`\040` for a space) undone.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Gives a temporary file the usual 0644 of an output file before it is
@@ -185,5 +276,36 @@ mod tests {
         }
         let err = check_writable(Path::new("/dev/null")).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn the_reason_names_a_kernel_file_system() {
+        let enoent = std::io::Error::from_raw_os_error(2);
+        let proc = unwritable_reason(Path::new("/proc"), &enoent, Some("proc"));
+        assert!(proc.starts_with("/proc is on a proc file system"), "{proc}");
+        assert!(proc.contains("takes no new files"), "{proc}");
+        let unknown = unwritable_reason(Path::new("/x"), &enoent, None);
+        assert!(unknown.contains("though the folder exists"), "{unknown}");
+        let denied = std::io::Error::from_raw_os_error(13);
+        let plain = unwritable_reason(Path::new("/x"), &denied, Some("ext4"));
+        assert_eq!(plain, "/x is not writable");
+        assert_eq!(unescape_mount_field(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount_field(r"/a\b"), r"/a\b");
+    }
+
+    /// Where the system has /proc, it is found to be one.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_mount_table_tells_proc() {
+        if Path::new("/proc/self/mounts").is_file() {
+            assert_eq!(
+                file_system_type(Path::new("/proc")).as_deref(),
+                Some("proc")
+            );
+            assert_eq!(
+                file_system_type(Path::new("/proc/self/fd")).as_deref(),
+                Some("proc")
+            );
+        }
     }
 }
