@@ -47,6 +47,14 @@ enum Command {
     /// Report the test accuracy of saved weights, overall and per class.
     Evaluate(evaluate::EvaluateArgs),
     /// Train Net with logits + cross-entropy and softmax + nll_loss(log p), side by side.
+    ///
+    /// One loss, two names: tch's `cross_entropy_for_logits` (which `train`
+    /// uses) and libtorch's `cross_entropy_loss` (PyTorch's
+    /// `nn.CrossEntropyLoss`) are both `log_softmax` then `nll_loss`, the same
+    /// kernels in float32. A and A' (each mini-batch reversed) call
+    /// `cross_entropy_loss`, which also runs in float64 (`--dtype f64`);
+    /// B ends in a softmax and calls `nll_loss(log(p))`; C ends in a
+    /// log-softmax and calls `nll_loss`.
     CompareLosses(compare::CompareArgs),
     /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
     Export(export::ExportArgs),

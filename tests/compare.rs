@@ -139,6 +139,17 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
         text.contains("Updates skipped on a non-finite loss or gradient: A 0, A' 0, B 0, C 0."),
         "{text}"
     );
+    // These networks have learned: their agreement stands without a warning,
+    // and the run closes the comparison by naming A and B one function.
+    assert!(!text.contains("Warning:"), "{text}");
+    assert!(
+        text.contains(
+            "yardstick for A against B.\nA and B compute the same function (log(softmax(z)) is \
+             log_softmax(z) in exact arithmetic): every difference between them above is \
+             rounding, as A' shows.\n"
+        ),
+        "{text}"
+    );
     // The probe, its sentence, and the inference answer.
     assert!(text.contains("Stability probe: "), "{text}");
     assert!(text.contains("  logits x10000 "), "{text}");
@@ -224,8 +235,9 @@ fn prints_the_tables_and_writes_the_csv_and_the_chart() {
 
 /// The fields every `summary` carries, in either dtype (documented in
 /// docs/compare-losses.md).
-const SUMMARY_FIELDS: [&str; 30] = [
+const SUMMARY_FIELDS: [&str; 31] = [
     "dtype",
+    "learned",
     "device",
     "seed",
     "steps",
@@ -321,6 +333,7 @@ fn check_run<'a>(
     ] {
         assert!(test_event[key].is_f64(), "{key} in {test_event}");
     }
+    assert_eq!(test_event["learned"], summary_of(events)["learned"]);
     let probe = &events[3 + lines];
     assert_eq!(probe["dtype"], dtype);
     let cases = probe["cases"].as_array().unwrap();
@@ -388,6 +401,70 @@ fn check_run<'a>(
     ]
     .into_iter()
     .collect()
+}
+
+/// The last event of a run, its `summary`.
+fn summary_of(events: &[serde_json::Value]) -> &serde_json::Value {
+    events.last().expect("events")
+}
+
+/// A run too short to learn: every network answers about one class, so
+/// they agree on nearly every test image. The output says that this
+/// agreement means nothing yet, where the figure alone reads as a proof,
+/// and why no running-loss line came.
+#[test]
+fn an_untrained_run_warns_that_its_agreement_means_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    synthetic(&data, 500, 200, 1, None);
+    // The tutorial's lr and --log-every, 30 steps.
+    let args = [
+        "compare-losses",
+        "--device",
+        "cpu",
+        "--data-dir",
+        s(&data),
+        "--seed",
+        "1",
+        "--max-steps",
+        "30",
+        "--threads",
+        "1",
+    ];
+    let out = run(&args);
+    let text = ok(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("A and B predict the same class on "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let warning = lines[at + 1];
+    assert!(
+        warning.starts_with("Warning: the networks have not learned yet (test accuracy A "),
+        "{text}"
+    );
+    assert!(
+        warning.ends_with("Train longer: --max-steps stopped this run after 30 steps."),
+        "{warning}"
+    );
+    // The sentence on what A against B means is there all the same.
+    assert!(
+        text.contains("A and B compute the same function (log(softmax(z)) is log_softmax(z)"),
+        "{text}"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "note: this run prints no running-loss line: one comes every --log-every 2000 \
+             mini-batches of an epoch, and it trains at most 30 in one; --log-every 3 prints them"
+        ),
+        "{err}"
+    );
+
+    let json = events(&ok(&run(&[&args[..], &["--json"]].concat())));
+    let test = json.iter().find(|e| e["event"] == "test").unwrap();
+    assert_eq!(test["learned"], false, "{test}");
+    assert_eq!(summary_of(&json)["learned"], false);
 }
 
 #[test]

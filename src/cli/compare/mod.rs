@@ -57,7 +57,7 @@ use crate::util::device::{device_name, CpuSettings};
 use crate::util::report::{optional_path_json, Reporter};
 use crate::util::tensorboard::Events;
 use contenders::{largest, pair_key};
-use output::{accuracy_text, sci, text_only};
+use output::{accuracy_text, learned, not_learned_warning, same_function_sentence, sci, text_only};
 use probe::kind_name;
 
 /// The floating-point type of a `compare-losses` run.
@@ -325,9 +325,23 @@ fn run_one(
         None => "none (no step where both were finite)".into(),
     };
     let dtype = kind_name(kind);
+    // Untrained networks agree on every image: say so beside the figures.
+    let learned = learned(&evals);
+    let warning = if learned {
+        String::new()
+    } else {
+        let advice = if steps < all_steps {
+            format!("Train longer: --max-steps stopped this run after {steps} steps.")
+        } else {
+            "Train longer: more --epochs, or check --lr.".to_string()
+        };
+        format!("\n{}", not_learned_warning(&evals, &advice))
+    };
+    let same_function = same_function_sentence(four[Role::B.index()].skipped);
     let mut test_event = json!({"event": "test", "dtype": dtype_flag(kind), "total": total,
         "agree_ab": agree_ab, "agreement_ab_percent": pct(agree_ab),
-        "agree_a_rev": agree_a_rev, "agreement_a_rev_percent": pct(agree_a_rev)});
+        "agree_a_rev": agree_a_rev, "agreement_a_rev_percent": pct(agree_a_rev),
+        "learned": learned});
     for (r, e) in Role::ALL.iter().zip(&evals) {
         test_event[format!("accuracy_{}", r.key())] = json!(e.accuracy());
     }
@@ -344,13 +358,14 @@ fn run_one(
             format!(
                 "\n{}\n\n\
                  A and B predict the same class on {agree_ab} of {total} test images \
-                 ({:.2} %); A and A' on {agree_a_rev} ({:.2} %).\n\
+                 ({:.2} %); A and A' on {agree_a_rev} ({:.2} %).{warning}\n\
                  Largest |loss_A - loss_B| on one mini-batch: {}; |loss_A - loss_A'|: {}.\n\
                  Largest parameter difference after {} steps: |A-B| {} (in {ab_name}), \
                  |A-A'| {} (in {a_rev_name}), |A-C| {}; the largest weight is {param_scale:.2}.\n\
                  Updates skipped on a non-finite loss or gradient: {}.\n\
                  A' differs from A only in the order in which its sums are rounded: A against A' \
-                 is what {dtype} rounding alone does, the yardstick for A against B.",
+                 is what {dtype} rounding alone does, the yardstick for A against B.\n\
+                 {same_function}",
                 accuracy_text(&evals),
                 pct(agree_ab),
                 pct(agree_a_rev),
@@ -436,6 +451,7 @@ fn run_one(
         fields.insert(format!("max_loss_diff_{pair}"), json!(loss_diff));
         fields.insert(format!("max_loss_diff_{pair}_step"), json!(loss_diff_step));
     }
+    fields.insert("learned".into(), json!(learned));
     fields.insert("max_param_diff_ab".into(), json!(ab_max));
     fields.insert("max_param_diff_a_rev".into(), json!(a_rev_max));
     fields.insert("max_param_diff_ac".into(), json!(ac_max));

@@ -62,6 +62,81 @@ pub fn accuracy_text(evals: &[Evaluation]) -> String {
     out
 }
 
+/// The networks whose class agreement `compare-losses` reports.
+const AGREEING: [Role; 3] = [Role::A, Role::AReversed, Role::B];
+
+/// The largest share (in percent) of the test images that one network
+/// puts in one class, and that class: a network that has not learned
+/// answers one class, or a few, for every image.
+fn top_class_share(e: &Evaluation) -> (f64, usize) {
+    let columns = (0..e.classes.len()).map(|c| e.confusion.iter().map(|row| row[c]).sum::<i64>());
+    let (class, most) = columns
+        .enumerate()
+        .max_by_key(|&(c, n)| (n, std::cmp::Reverse(c)))
+        .unwrap_or((0, 0));
+    (100.0 * most as f64 / e.total().max(1) as f64, class)
+}
+
+/// Whether A, A' and B (`evals` in [`Role::ALL`] order) have learned
+/// anything: each scores at least 1.5 times chance and spreads its answers
+/// over the classes (no class gets half the images). Until they have,
+/// agreement between them is no evidence: networks that answer one class
+/// for every image agree on every image.
+pub fn learned(evals: &[Evaluation]) -> bool {
+    AGREEING.iter().all(|r| {
+        let e = &evals[r.index()];
+        let chance = 100.0 / e.classes.len().max(1) as f64;
+        e.accuracy() >= 1.5 * chance && top_class_share(e).0 < 50.0
+    })
+}
+
+/// The warning that replaces a bare agreement figure when the networks
+/// have not [`learned`]; `advice` says how to train longer.
+pub fn not_learned_warning(evals: &[Evaluation], advice: &str) -> String {
+    let accuracies: Vec<String> = AGREEING
+        .iter()
+        .map(|r| format!("{} {:.2} %", r.letter(), evals[r.index()].accuracy()))
+        .collect();
+    let chance = 100.0 / evals[0].classes.len().max(1) as f64;
+    let (share, class, role) = AGREEING
+        .iter()
+        .map(|r| {
+            let (share, class) = top_class_share(&evals[r.index()]);
+            (share, class, r)
+        })
+        .fold(
+            (f64::MIN, 0, &Role::A),
+            |m, x| if x.0 > m.0 { x } else { m },
+        );
+    format!(
+        "Warning: the networks have not learned yet (test accuracy {}, chance {chance:.0} %; {} \
+         answers {} for {share:.1} % of the images), so their agreement means nothing yet: \
+         networks that give every image one class agree on every image. {advice}",
+        accuracies.join(", "),
+        role.letter(),
+        evals[0].classes[class],
+    )
+}
+
+/// The sentence that says what the A-B differences are: A and B are one
+/// function, so they differ by rounding (which A' measures alone), unless
+/// B skipped updates on a non-finite loss.
+pub fn same_function_sentence(b_skipped: u64) -> String {
+    if b_skipped == 0 {
+        "A and B compute the same function (log(softmax(z)) is log_softmax(z) in exact \
+         arithmetic): every difference between them above is rounding, as A' shows."
+            .into()
+    } else {
+        format!(
+            "A and B compute the same function (log(softmax(z)) is log_softmax(z) in exact \
+             arithmetic), but B skipped {b_skipped} update{} where a probability underflowed to \
+             0 and log(0) is -inf: from there on their differences are that failure, not \
+             rounding.",
+            if b_skipped == 1 { "" } else { "s" }
+        )
+    }
+}
+
 /// The CSV's header: one row per step and dtype; the divergence columns
 /// are filled every [`super::side_by_side::DIVERGENCE_EVERY`] steps and
 /// at the last, and empty otherwise.
@@ -240,6 +315,89 @@ pub fn write_plot(path: &Path, runs: &[(Kind, &History)]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A confusion matrix of ten classes, 10 images each, that answers
+    /// `answer(truth, image)`.
+    fn evaluation(answer: impl Fn(usize, usize) -> usize) -> Evaluation {
+        let classes: Vec<String> = crate::data::CLASSES.iter().map(|c| c.to_string()).collect();
+        let mut confusion = vec![vec![0i64; 10]; 10];
+        for (truth, row) in confusion.iter_mut().enumerate() {
+            for image in 0..10 {
+                row[answer(truth, image)] += 1;
+            }
+        }
+        Evaluation { classes, confusion }
+    }
+
+    #[test]
+    fn networks_that_answer_one_class_have_not_learned() {
+        let cat = evaluation(|_, _| 3);
+        let good = evaluation(|truth, image| if image < 6 { truth } else { (truth + 1) % 10 });
+        assert_eq!(top_class_share(&cat), (100.0, 3));
+        assert!(learned(&[
+            good.clone(),
+            good.clone(),
+            good.clone(),
+            good.clone()
+        ]));
+        // One of A, A', B untrained is enough; C is A and not looked at.
+        assert!(!learned(&[
+            good.clone(),
+            good.clone(),
+            cat.clone(),
+            good.clone()
+        ]));
+        assert!(learned(&[
+            good.clone(),
+            good.clone(),
+            good.clone(),
+            cat.clone()
+        ]));
+        // Accurate enough, but half the images in one class.
+        let lopsided = evaluation(|truth, image| if image < 5 { 0 } else { truth });
+        assert!(lopsided.accuracy() > 15.0);
+        assert!(!learned(&[
+            lopsided.clone(),
+            good.clone(),
+            good.clone(),
+            good.clone()
+        ]));
+        // Near chance, however spread.
+        let guess = evaluation(|truth, image| {
+            if image == 0 {
+                truth
+            } else {
+                (truth + image) % 10
+            }
+        });
+        assert!(!learned(&[
+            guess.clone(),
+            guess.clone(),
+            guess.clone(),
+            guess
+        ]));
+
+        let all_cat = [cat.clone(), cat.clone(), cat.clone(), cat];
+        let text = not_learned_warning(&all_cat, "Train longer.");
+        assert!(
+            text.starts_with(
+                "Warning: the networks have not learned yet (test accuracy A 10.00 %, A' 10.00 \
+                 %, B 10.00 %, chance 10 %; A answers cat for 100.0 % of the images)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("agree on every image. Train longer."),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_same_function_sentence_says_when_b_failed() {
+        assert!(same_function_sentence(0).ends_with("is rounding, as A' shows."));
+        assert!(same_function_sentence(1).contains("B skipped 1 update where"));
+        assert!(same_function_sentence(7).contains("B skipped 7 updates where"));
+    }
 
     #[test]
     fn smoothing_skips_non_finite_values() {
