@@ -24,6 +24,13 @@ pub struct Launch {
     /// Otherwise rank 0 hosts it.
     pub agent_store: bool,
     pub store_prefix: String,
+    /// How many times torchrun's agent has started this rank's worker group
+    /// again after a failure (`TORCHELASTIC_RESTART_COUNT`): 0 on the first
+    /// start, and without torchrun.
+    pub restart_count: u64,
+    /// The restarts torchrun allows (`--max-restarts`, which it passes as
+    /// `TORCHELASTIC_MAX_RESTARTS`), when it says.
+    pub max_restarts: Option<u64>,
 }
 
 impl Launch {
@@ -86,11 +93,22 @@ impl Launch {
             None => world_size,
         };
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").as_deref() == Some("True");
-        // torch.distributed's env:// rendezvous puts a worker's keys under
-        // this prefix of the agent's store.
-        let attempt = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+        let count = |name: &str| -> Result<Option<u64>> {
+            var(name)
+                .map(|v| {
+                    v.trim()
+                        .parse()
+                        .with_context(|| format!("{name}={v} is not a count (0 or more)"))
+                })
+                .transpose()
+        };
+        let restart_count = count("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0);
+        let max_restarts = count("TORCHELASTIC_MAX_RESTARTS")?;
+        // The agent's store outlives a worker group: each attempt's keys go
+        // under a prefix of their own, so that a restarted group never reads
+        // what the failed one left there.
         let store_prefix = if agent_store {
-            format!("/worker/attempt_{attempt}")
+            format!("/worker/attempt_{restart_count}")
         } else {
             String::new()
         };
@@ -103,6 +121,8 @@ impl Launch {
             master_port,
             agent_store,
             store_prefix,
+            restart_count,
+            max_restarts,
         }))
     }
 
@@ -140,7 +160,7 @@ mod tests {
         Launch::from_vars(|name| vars.get(name).cloned())
     }
 
-    const TORCHRUN: [(&str, &str); 8] = [
+    const TORCHRUN: [(&str, &str); 9] = [
         ("RANK", "1"),
         ("WORLD_SIZE", "2"),
         ("LOCAL_RANK", "1"),
@@ -148,6 +168,7 @@ mod tests {
         ("MASTER_PORT", "29500"),
         ("TORCHELASTIC_USE_AGENT_STORE", "True"),
         ("TORCHELASTIC_RESTART_COUNT", "0"),
+        ("TORCHELASTIC_MAX_RESTARTS", "3"),
         ("LOCAL_WORLD_SIZE", "2"),
     ];
 
@@ -170,9 +191,31 @@ mod tests {
                 master_port: 29500,
                 agent_store: true,
                 store_prefix: "/worker/attempt_0".into(),
+                restart_count: 0,
+                max_restarts: Some(3),
             }
         );
         assert!(got.is_loopback());
+    }
+
+    #[test]
+    fn a_restarted_worker_knows_its_attempt() {
+        let mut vars = TORCHRUN.to_vec();
+        vars.retain(|(k, _)| *k != "TORCHELASTIC_RESTART_COUNT");
+        vars.push(("TORCHELASTIC_RESTART_COUNT", "2"));
+        let got = launch(&vars).unwrap().unwrap();
+        assert_eq!(got.restart_count, 2);
+        assert_eq!(got.store_prefix, "/worker/attempt_2");
+        // A plain launcher sets none of torchrun's elastic variables.
+        let plain = launch(&TORCHRUN[..5]).unwrap().unwrap();
+        assert_eq!((plain.restart_count, plain.max_restarts), (0, None));
+        assert_eq!(plain.store_prefix, "");
+        vars.push(("TORCHELASTIC_MAX_RESTARTS", "many"));
+        let err = launch(&vars).unwrap_err().to_string();
+        assert!(
+            err.contains("TORCHELASTIC_MAX_RESTARTS=many is not a count"),
+            "{err}"
+        );
     }
 
     #[test]

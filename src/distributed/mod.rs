@@ -4,7 +4,12 @@
 //! * [`init`] joins the run that [`Launch`] describes (torchrun's
 //!   environment): a c10d `TCPStore` rendezvous and a process group
 //!   (Gloo on the CPU). Like `torch.distributed.init_process_group`, it
-//!   sets this process's one [`World`], which [`world`] returns.
+//!   sets this process's one [`World`], which [`world`] returns. It is
+//!   [`rendezvous`], which reaches the store (where rank 0's choices reach
+//!   the others before the recipe is built), then [`Rendezvous::join`].
+//!   Under torchrun the store is its agent's, which outlives a worker
+//!   group: each attempt's keys go under a prefix of their own, and the
+//!   launch's own keys ([`World::set_run_value`]) carry over to a restart.
 //! * [`sync_gradients`], called by the optimizers after backward, sums
 //!   every rank's gradients in buckets, one all-reduce per bucket, and
 //!   averages them (or keeps the sum, for a summed loss). The step's loss
@@ -92,9 +97,12 @@ pub struct World {
     /// Where this rank's tensors are, and so the collectives' buffers.
     pub device: Device,
     group: Group,
-    /// Heartbeats and failure reports, on a connection of their own whose
-    /// operations give up quickly (the main one waits `timeout`).
+    /// Heartbeats, failure reports and the run's keys, on a connection of
+    /// their own whose operations give up quickly (the main one waits
+    /// `timeout`), without the attempt's prefix.
     monitor: Arc<Store>,
+    /// The attempt's prefix of the heartbeat and failure keys.
+    prefix: String,
     /// Holds the rendezvous (and, on rank 0 without torchrun, hosts it).
     store: Store,
     timeout: Duration,
@@ -119,12 +127,27 @@ pub fn is_main() -> bool {
     world().is_none_or(|w| w.rank == 0)
 }
 
-fn heartbeat_key(rank: i64) -> String {
-    format!("tch-cifar/heartbeat/{rank}")
+/// `key` of the worker group whose keys go under `prefix` (the attempt's,
+/// under torchrun).
+fn attempt_key(prefix: &str, key: &str) -> String {
+    match prefix {
+        "" => key.to_string(),
+        prefix => format!("{prefix}/{key}"),
+    }
 }
 
-fn failed_key(rank: i64) -> String {
-    format!("tch-cifar/failed/{rank}")
+fn heartbeat_key(prefix: &str, rank: i64) -> String {
+    attempt_key(prefix, &format!("tch-cifar/heartbeat/{rank}"))
+}
+
+fn failed_key(prefix: &str, rank: i64) -> String {
+    attempt_key(prefix, &format!("tch-cifar/failed/{rank}"))
+}
+
+/// A key of the whole launch rather than of one worker group: under
+/// torchrun it outlives the restarts, in the agent's store.
+fn run_key(key: &str) -> String {
+    format!("tch-cifar/run/{key}")
 }
 
 /// SIGPIPE blocked in this thread, and so in every thread started while it
@@ -174,14 +197,31 @@ fn sigpipe() -> libc::sigset_t {
 
 /// Joins the run `launch` describes on `backend` for tensors on `device`,
 /// waiting up to `timeout` for every rank, and makes it this process's
-/// [`World`].
+/// [`World`]: [`rendezvous`], then [`Rendezvous::join`].
 pub fn init(
     launch: &Launch,
     backend: Backend,
     device: Device,
     timeout: Duration,
 ) -> Result<&'static World> {
-    // The threads c10d and gloo start from here on never die of SIGPIPE.
+    rendezvous(launch, timeout)?.join(backend, device)
+}
+
+/// A rank that has reached the run's store but not yet formed its process
+/// group: what the ranks must agree on before they can build their recipe
+/// (which checkpoint to go on from) travels through the store.
+pub struct Rendezvous {
+    launch: Launch,
+    store: Store,
+    monitor: Arc<Store>,
+    timeout: Duration,
+}
+
+/// Reaches the store of the run `launch` describes (hosting it on rank 0
+/// without torchrun), waiting up to `timeout`, and starts this rank's
+/// heartbeat there.
+pub fn rendezvous(launch: &Launch, timeout: Duration) -> Result<Rendezvous> {
+    // The threads c10d starts from here on never die of SIGPIPE.
     let _sigpipe = SigpipeBlocked::new();
     let Launch {
         rank, world_size, ..
@@ -216,68 +256,136 @@ pub fn init(
             ))
         }
     })?;
-    let monitor = Store::connect(
-        host,
-        port,
-        world_size,
-        false,
-        Duration::from_secs(5),
-        &launch.store_prefix,
-    )
-    .with_context(|| format!("rank {rank} cannot open a second connection to {where_}"))?;
+    // Without the attempt's prefix: its keys name it themselves, and the
+    // run's own keys outlive a restart of the worker group.
+    let monitor = Store::connect(host, port, world_size, false, Duration::from_secs(5), "")
+        .with_context(|| format!("rank {rank} cannot open a second connection to {where_}"))?;
     let monitor = Arc::new(monitor);
-    monitor.set(&heartbeat_key(rank), now_ms().to_string().as_bytes())?;
-    spawn_heartbeat(Arc::clone(&monitor), rank);
-    // On loopback, Gloo's sockets stay there too; elsewhere they bind as
-    // torch.distributed binds them (GLOO_SOCKET_IFNAME, else the host name).
-    let bind = launch.is_loopback().then_some("127.0.0.1");
-    let interfaces = std::env::var("GLOO_SOCKET_IFNAME")
-        .ok()
-        .filter(|names| !names.is_empty());
-    let group = match backend {
-        Backend::Gloo => Group::gloo(
-            &store,
-            rank,
-            world_size,
-            timeout,
-            bind,
-            interfaces.as_deref(),
-        ),
-        Backend::Nccl => nccl::group(&store, rank, world_size, timeout),
-    };
-    let group = group.with_context(|| {
-        format!(
-            "rank {rank} of {world_size}: the {} process group did not form within {} s \
-             (are all {world_size} ranks started?)",
-            backend.name(),
-            timeout.as_secs()
-        )
-    })?;
-    let world = World {
-        rank,
-        size: world_size,
-        local_size: launch.local_world_size,
-        backend,
-        device,
-        group,
-        monitor,
+    let prefix = launch.store_prefix.clone();
+    monitor.set(
+        &heartbeat_key(&prefix, rank),
+        now_ms().to_string().as_bytes(),
+    )?;
+    spawn_heartbeat(Arc::clone(&monitor), heartbeat_key(&prefix, rank));
+    let _ = REPORTS.set((Arc::clone(&monitor), failed_key(&prefix, rank)));
+    Ok(Rendezvous {
+        launch: launch.clone(),
         store,
+        monitor,
         timeout,
-        reduction: AtomicU8::new(0),
-        stop_requested: AtomicBool::new(false),
-        stop_agreed: AtomicBool::new(false),
-        failure: Mutex::new(None),
-    };
-    if WORLD.set(world).is_err() {
-        bail!("this process has joined a distributed run already");
-    }
-    Ok(WORLD.get().expect("set above"))
+    })
 }
 
-/// Tells the store this rank is alive, every [`HEARTBEAT_EVERY`], until
-/// the process ends.
-fn spawn_heartbeat(store: Arc<Store>, rank: i64) {
-    let key = heartbeat_key(rank);
+impl Rendezvous {
+    pub fn rank(&self) -> i64 {
+        self.launch.rank
+    }
+
+    /// Rank 0's `mine`, on every rank ([`World::rank0_value`]).
+    pub fn rank0_value(&self, key: &str, mine: &str) -> Result<String> {
+        rank0_value(&self.store, self.launch.rank, key, mine)
+    }
+
+    /// The value of the run's `key` ([`World::set_run_value`]), if an
+    /// earlier worker group of this launch set it.
+    pub fn run_value(&self, key: &str) -> Result<Option<String>> {
+        let value = self.monitor.try_get(&run_key(key))?;
+        Ok(value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Forms the process group on `backend` for tensors on `device`, and
+    /// makes it this process's [`World`].
+    pub fn join(self, backend: Backend, device: Device) -> Result<&'static World> {
+        // The threads gloo starts never die of SIGPIPE.
+        let _sigpipe = SigpipeBlocked::new();
+        let Rendezvous {
+            launch,
+            store,
+            monitor,
+            timeout,
+        } = self;
+        let Launch {
+            rank, world_size, ..
+        } = launch;
+        // On loopback, Gloo's sockets stay there too; elsewhere they bind as
+        // torch.distributed binds them (GLOO_SOCKET_IFNAME, else the host name).
+        let bind = launch.is_loopback().then_some("127.0.0.1");
+        let interfaces = std::env::var("GLOO_SOCKET_IFNAME")
+            .ok()
+            .filter(|names| !names.is_empty());
+        let group = match backend {
+            Backend::Gloo => Group::gloo(
+                &store,
+                rank,
+                world_size,
+                timeout,
+                bind,
+                interfaces.as_deref(),
+            ),
+            Backend::Nccl => nccl::group(&store, rank, world_size, timeout),
+        };
+        let group = group.with_context(|| {
+            format!(
+                "rank {rank} of {world_size}: the {} process group did not form within {} s \
+                 (are all {world_size} ranks started?)",
+                backend.name(),
+                timeout.as_secs()
+            )
+        })?;
+        let world = World {
+            rank,
+            size: world_size,
+            local_size: launch.local_world_size,
+            backend,
+            device,
+            group,
+            monitor,
+            prefix: launch.store_prefix,
+            store,
+            timeout,
+            reduction: AtomicU8::new(0),
+            stop_requested: AtomicBool::new(false),
+            stop_agreed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+        };
+        if WORLD.set(world).is_err() {
+            bail!("this process has joined a distributed run already");
+        }
+        Ok(WORLD.get().expect("set above"))
+    }
+}
+
+/// Rank 0's `mine` under `key`, through `store`: rank 0 publishes it, the
+/// others wait for it (up to the store's timeout, `--dist-timeout`).
+fn rank0_value(store: &Store, rank: i64, key: &str, mine: &str) -> Result<String> {
+    let key = format!("tch-cifar/rank0/{key}");
+    if rank == 0 {
+        store.set(&key, mine.as_bytes())?;
+        return Ok(mine.to_string());
+    }
+    let bytes = store
+        .get(&key)
+        .with_context(|| format!("rank {rank} did not get rank 0's {key}"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Where this rank tells the others why it fails: the monitor's
+/// connection and this rank's key there, once it has reached the store.
+static REPORTS: OnceLock<(Arc<Store>, String)> = OnceLock::new();
+
+/// Tells the other ranks why this one is about to fail, so that their
+/// errors name it and its reason rather than a lost connection. Does
+/// nothing before the store is reached, or without a distributed run.
+pub fn report_failure(err: &anyhow::Error) {
+    if let Some((monitor, key)) = REPORTS.get() {
+        let message = format!("{err:#}");
+        let _ = monitor.set(key, message.as_bytes());
+    }
+}
+
+/// Tells the store this rank is alive under `key`, every
+/// [`HEARTBEAT_EVERY`], until the process ends.
+fn spawn_heartbeat(store: Arc<Store>, key: String) {
     std::thread::spawn(move || loop {
         std::thread::sleep(HEARTBEAT_EVERY);
         if store.set(&key, now_ms().to_string().as_bytes()).is_err() {
@@ -358,23 +466,13 @@ impl World {
     /// Rank 0's `mine`, on every rank: rank 0 publishes its value under
     /// `key` in the store, the others wait for it (up to `--dist-timeout`).
     pub fn rank0_value(&self, key: &str, mine: &str) -> Result<String> {
-        let key = format!("tch-cifar/rank0/{key}");
-        if self.rank == 0 {
-            self.store.set(&key, mine.as_bytes())?;
-            return Ok(mine.to_string());
-        }
-        let bytes = self
-            .store
-            .get(&key)
-            .with_context(|| format!("rank {} did not get rank 0's {key}", self.rank))?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        rank0_value(&self.store, self.rank, key, mine)
     }
 
-    /// Tells the other ranks why this one is about to fail, so that their
-    /// errors name it and its reason rather than a lost connection.
-    pub fn report_failure(&self, err: &anyhow::Error) {
-        let message = format!("{err:#}");
-        let _ = self.monitor.set(&failed_key(self.rank), message.as_bytes());
+    /// Sets the run's `key` to `value`: under torchrun, a worker group it
+    /// starts again after a failure reads it ([`Rendezvous::run_value`]).
+    pub fn set_run_value(&self, key: &str, value: &str) -> Result<()> {
+        self.monitor.set(&run_key(key), value.as_bytes())
     }
 
     /// The error for a collective `what` that failed with `err`: which rank
@@ -388,7 +486,7 @@ impl World {
             others
                 .iter()
                 .map(|&r| {
-                    let beat = self.monitor.try_get(&heartbeat_key(r))?;
+                    let beat = self.monitor.try_get(&heartbeat_key(&self.prefix, r))?;
                     let at = beat.and_then(|b| String::from_utf8_lossy(&b).parse::<u128>().ok());
                     Ok((r, at.map(|at| now.saturating_sub(at))))
                 })
@@ -397,7 +495,7 @@ impl World {
         let late = HEARTBEAT_EVERY.as_millis() * 5 / 2;
         let diagnosis = (|| -> Result<String> {
             for &r in &others {
-                if let Some(reason) = self.monitor.try_get(&failed_key(r))? {
+                if let Some(reason) = self.monitor.try_get(&failed_key(&self.prefix, r))? {
                     return Ok(format!(
                         "rank {r} failed: {}",
                         String::from_utf8_lossy(&reason)

@@ -235,7 +235,8 @@ pub struct CheckpointArgs {
     ///
     /// DIR is created if missing, and must not hold another run's
     /// checkpoints. Without it, an interrupted run saves into
-    /// FILE.checkpoint/ next to --out.
+    /// FILE.checkpoint/ next to --out. Under torchrun, a worker group it
+    /// starts again (--max-restarts) goes on from DIR's newest checkpoint.
     #[arg(long, value_name = "DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Also save every N steps (needs --checkpoint-dir or --resume).

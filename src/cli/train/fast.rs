@@ -33,8 +33,14 @@ const TUTORIAL_ONLY: [&str; 5] = [
 ];
 
 /// Refuses the flags the fast recipe `name` has no use for; on a resume
-/// also `--epochs`, which would change its schedule.
-pub fn check_flags(given: &Given, resuming: bool, name: &str) -> Result<()> {
+/// (from a checkpoint of the settings `resumed`) also an `--epochs` other
+/// than the checkpoint's, which would change its schedule.
+pub fn check_flags(
+    given: &Given,
+    resumed: Option<&Settings>,
+    epochs: u64,
+    name: &str,
+) -> Result<()> {
     for flag in TUTORIAL_ONLY {
         if given.has(flag) {
             bail!(
@@ -43,7 +49,9 @@ pub fn check_flags(given: &Given, resuming: bool, name: &str) -> Result<()> {
             );
         }
     }
-    if resuming && given.has("--epochs") {
+    // A restart by torchrun gives the same --epochs again.
+    let changes = |s: &Settings| s.schedule_epochs != Some(epochs as f64);
+    if given.has("--epochs") && resumed.is_some_and(changes) {
         bail!(
             "--epochs cannot change on a resume of {name}: its learning-rate schedule \
              spans the run's epochs (drop --epochs; --max-steps stops it earlier)"
@@ -339,5 +347,28 @@ impl<R: ?Sized> Hook<R> for EpochLines {
         self.seconds.push(seconds);
         (self.sum, self.count, self.began) = (0.0, 0, Instant::now());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::args::tests::parse;
+    use super::*;
+
+    /// A restart by torchrun repeats the command line, --epochs included:
+    /// the checkpoint's own count is taken, any other refused.
+    #[test]
+    fn a_resume_takes_its_own_epochs_and_refuses_others() {
+        let (args, given) = parse(&["--model", "airbench94", "--epochs", "3"]).unwrap();
+        let saved = args.settings(&given);
+        check_flags(&given, Some(&saved), 3, "airbench94").unwrap();
+        let (_, other) = parse(&["--model", "airbench94", "--epochs", "4"]).unwrap();
+        let err = check_flags(&other, Some(&saved), 4, "airbench94").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("--epochs cannot change on a resume of airbench94"),
+            "{err}"
+        );
+        check_flags(&other, None, 4, "airbench94").unwrap();
     }
 }

@@ -16,6 +16,7 @@
 mod args;
 mod fast;
 mod folders;
+mod restart;
 pub mod resume;
 
 use std::time::Instant;
@@ -35,10 +36,10 @@ use self::folders::{
 };
 use self::resume::{check_resume, evaluate_command, resume_command, resumed_settings};
 use crate::data::{self, Split};
-use crate::distributed::{self, Backend, Launch, World};
+use crate::distributed::{self, Backend, Launch, Rendezvous, World};
 use crate::nets::classifier::Classifier;
 use crate::nets::tutorial::Model;
-use crate::train::checkpoint::{self, Meta, Position, Saver};
+use crate::train::checkpoint::{Meta, Position, Saver};
 use crate::train::evaluation::{evaluate_sharded, predict_classes};
 use crate::train::harness::board::{Board, Marks};
 use crate::train::harness::profile::Profiler;
@@ -47,7 +48,6 @@ pub use crate::train::harness::{
     read_losses_every, Interrupted, Interrupts, Saved, TrainStats, INTERRUPTS,
 };
 use crate::train::optim::Sgd;
-use crate::train::recipes::checkpoint_shapes;
 use crate::train::recipes::tutorial::{self, Tutorial};
 pub use crate::train::settings::{
     diverged_hint, ModelKind, Settings, DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS,
@@ -98,7 +98,7 @@ impl Control<'_> {
 }
 
 /// Trains `model` with `opt` on `train` with the tutorial's recipe and the
-/// run's settings, through the [harness](harness::run): from
+/// run's settings, through the [harness](crate::train::harness::run): from
 /// `control.start` to the end of `settings.epochs` (or
 /// `settings.max_steps`), saving checkpoints as `control` says.
 pub fn train(
@@ -169,21 +169,23 @@ pub fn run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     install_signal_handlers().context("cannot install the signal handlers")?;
     let result = train_run(args, matches);
     // The other ranks' errors then name this one and its reason.
-    if let (Err(err), Some(world)) = (&result, distributed::world()) {
+    if let Err(err) = &result {
         if !err.is::<Interrupted>() {
-            world.report_failure(err);
+            distributed::report_failure(err);
         }
     }
     result
 }
 
-/// Joins the distributed run that `launch` describes, for `settings` on
-/// `device`: checks that the backend suits the device and that the batch
-/// divides among the ranks, then that every rank trains rank 0's recipe
-/// (taking its seed unless `seed_given`). Returns the device this rank
-/// trains on (GPU `LOCAL_RANK` on CUDA).
+/// Joins the distributed run that `launch` describes, whose store
+/// `rendezvous` has reached, for `settings` on `device`: checks that the
+/// backend suits the device and that the batch divides among the ranks,
+/// then that every rank trains rank 0's recipe (taking its seed unless
+/// `seed_given`). Returns the device this rank trains on (GPU `LOCAL_RANK`
+/// on CUDA).
 fn join(
     launch: &Launch,
+    rendezvous: Rendezvous,
     dist: &DistArgs,
     settings: &mut Settings,
     device: Device,
@@ -210,8 +212,7 @@ fn join(
         other => other,
     };
     settings.world_size = world_size;
-    let timeout = std::time::Duration::from_secs(dist.dist_timeout);
-    let world = distributed::init(launch, backend, device, timeout)?;
+    let world = rendezvous.join(backend, device)?;
     agree_on_recipe(world, settings, seed_given)?;
     // The ranks stop together, so a second signal waits for them.
     INTERRUPTS
@@ -268,11 +269,15 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     if ck.checkpoint_every.is_some() && ck.checkpoint_dir.is_none() && ck.resume.is_none() {
         bail!("--checkpoint-every needs --checkpoint-dir DIR (or --resume DIR) to save into");
     }
-    let resumed = ck
-        .resume
-        .as_deref()
-        .map(|dir| checkpoint::newest(dir, checkpoint_shapes))
+    // A distributed run reaches its store first: rank 0's choice of the
+    // checkpoint to go on from, which sets the recipe, travels through it.
+    let timeout = std::time::Duration::from_secs(args.distributed.dist_timeout);
+    let rendezvous = launch
+        .as_ref()
+        .map(|l| distributed::rendezvous(l, timeout))
         .transpose()?;
+    let start = restart::choose(ck, launch.as_ref(), rendezvous.as_ref(), args.json)?;
+    let (resumed, own_dir, restart) = (start.checkpoint, start.own_dir, start.restart);
     let mut settings = match &resumed {
         None => args.settings(&given),
         Some(c) => {
@@ -295,7 +300,8 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         }
     };
     if settings.model.airbench().is_some() {
-        fast::check_flags(&given, resumed.is_some(), settings.model.name())?;
+        let resumed = resumed.as_ref().map(|c| &c.meta.settings);
+        fast::check_flags(&given, resumed, args.recipe.epochs, settings.model.name())?;
     }
     let recorded = settings.tensorboard.clone();
     settings.tensorboard =
@@ -313,14 +319,15 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let json = args.json;
     let out = settings.out.clone();
     let device = settings.device.resolve()?;
-    let (world, device) = match &launch {
-        Some(launch) => {
+    let (world, device) = match (&launch, rendezvous) {
+        (Some(launch), Some(rendezvous)) => {
             let seed_given = given.has("--seed") || resumed.is_some();
+            let dist = &args.distributed;
             let (world, device) =
-                join(launch, &args.distributed, &mut settings, device, seed_given)?;
+                join(launch, rendezvous, dist, &mut settings, device, seed_given)?;
             (Some(world), device)
         }
-        None => {
+        _ => {
             if given.has("--dist-backend") || given.has("--dist-timeout") {
                 eprintln!(
                     "note: --dist-backend and --dist-timeout only matter when torchrun launches \
@@ -365,7 +372,18 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     // Checkpoints go to --checkpoint-dir, else to the folder resumed from.
     let checkpoint_dir = ck.checkpoint_dir.clone().or_else(|| ck.resume.clone());
     match &checkpoint_dir {
-        Some(dir) if main => prepare_checkpoint_dir(dir, ck.resume.as_deref())?,
+        Some(dir) if main => {
+            // A restart saves on into the folder its first attempt took.
+            let continues = if own_dir {
+                Some(dir.as_path())
+            } else {
+                ck.resume.as_deref()
+            };
+            prepare_checkpoint_dir(dir, continues)?;
+            if let Some(world) = world {
+                restart::take_folder(world, dir)?;
+            }
+        }
         Some(_) => {}
         // An interrupt would save there and delete what is there already.
         None => check_no_interrupted_run(&interrupt_dir(&out))?,
@@ -411,7 +429,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         .as_ref()
         .map(|c| (c.meta.position.global_step, c.path.clone()));
     let start = match &resumed {
-        Some(c) => check_resume(c, &meta, &mut start_event)?,
+        Some(c) => check_resume(c, &meta, &mut start_event, restart)?,
         None => Position::START,
     };
     let (dir, keep, every_epoch) = match checkpoint_dir {

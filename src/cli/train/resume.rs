@@ -236,10 +236,13 @@ fn changed(notes: &mut Vec<String>, flag: &str, was: Option<String>, now: Option
 /// Checks the resumed checkpoint against this run's training set, notes
 /// what will round differently, and returns where training continues (the
 /// recipe restores the tensors).
+/// `restart` names torchrun's restart on the line that says where the run
+/// goes on.
 pub fn check_resume(
     c: &Checkpoint,
     run: &Meta,
     start_event: &mut serde_json::Value,
+    restart: Option<super::restart::Restart>,
 ) -> Result<Position> {
     if c.meta.train_images != run.train_images {
         bail!(
@@ -326,8 +329,9 @@ pub fn check_resume(
         _ => format!("the end of epoch {}", is.epochs),
     };
     if main {
+        let restart = restart.map_or(String::new(), |r| format!("{r}: "));
         eprintln!(
-            "resuming from {} at epoch {}, step {} (global step {}); training to {until}",
+            "{restart}resuming from {} at epoch {}, step {} (global step {}); training to {until}",
             c.path.display(),
             at.epoch,
             at.step,
