@@ -48,7 +48,7 @@ enum Command {
     Evaluate(evaluate::EvaluateArgs),
     /// Train Net with logits + cross-entropy and softmax + nll_loss(log p), side by side.
     CompareLosses(compare::CompareArgs),
-    /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
+    /// Write saved weights as a TorchScript module, an ONNX model, or .pth / safetensors.
     Export(export::ExportArgs),
     /// Classify image files: the most probable classes and their probabilities.
     Predict(predict::PredictArgs),
