@@ -10,14 +10,16 @@
         Runs the model with onnxruntime on the CPU on the tensor in
         X.safetensors (its only one), N images at a time (default: all),
         and writes the output, under its name, to Y.safetensors.
-    onnx-check.py accuracy MODEL --data-dir DIR [--batch-size N] [--predictions FILE] [--threads T]
+    onnx-check.py accuracy MODEL --data-dir DIR [--batch-size N] [--predictions FILE]
+                           [--outputs FILE.npy] [--threads T]
         The accuracy on DIR's test_batch.bin (CIFAR-10's binary batch, in
         DIR or DIR/cifar-10-batches-bin): each image scaled to [0, 1] and
         normalized with the model's metadata_props input_mean and
         input_std, N at a time (default 1000). Prints one JSON object:
         correct, total, accuracy (percent), confusion (true by predicted),
         seconds and images_per_second of the runs alone (after one warm-up
-        batch). --predictions writes the predicted classes, one per line.
+        batch). --predictions writes the predicted classes, one per line,
+        --outputs the model's outputs as a NumPy array.
 
 Needs numpy, onnx, onnxruntime and (for run) safetensors.
 """
@@ -110,13 +112,16 @@ def accuracy(args):
         for i in range(0, len(images), n)
     ]
     seconds = time.perf_counter() - start
-    predicted = np.concatenate(outputs).argmax(1)
+    outputs = np.concatenate(outputs)
+    predicted = outputs.argmax(1)
     k = len(classes)
     confusion = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
     correct = int(np.trace(confusion))
     if args.predictions:
         with open(args.predictions, "w") as f:
             f.writelines(f"{p}\n" for p in predicted)
+    if args.outputs:
+        np.save(args.outputs, outputs)
     print(
         json.dumps(
             {
@@ -150,6 +155,7 @@ def main():
     p.add_argument("--data-dir", required=True)
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--predictions")
+    p.add_argument("--outputs")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: one per core)")
     p.set_defaults(func=accuracy)
     args = parser.parse_args()

@@ -24,10 +24,9 @@ use crate::weights::onnx::{
     self, attr_float, attr_int, attr_ints, attr_string, proto, About, Dim, Graph, Io,
 };
 
-/// The ONNX opset of the graphs: the newest that TensorRT 8.6,
-/// onnxruntime from 1.12 and onnxruntime-web all run, and the one
-/// `torch.onnx.export` wrote by default through PyTorch 2.x's TorchScript
-/// exporter.
+/// The ONNX opset of the graphs (ONNX 1.12, 2022): onnxruntime runs it
+/// from 1.12 on (onnxruntime-web too), TensorRT from 8.6, and it has
+/// every operator the graphs need (`Gelu`, from opset 20, is written out).
 pub const OPSET: i64 = 17;
 
 /// The graph input's name.
