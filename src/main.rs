@@ -56,7 +56,7 @@ enum Command {
     /// B ends in a softmax and calls `nll_loss(log(p))`; C ends in a
     /// log-softmax and calls `nll_loss`.
     CompareLosses(compare::CompareArgs),
-    /// Write saved weights as a TorchScript module for Python, or as .pth / safetensors.
+    /// Write saved weights as a TorchScript module, an ONNX model, or .pth / safetensors.
     Export(export::ExportArgs),
     /// Classify image files: the most probable classes and their probabilities.
     Predict(predict::PredictArgs),

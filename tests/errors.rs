@@ -450,6 +450,60 @@ fn export_of_non_finite_weights() {
     );
 }
 
+/// `--onnx`'s refusals leave no file: a bad `--weights`, a folder that is
+/// not there, `--tta` for the tutorial's Net (which has none), and the
+/// ONNX-only flags without `--onnx`.
+#[test]
+fn export_onnx_refusals_leave_nothing_behind() {
+    let s = Scratch::empty();
+    write_weights(&s.path("w.safetensors"), |_| {});
+    std::fs::write(s.path("bad.safetensors"), b"not weights at all").unwrap();
+    s.refused(
+        &["export", "--weights", "bad.safetensors", "--onnx", "m.onnx"],
+        &["bad.safetensors", "neither a safetensors file nor a .pth"],
+    );
+    s.refused(
+        &[
+            "export",
+            "--weights",
+            "w.safetensors",
+            "--onnx",
+            "no/dir/m.onnx",
+        ],
+        &[
+            "cannot write no/dir/m.onnx",
+            "directory no/dir does not exist",
+        ],
+    );
+    s.refused(
+        &[
+            "export",
+            "--weights",
+            "w.safetensors",
+            "--onnx",
+            "m.onnx",
+            "--tta",
+            "--pth",
+            "w.pth",
+        ],
+        &["--tta", "w.safetensors holds the tutorial's Net"],
+    );
+    // clap's own usage error, of several lines.
+    for extra in [&["--tta"][..], &["--head", "probabilities"]] {
+        let before = tree(s.dir.path());
+        let out = tch_cifar()
+            .args(["export", "--weights", "w.safetensors", "--pth", "w.pth"])
+            .args(extra)
+            .current_dir(s.dir.path())
+            .output()
+            .unwrap();
+        let line = fails_with(&out, &["required arguments were not provided"]);
+        assert_eq!(out.status.code(), Some(2), "{line}");
+        assert!(stderr(&out).contains("--onnx <FILE>"), "{}", stderr(&out));
+        assert_eq!(tree(s.dir.path()), before);
+    }
+}
+
 /// Each of export's flags writes one format; a file name whose extension
 /// says another is refused, whatever the flag (`--out` is `--torchscript`).
 #[test]
@@ -467,6 +521,8 @@ fn export_refuses_a_name_that_says_another_format() {
             "w2.pt",
             "says torch.save (.pth) or TorchScript",
         ),
+        ("--onnx", "m.pt", "says torch.save (.pth) or TorchScript"),
+        ("--torchscript", "m.onnx", "says ONNX"),
     ] {
         let written = if flag == "--out" {
             "--torchscript"

@@ -1,6 +1,7 @@
 //! `tch-cifar export`: saved weights as a TorchScript module that Python
-//! runs with `torch.jit.load("model.pt")(images)`, and the weights
-//! converted between safetensors and PyTorch's `.pth`.
+//! runs with `torch.jit.load("model.pt")(images)`, as an ONNX model
+//! ([`crate::nets::onnx`]) for onnxruntime and the other ONNX runtimes,
+//! and the weights converted between safetensors and PyTorch's `.pth`.
 //!
 //! The module is what `torch.jit.script(net)` makes of the tutorial's `Net`
 //! in Python: the weights are its parameters, in submodules `conv1` …
@@ -31,40 +32,26 @@ use tch::{CModule, Device, Kind, Tensor};
 use crate::nets::airbench::{Airbench94, BN_EPS, BN_MOMENTUM};
 use crate::nets::classifier::{Airbench, Classifier};
 use crate::nets::tutorial::Model;
-use crate::nets::ModelKind;
+use crate::nets::{Head, ModelKind};
 use crate::util::rng::with_torch_rng;
 use crate::weights::outputs::{self, Format};
 
-/// What the exported module returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Head {
-    /// The network's output as is: the logits, one per class and image.
-    #[default]
-    Logits,
-    /// The softmax of the logits: each class's probability, summing to 1.
-    Probabilities,
-}
-
-impl Head {
-    fn name(self) -> &'static str {
-        match self {
-            Head::Logits => "logits",
-            Head::Probabilities => "probabilities",
-        }
-    }
-}
-
-/// Export saved weights as TorchScript, `.pth` or safetensors.
+/// Export saved weights as TorchScript, ONNX, `.pth` or safetensors.
 #[derive(Debug, clap::Args)]
 #[command(
-    override_usage = "tch-cifar export [OPTIONS] --weights <FILE> <--torchscript <FILE>|--pth <FILE>|\n       \
-                            --safetensors <FILE>>"
+    override_usage = "tch-cifar export [OPTIONS] --weights <FILE> <--torchscript <FILE>|--onnx <FILE>|\n       \
+                            --pth <FILE>|--safetensors <FILE>>"
 )]
 #[command(group(
     clap::ArgGroup::new("outputs")
         .required(true)
         .multiple(true)
-        .args(["torchscript", "pth", "safetensors"])
+        .args(["torchscript", "onnx", "pth", "safetensors"])
+))]
+#[command(group(
+    clap::ArgGroup::new("graphs")
+        .multiple(true)
+        .args(["torchscript", "onnx"])
 ))]
 pub struct ExportArgs {
     /// Weights (Net or airbench94): safetensors, a checkpoint or a .pth state_dict.
@@ -84,9 +71,27 @@ pub struct ExportArgs {
         help_heading = "Output"
     )]
     pub torchscript: Option<PathBuf>,
-    /// Output: logits or probabilities (with --torchscript).
-    #[arg(long, value_enum, hide_possible_values = true, default_value_t = Head::Logits, requires = "torchscript", help_heading = "Output")]
+    /// Write an ONNX model (.onnx, opset 17) that holds the weights.
+    ///
+    /// For onnxruntime (also on phones and in browsers), TensorRT,
+    /// OpenVINO and other ONNX runtimes. It takes one float32 input,
+    /// `input`, `[N, 3, 32, 32]`, normalized as the TorchScript module's,
+    /// and returns `logits` (or, with --head probabilities,
+    /// `probabilities`); its metadata_props hold the class names in output
+    /// order, the network and the input's mean and std.
+    #[arg(long, value_name = "FILE", help_heading = "Output")]
+    pub onnx: Option<PathBuf>,
+    /// Output: logits or probabilities (with --torchscript or --onnx).
+    #[arg(long, value_enum, hide_possible_values = true, default_value_t = Head::Logits, requires = "graphs", help_heading = "Output")]
     pub head: Head,
+    /// Bake airbench's test-time augmentation into the ONNX graph.
+    ///
+    /// The output is then the average over the image and its mirror and,
+    /// at half the weight, the two 1-pixel diagonal translations and their
+    /// mirrors, as `evaluate` computes it. The tutorial's Net has none: it
+    /// is refused for its weights.
+    #[arg(long, requires = "onnx", help_heading = "Output")]
+    pub tta: bool,
     /// Write the weights in torch.save format (.pth or .pt).
     ///
     /// For the tutorial's `net.load_state_dict(torch.load(PATH, weights_only=True))`.
@@ -102,6 +107,7 @@ impl ExportArgs {
     fn outputs(&self) -> Vec<(Format, &Path)> {
         [
             (Format::TorchScript, &self.torchscript),
+            (Format::Onnx, &self.onnx),
             (Format::Pth, &self.pth),
             (Format::Safetensors, &self.safetensors),
         ]
@@ -453,6 +459,13 @@ pub fn run(args: ExportArgs) -> Result<()> {
          model whose every output is NaN",
         args.weights.display()
     );
+    if args.tta && model.network().is_net() {
+        bail!(
+            "--tta bakes airbench's test-time augmentation into the ONNX graph; {} holds the \
+             tutorial's Net, which has none",
+            args.weights.display()
+        );
+    }
     for (format, path) in requested {
         match format {
             Format::TorchScript => {
@@ -463,6 +476,21 @@ pub fn run(args: ExportArgs) -> Result<()> {
                 println!(
                     "wrote {} (TorchScript, returns {})",
                     path.display(),
+                    args.head.name()
+                );
+            }
+            Format::Onnx => {
+                let onnx = crate::nets::onnx::model(&model, args.head, args.tta)?;
+                crate::weights::onnx::write(&onnx, path)?;
+                let tta = if args.tta {
+                    " with test-time augmentation"
+                } else {
+                    ""
+                };
+                println!(
+                    "wrote {} (ONNX opset {}, returns {}{tta})",
+                    path.display(),
+                    crate::nets::onnx::OPSET,
                     args.head.name()
                 );
             }

@@ -373,9 +373,10 @@ pub fn save_airbench(
             let model = ModelKind::of_airbench(net.variant).name();
             crate::weights::pth::write_named(path, &state, Some(classes), Some(model))
         }
-        Format::TorchScript => bail!(
-            "cannot write {}: weights alone are no TorchScript module (use `tch-cifar export`)",
-            path.display()
+        Format::TorchScript | Format::Onnx => bail!(
+            "cannot write {}: weights alone are no {} model (use `tch-cifar export`)",
+            path.display(),
+            format.name()
         ),
     }
 }

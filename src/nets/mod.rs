@@ -1,9 +1,11 @@
 //! The networks: the tutorial's `Net` ([`tutorial`]), airbench94's
 //! ([`airbench`]), the kind of network a run trains ([`ModelKind`]) and
-//! either network loaded from a weights file ([`classifier`]).
+//! either network loaded from a weights file ([`classifier`]), and either
+//! network as an ONNX graph ([`onnx`]).
 
 pub mod airbench;
 pub mod classifier;
+pub mod onnx;
 pub mod tutorial;
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +64,26 @@ impl ModelKind {
             ModelKind::Net => "net",
             ModelKind::Airbench94 => "airbench94",
             ModelKind::Airbench94Muon => "airbench94-muon",
+        }
+    }
+}
+
+/// What an exported network returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Head {
+    /// The network's output as is: the logits, one per class and image.
+    #[default]
+    Logits,
+    /// The softmax of the logits: each class's probability, summing to 1.
+    Probabilities,
+}
+
+impl Head {
+    /// The name of the output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Head::Logits => "logits",
+            Head::Probabilities => "probabilities",
         }
     }
 }

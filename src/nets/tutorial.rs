@@ -388,9 +388,10 @@ impl Model {
         match format {
             Format::Safetensors => self.save(path),
             Format::Pth => self.save_pth(path),
-            Format::TorchScript => bail!(
-                "cannot write {}: weights alone are no TorchScript module (use `tch-cifar export`)",
-                path.display()
+            Format::TorchScript | Format::Onnx => bail!(
+                "cannot write {}: weights alone are no {} model (use `tch-cifar export`)",
+                path.display(),
+                format.name()
             ),
         }
     }

@@ -1,9 +1,10 @@
 //! Weights on disk, whatever the network: reading a `state_dict` from
 //! safetensors or PyTorch's `torch.save` format, writing safetensors with
 //! metadata, the metadata keys, [`pth`] (`torch.save`'s zip of pickles),
-//! and [`outputs`] (output files' formats, and the rule that no output
-//! overwrites an input).
+//! [`outputs`] (output files' formats, and the rule that no output
+//! overwrites an input) and [`onnx`] (ONNX model files).
 
+pub mod onnx;
 pub mod outputs;
 pub mod pth;
 

@@ -17,6 +17,8 @@ pub enum Format {
     Pth,
     /// A TorchScript module (`torch.jit.save`'s format).
     TorchScript,
+    /// An ONNX model (`.onnx`).
+    Onnx,
 }
 
 impl Format {
@@ -27,6 +29,7 @@ impl Format {
             Format::Safetensors => &["safetensors"],
             Format::Pth => &["pth", "pt"],
             Format::TorchScript => &["pt"],
+            Format::Onnx => &["onnx"],
         }
     }
 
@@ -36,6 +39,7 @@ impl Format {
             Format::Safetensors => "safetensors",
             Format::Pth => "torch.save (.pth)",
             Format::TorchScript => "TorchScript",
+            Format::Onnx => "ONNX",
         }
     }
 
@@ -45,10 +49,16 @@ impl Format {
             Format::Safetensors => "--safetensors",
             Format::Pth => "--pth",
             Format::TorchScript => "--torchscript",
+            Format::Onnx => "--onnx",
         }
     }
 
-    const ALL: [Format; 3] = [Format::Safetensors, Format::Pth, Format::TorchScript];
+    const ALL: [Format; 4] = [
+        Format::Safetensors,
+        Format::Pth,
+        Format::TorchScript,
+        Format::Onnx,
+    ];
 
     /// The formats `path`'s extension names (case aside); empty for a
     /// missing or unknown extension.
@@ -204,6 +214,7 @@ mod tests {
         assert_eq!(named("a/w.safetensors"), [Format::Safetensors]);
         assert_eq!(named("w.PTH"), [Format::Pth]);
         assert_eq!(named("m.pt"), [Format::Pth, Format::TorchScript]);
+        assert_eq!(named("m.ONNX"), [Format::Onnx]);
         assert!(named("w.bin").is_empty());
         assert!(named("weights").is_empty());
 
