@@ -81,8 +81,17 @@ pub struct ExportArgs {
     /// order, the network and the input's mean and std.
     #[arg(long, value_name = "FILE", help_heading = "Output")]
     pub onnx: Option<PathBuf>,
-    /// Output: logits or probabilities (with --torchscript or --onnx).
-    #[arg(long, value_enum, hide_possible_values = true, default_value_t = Head::Logits, requires = "graphs", help_heading = "Output")]
+    /// The graphs' output: logits or probabilities.
+    ///
+    /// Applies to --torchscript and --onnx.
+    #[arg(
+        long,
+        value_enum,
+        hide_possible_values = true,
+        default_value_t = Head::Logits,
+        requires = "graphs",
+        help_heading = "Output"
+    )]
     pub head: Head,
     /// Bake airbench's test-time augmentation into the ONNX graph.
     ///
