@@ -165,23 +165,20 @@ fn check_against_one_process(dir: &Path, two: &[Output], two_out: &str) {
 #[test]
 fn every_rank_trains_rank_0s_recipe() {
     let dir = scratch();
-    // Without --seed, each rank draws one, and rank 0's is the run's.
+    // Without --seed, each rank draws one, and rank 0's is the run's: the
+    // run repeats exactly when both ranks are given it. (Against one
+    // process the losses only agree up to the all-reduce's rounding, which
+    // some seeds' training amplifies past any fixed tolerance.)
     let mut args = train_args("two.safetensors", &[]);
     let at = args.iter().position(|a| a == "--seed").unwrap();
     args.drain(at..at + 2);
-    let two = run_ranks(dir.path(), 2, &args, &[]);
-    let rank0 = events(&ok(&two[0]));
-    let seed = of_kind(&rank0, "start")[0]["seed"].to_string();
-    let one = tch_cifar()
-        .current_dir(dir.path())
-        .args(&args)
-        .args(["--seed", &seed])
-        .output()
-        .unwrap();
-    let (a, b) = (losses(&events(&ok(&one))), losses(&rank0));
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() < 1e-4, "seed {seed}: losses {a:?} and {b:?}");
-    }
+    let drawn = events(&ok(&run_ranks(dir.path(), 2, &args, &[])[0]));
+    let seed = of_kind(&drawn, "start")[0]["seed"].to_string();
+    let mut seeded = args.clone();
+    seeded.extend(["--seed".to_string(), seed.clone()]);
+    let given = events(&ok(&run_ranks(dir.path(), 2, &seeded, &[])[0]));
+    assert_eq!(of_kind(&given, "start")[0]["seed"].to_string(), seed);
+    assert_eq!(losses(&drawn), losses(&given), "seed {seed}");
     // A rank started with another recipe is refused, and rank 0 names it.
     let port = free_port();
     let spawn = |r: usize, seed: &str| {
