@@ -5,7 +5,8 @@
 //!   that library is not linked: `device::cuda_support` loads it when a
 //!   command asks for CUDA, which keeps its 350 MB out of CPU runs.
 //! * `csrc/`, compiled against the same libtorch's headers: the
-//!   `torch.backends.mkldnn.enabled` switch (`aten_context.cpp`), the
+//!   `torch.backends.mkldnn.enabled` switch (`aten_context.cpp`), CPU
+//!   autocast in bfloat16 (`autocast.cpp`), the
 //!   TorchScript module `export` writes (`script_module.cpp`) and c10d's
 //!   store, Gloo process group and collectives (`distributed.cpp`) and
 //!   libtorch's profiler (`profiler.cpp`), none of which tch binds; and
@@ -15,8 +16,9 @@
 use std::path::Path;
 
 /// This project's own C++, compiled into one static library.
-const SOURCES: [&str; 4] = [
+const SOURCES: [&str; 5] = [
     "csrc/aten_context.cpp",
+    "csrc/autocast.cpp",
     "csrc/script_module.cpp",
     "csrc/distributed.cpp",
     "csrc/profiler.cpp",

@@ -396,6 +396,7 @@ fn check_airbench_module(net: &Airbench94, head: Head, module: &CModule) -> Resu
         net: net.shallow_clone(),
         tta: true,
         channels_last: false,
+        precision: crate::util::precision::Precision::Fp32,
     };
     let want = tch::no_grad(|| apply_head(tta.forward(&images), head));
     let got = tch::no_grad(|| module.method_ts("tta", &[&probe]))

@@ -20,6 +20,7 @@ use crate::nets::airbench::net::{self, state_dict_shapes, Airbench94};
 use crate::nets::airbench::{Tta, Variant};
 use crate::nets::tutorial::Model;
 use crate::nets::ModelKind;
+use crate::util::precision::Precision;
 use crate::weights::outputs::Format;
 use crate::weights::{classes_json, read_weights, CLASSES_KEY, MODEL_KEY, OPTIMIZER_PREFIX};
 
@@ -186,6 +187,18 @@ impl Classifier {
         }
     }
 
+    /// [`Classifier::forward`] under `precision`'s autocast (airbench; Net
+    /// has none and runs in float32).
+    pub fn forward_in(&self, tta: bool, precision: Precision) -> Forward {
+        match self.forward(tta) {
+            Forward::Airbench94(mut t) => {
+                t.precision = precision;
+                Forward::Airbench94(t)
+            }
+            net => net,
+        }
+    }
+
     /// Whether every weight is finite.
     pub fn is_finite(&self) -> bool {
         match self {
@@ -286,10 +299,12 @@ impl Airbench {
         let net = self.net.shallow_clone();
         let state: Vec<Tensor> = net.state_dict().into_iter().map(|(_, t)| t).collect();
         net::to_channels_last(&state);
+        let precision = Precision::legacy(self.vs.device());
         Tta {
             net,
             tta,
             channels_last: true,
+            precision,
         }
     }
 

@@ -244,6 +244,7 @@ impl Meta {
             classes: crate::data::CLASSES.map(String::from).to_vec(),
             model: ModelKind::Net,
             schedule_epochs: None,
+            precision: None,
             world_size: 1,
         };
         Ok(Meta {

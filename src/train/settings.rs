@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::nets::ModelKind;
 use crate::util::device::{CpuConv, CpuSettings, DeviceArg};
+use crate::util::precision::Precision;
 
 pub const DEFAULT_EPOCHS: u64 = 2;
 pub const DEFAULT_BATCH_SIZE: u64 = 4;
@@ -96,6 +97,10 @@ pub struct Settings {
     /// ceil(steps per epoch × this) steps, within the `epochs` it iterates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_epochs: Option<f64>,
+    /// A fast recipe's `--precision`, resolved; `None` for Net (float32)
+    /// and for runs saved before there was a choice (see [`Settings::precision`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<Precision>,
     /// The ranks of a distributed run that train together; 1 for one process.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub world_size: u64,
@@ -135,6 +140,7 @@ impl Settings {
             classes: crate::data::CLASSES.map(String::from).to_vec(),
             model: ModelKind::Net,
             schedule_epochs: None,
+            precision: None,
             world_size: 1,
         }
     }
@@ -150,6 +156,16 @@ impl Settings {
             .epochs
             .saturating_mul(self.steps_per_epoch(train_images));
         self.max_steps.map_or(end, |m| m.min(end))
+    }
+
+    /// The forward passes' precision on `device`: the one resolved, or for
+    /// Net and older runs [`Precision::legacy`]'s (Net has no autocast).
+    pub fn precision(&self, device: tch::Device) -> Precision {
+        match (self.model, self.precision) {
+            (ModelKind::Net, _) => Precision::Fp32,
+            (_, Some(p)) => p,
+            (_, None) => Precision::legacy(device),
+        }
     }
 
     /// libtorch's CPU settings while training.
@@ -298,6 +314,7 @@ mod tests {
             classes: vec!["cat".into(), "dog".into()],
             model: ModelKind::Net,
             schedule_epochs: None,
+            precision: None,
             world_size: 1,
         }
     }

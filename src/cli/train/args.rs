@@ -17,6 +17,7 @@ use crate::train::settings::{
     DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_OUT,
 };
 use crate::util::device::{default_threads, device_name, CpuConv, CpuSettings, DeviceArg};
+use crate::util::precision::Precision;
 
 /// More would only wait on each other; libtorch hangs on absurd counts.
 pub const MAX_THREADS: i64 = 1024;
@@ -180,6 +181,22 @@ pub struct TrainArgs {
     pub model: ModelKind,
     #[command(flatten, next_help_heading = "Recipe")]
     pub recipe: RecipeArgs,
+    /// Fast recipes' forward passes: fp32, bf16 or fp16 autocast.
+    ///
+    /// [default: bf16 on a CPU that multiplies bfloat16 natively (AVX512-BF16
+    /// or AMX), else fp32; fp16 on CUDA.] Under bf16 or fp16 autocast the
+    /// convolutions run in the lower precision, as under torch.autocast;
+    /// the weights, BatchNorm, the loss, the optimizers' state and the
+    /// checkpoints stay float32, and evaluation runs in the same precision.
+    /// fp16 runs on CUDA only. The tutorial's Net trains in fp32 only.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "PRECISION",
+        help_heading = "Performance",
+        hide_possible_values = true
+    )]
+    pub precision: Option<Precision>,
     /// Stop after N mini-batches in all, then save and evaluate as usual.
     #[arg(long, value_name = "N", help_heading = "Recipe", allow_negative_numbers = true,
           value_parser = |s: &str| count(s, 1, u64::MAX))]
@@ -257,7 +274,8 @@ pub struct CheckpointArgs {
     /// setting comes from the checkpoint, the data folders (--data-dir,
     /// --train-dir, --test-dir, --cache-dir), --out and --logdir's run folder
     /// included. A flag given that would change what the run computes
-    /// (--seed, --batch-size, --lr, --momentum, --log-every) is refused;
+    /// (--seed, --batch-size, --lr, --momentum, --log-every, --precision)
+    /// is refused;
     /// --epochs (not below the checkpoint's epoch), --max-steps,
     /// --checkpoint-every, --keep-checkpoints, the data folders, --out,
     /// --device, --threads and --cpu-conv may be changed.
@@ -298,6 +316,7 @@ impl TrainArgs {
             classes: Vec::new(),
             model: ModelKind::Net,
             schedule_epochs: None,
+            precision: None,
             world_size: 1,
         }
     }
@@ -349,6 +368,8 @@ impl TrainArgs {
             classes: Vec::new(),
             model: self.model,
             schedule_epochs: Some(schedule_epochs),
+            // Resolved once the device is known.
+            precision: None,
             world_size: 1,
         }
     }

@@ -107,6 +107,7 @@ pub fn train(
         .expect("a fast recipe's settings have its schedule's length");
     let Split { images, labels, .. } = train;
     let seed = settings.seed;
+    let precision = settings.precision(device);
     let run = Run {
         settings,
         name,
@@ -124,6 +125,7 @@ pub fn train(
             seed,
             epochs,
             CHANNELS_LAST,
+            precision,
         ))?,
         Variant::Muon => run.drive(MuonRecipe::new(
             &net,
@@ -132,6 +134,7 @@ pub fn train(
             seed,
             epochs,
             CHANNELS_LAST,
+            precision,
         ))?,
     };
     Ok((Airbench::trained(vs, net, classes), stats, seconds))

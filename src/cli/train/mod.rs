@@ -54,6 +54,7 @@ pub use crate::train::settings::{
     DEFAULT_KEEP_CHECKPOINTS, DEFAULT_LOG_EVERY, DEFAULT_LR, DEFAULT_MOMENTUM,
 };
 use crate::util::device::device_name;
+use crate::util::precision::Precision;
 use crate::util::report::{optional_path_json, path_json, Reporter};
 
 /// Where a run starts, and how it saves and stops.
@@ -221,6 +222,33 @@ fn join(
     Ok((world, device))
 }
 
+/// The run's precision on `device`: on a resume the checkpoint's, else
+/// `asked` or the device's default ([`Precision::default_for`]). `None`
+/// for Net, which trains in float32 only.
+fn resolve_precision(
+    asked: Option<Precision>,
+    settings: &Settings,
+    resumed: bool,
+    device: Device,
+) -> Result<Option<Precision>> {
+    if settings.model.is_net() {
+        if let Some(p) = asked.filter(|&p| p != Precision::Fp32) {
+            bail!(
+                "--precision {p} applies to the fast recipes (--model airbench94 or \
+                 airbench94-muon); the tutorial's Net trains in fp32, as the tutorial does"
+            );
+        }
+        return Ok(None);
+    }
+    let precision = match (resumed, asked) {
+        (false, Some(p)) => p,
+        (false, None) => Precision::default_for(device),
+        (true, _) => settings.precision(device),
+    };
+    precision.check(device)?;
+    Ok(Some(precision))
+}
+
 /// Every rank of a distributed run trains rank 0's recipe: a seed drawn here
 /// (no `--seed`) is replaced by rank 0's, and any other difference in what
 /// the ranks would compute is refused, naming it.
@@ -231,6 +259,7 @@ fn agree_on_recipe(world: &World, settings: &mut Settings, seed_given: bool) -> 
             "--lr": s.lr, "--momentum": s.momentum, "--log-every": s.log_every,
             "--max-steps": s.max_steps, "--model": s.model.name(),
             "airbench94's schedule": s.schedule_epochs,
+            "--precision": s.precision.map(Precision::name),
         })
     };
     let rank0 = world.rank0_value("recipe", &recipe(settings).to_string())?;
@@ -319,6 +348,7 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let json = args.json;
     let out = settings.out.clone();
     let device = settings.device.resolve()?;
+    settings.precision = resolve_precision(args.precision, &settings, resumed.is_some(), device)?;
     let (world, device) = match (&launch, rendezvous) {
         (Some(launch), Some(rendezvous)) => {
             let seed_given = given.has("--seed") || resumed.is_some();
@@ -404,9 +434,12 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     );
     let settings = &meta.settings;
     let mut reporter = Reporter::new(json).muted(!main);
-    let what = match settings.model {
-        ModelKind::Net => String::new(),
-        other => format!("{} ", other.name()),
+    let (what, precision) = match settings.model {
+        ModelKind::Net => (String::new(), String::new()),
+        other => (
+            format!("{} ", other.name()),
+            format!(" in {}", settings.precision(device)),
+        ),
     };
     let ranks = match world {
         Some(w) if w.size == 1 => format!("1 rank ({}) on ", w.backend.name()),
@@ -415,8 +448,8 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     };
     if main {
         eprintln!(
-            "training {what}on {ranks}{} with {} images, seed {seed} (--seed {seed} repeats this \
-             run)",
+            "training {what}on {ranks}{}{precision} with {} images, seed {seed} (--seed {seed} \
+             repeats this run)",
             describe_device(device, settings.cpu_settings()),
             train_set.len()
         );
@@ -568,11 +601,13 @@ fn train_run(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     let eval_start = Instant::now();
     // airbench94 reports its test-time augmentation, and the plain figure beside it.
     let airbench = trained.network().airbench().is_some();
-    let forward = trained.forward(airbench);
+    // In the training's precision.
+    let precision = settings.precision(device);
+    let forward = trained.forward_in(airbench, precision);
     report_test(&reporter, &forward, &test)?;
     let eval = evaluate_sharded(&forward, &test, 1000, world)?;
     let plain = airbench
-        .then(|| evaluate_sharded(&trained.forward(false), &test, 1000, world))
+        .then(|| evaluate_sharded(&trained.forward_in(false, precision), &test, 1000, world))
         .transpose()?;
     let eval_seconds = eval_start.elapsed().as_secs_f64();
     if let Some(dir) = settings
@@ -692,6 +727,7 @@ fn settings_json(s: &Settings, device: Device) -> serde_json::Value {
         "epochs": s.epochs, "batch_size": s.batch_size, "lr": s.lr,
         "momentum": s.momentum, "seed": s.seed, "device": device_name(device),
         "threads": s.threads, "cpu_conv": s.cpu_conv.name(),
+        "precision": s.precision(device).name(),
     });
     if let Some(world) = distributed::world() {
         fields["world_size"] = json!(world.size);

@@ -14,6 +14,7 @@ use crate::distributed;
 use crate::train::checkpoint::{Checkpoint, Meta, Position};
 use crate::train::settings::{ModelKind, Settings};
 use crate::util::device::{device_name, DeviceArg};
+use crate::util::precision::Precision;
 use crate::util::report::path_json;
 
 /// The settings of a run resumed from `saved` (the checkpoint at `path`),
@@ -49,8 +50,15 @@ pub fn resumed_settings(
             r.log_every.to_string(),
         ),
     ];
+    // Net's is refused on its own (it trains in fp32 only); an older run's
+    // is its device's, which a given one cannot be told from.
+    let precision = args.precision.filter(|_| !old.model.is_net());
+    let precision = precision.map(|now| {
+        let was = old.precision.map_or("that of its device", Precision::name);
+        ("--precision", was.to_string(), now.name().to_string())
+    });
     let (mut theirs, mut ours) = (vec![], vec![]);
-    for (flag, was, now) in math {
+    for (flag, was, now) in math.into_iter().chain(precision) {
         if given.has(flag) && recorded(flag) && now != was {
             theirs.push(format!("{flag} {was}"));
             ours.push(format!("{flag} {now}"));

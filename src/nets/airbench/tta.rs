@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 use super::net::{self, Airbench94};
 use crate::data::augment;
 use crate::data::normalize::renormalize;
+use crate::util::precision::Precision;
 
 /// The network in evaluation mode (BatchNorm's running statistics) on
 /// images normalized to [−1, 1], with or without test-time augmentation:
@@ -25,6 +26,8 @@ pub struct Tta {
     pub net: Airbench94,
     pub tta: bool,
     pub channels_last: bool,
+    /// The autocast it runs under (the training's, after training).
+    pub precision: Precision,
 }
 
 impl Module for Tta {
@@ -36,8 +39,10 @@ impl Module for Tta {
             } else {
                 x.shallow_clone()
             };
-            let autocast = x.device().is_cuda();
-            tch::autocast(autocast, || self.net.forward_t(&x, false)).to_kind(Kind::Float)
+            let logits = self
+                .precision
+                .autocast(x.device(), || self.net.forward_t(&x, false));
+            logits.to_kind(Kind::Float)
         };
         if !self.tta {
             return run(&x);
@@ -49,5 +54,40 @@ impl Module for Tta {
         let down_right = padded.narrow(2, 2, size).narrow(3, 2, size);
         let shifted = (mirrored(&up_left) + mirrored(&down_right)) * 0.5;
         mirrored(&x) * 0.5 + shifted * 0.5
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nets::airbench::Variant;
+    use tch::Device;
+
+    /// The precision reaches the network: bfloat16's logits are float32
+    /// tensors close to float32's, but not equal to them.
+    #[test]
+    fn runs_in_its_precision() {
+        let (_vs, net) = net::build(Device::Cpu, 3, 10, Variant::Airbench94);
+        // Random filters (the whitening ones and the head start at zero).
+        for (_, t) in net.state_dict() {
+            if t.dim() == 4 || t.dim() == 2 {
+                let _ = tch::no_grad(|| t.shallow_clone().normal_(0.0, 0.2));
+            }
+        }
+        let images = Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu)) * 2 - 1;
+        let logits = |precision| {
+            let tta = Tta {
+                net: net.shallow_clone(),
+                tta: true,
+                channels_last: true,
+                precision,
+            };
+            tch::no_grad(|| tta.forward(&images))
+        };
+        let (fp32, bf16) = (logits(Precision::Fp32), logits(Precision::Bf16));
+        assert_eq!(bf16.kind(), Kind::Float);
+        let diff = (&fp32 - &bf16).abs().max().double_value(&[]);
+        let scale = fp32.abs().max().double_value(&[]);
+        assert!(diff > 0.0 && diff < 0.05 * scale, "{diff} against {scale}");
     }
 }

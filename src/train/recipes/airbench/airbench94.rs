@@ -14,6 +14,7 @@ use super::{
 };
 use crate::nets::airbench::net::{self, Airbench94};
 use crate::train::optim::nesterov::{Lookahead, NesterovSgd};
+use crate::util::precision::Precision;
 
 /// The checkpoint keys of each parameter's momentum buffer (PyTorch's
 /// `state_dict` key after it) and of the lookahead's EMA.
@@ -128,9 +129,8 @@ pub struct FastRecipe<'a> {
     /// Steps taken, those before a resume included.
     step: u64,
     total_steps: u64,
-    /// Mixed precision (float16 autocast, BatchNorm and the loss in
-    /// float32), on CUDA only.
-    autocast: bool,
+    /// The forward pass's autocast (BatchNorm and the loss stay float32).
+    precision: Precision,
 }
 
 impl<'a> FastRecipe<'a> {
@@ -143,6 +143,7 @@ impl<'a> FastRecipe<'a> {
         seed: u64,
         epochs: f64,
         channels_last: bool,
+        precision: Precision,
     ) -> FastRecipe<'a> {
         let data = TrainData::new(net, images, labels, seed, BATCH_SIZE, channels_last);
         let state: Vec<Tensor> = net.state_dict().into_iter().map(|(_, t)| t).collect();
@@ -162,7 +163,7 @@ impl<'a> FastRecipe<'a> {
             // After the whitening filters are set, so the EMA starts from them.
             lookahead: Lookahead::new(state),
             step: 0,
-            autocast: labels.device().is_cuda(),
+            precision,
         }
     }
 
@@ -193,7 +194,9 @@ impl<'a> FastRecipe<'a> {
     /// Returns the summed loss (not read) and the batch's size.
     pub fn training_step(&mut self, epoch: u64, step: u64) -> (Tensor, i64) {
         let (inputs, labels) = self.data.batch(epoch, step);
-        let outputs = tch::autocast(self.autocast, || self.net.forward_t(&inputs, true));
+        let outputs = self
+            .precision
+            .autocast(inputs.device(), || self.net.forward_t(&inputs, true));
         let loss = outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
             &labels,
             None,

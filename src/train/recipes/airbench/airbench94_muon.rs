@@ -14,6 +14,7 @@ use super::LABEL_SMOOTHING;
 use crate::nets::airbench::net::{self, Airbench94};
 use crate::train::optim::muon::Muon;
 use crate::train::optim::nesterov::NesterovSgd;
+use crate::util::precision::Precision;
 
 pub const EPOCHS: f64 = 8.0;
 pub const BATCH_SIZE: i64 = 2000;
@@ -126,7 +127,8 @@ pub struct MuonRecipe<'a> {
     step: u64,
     total_steps: u64,
     whiten_bias_steps: u64,
-    autocast: bool,
+    /// The forward pass's autocast (BatchNorm and the loss stay float32).
+    precision: Precision,
 }
 
 impl<'a> MuonRecipe<'a> {
@@ -139,6 +141,7 @@ impl<'a> MuonRecipe<'a> {
         seed: u64,
         epochs: f64,
         channels_last: bool,
+        precision: Precision,
     ) -> MuonRecipe<'a> {
         let data = TrainData::new(net, images, labels, seed, BATCH_SIZE, channels_last);
         let state = net.state_dict();
@@ -179,7 +182,7 @@ impl<'a> MuonRecipe<'a> {
             step: 0,
             total_steps,
             whiten_bias_steps,
-            autocast: labels.device().is_cuda(),
+            precision,
         }
     }
 
@@ -208,7 +211,9 @@ impl<'a> MuonRecipe<'a> {
     /// Returns the summed loss (not read) and the batch's size.
     pub fn training_step(&mut self, epoch: u64, step: u64) -> (Tensor, i64) {
         let (inputs, labels) = self.data.batch(epoch, step);
-        let outputs = tch::autocast(self.autocast, || self.net.forward_t(&inputs, true));
+        let outputs = self
+            .precision
+            .autocast(inputs.device(), || self.net.forward_t(&inputs, true));
         let loss = outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
             &labels,
             None,
