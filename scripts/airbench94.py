@@ -4,7 +4,8 @@ Jordan's 94 %-in-10-epochs CIFAR-10 recipe), reading the same binary batches
 as tch-cifar, for side-by-side runs on the same machine and data.
 
     airbench94.py --data-dir DIR [--epochs 9.9] [--seed 0] [--device cpu]
-                  [--threads N] [--channels-last] [--max-steps N] [--no-eval] [--profile TRACE]
+                  [--threads N] [--channels-last] [--max-steps N] [--precision fp32|bf16|fp16]
+                  [--no-eval] [--profile TRACE]
                   [--save net.pth] [--json]
 
 The recipe, in the order a step uses it:
@@ -264,16 +265,37 @@ class StepProfiler:
 # ----------------------------------------------------------------- evaluation
 
 
+# The autocast dtype (--precision): None for float32 throughout.
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+precision = {"dtype": None}
+
+
+def set_precision(name, device):
+    """--precision, as tch-cifar's: fp32, bf16 (autocast in bfloat16, the
+    CPU's), fp16 (autocast in float16, CUDA's); None picks fp16 on CUDA and
+    fp32 elsewhere."""
+    if name is None:
+        name = "fp16" if device.type == "cuda" else "fp32"
+    precision["dtype"] = AUTOCAST[name]
+    return name
+
+
 def mixed_precision(device):
-    """float16 autocast on CUDA, as tch-cifar's recipes (BatchNorm stays in
-    float32 under autocast; the loss is taken in float32); off on a CPU."""
-    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+    """Autocast in the chosen precision, as tch-cifar's recipes (weights,
+    BatchNorm and the loss stay in float32 under autocast)."""
+    dtype = precision["dtype"]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def forward(net, x):
-    """The network's float32 logits, in mixed precision on CUDA."""
+    """The network's float32 logits, in the chosen precision."""
     with mixed_precision(x.device):
         return net(x).float()
+
+
+def add_precision_argument(parser):
+    parser.add_argument("--precision", choices=sorted(AUTOCAST),
+                        help="fp32, bf16 (CPU autocast) or fp16 (default: fp16 on CUDA, fp32 elsewhere)")
 
 
 @torch.no_grad()
@@ -319,11 +341,13 @@ def main():
     parser.add_argument("--profile-step", type=int, default=3, help="the step --profile records (3)")
     parser.add_argument("--save", help="write the trained state_dict here (torch.save)")
     parser.add_argument("--json", action="store_true", help="every event as a JSON line")
+    add_precision_argument(parser)
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    precision_name = set_precision(args.precision, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -388,7 +412,7 @@ def main():
         torch.save(net.state_dict(), args.save)
     summary = {
         "event": "summary", "epochs": args.epochs, "steps": step, "seed": args.seed,
-        "device": str(device), "threads": torch.get_num_threads(), "channels_last": args.channels_last,
+        "device": str(device), "threads": torch.get_num_threads(), "channels_last": args.channels_last, "precision": precision_name,
         "train_seconds": train_seconds, "seconds_per_step": train_seconds / max(step, 1),
         "epoch_seconds": epoch_seconds, "accuracy": plain, "tta_accuracy": tta, "eval_seconds": eval_seconds,
     }

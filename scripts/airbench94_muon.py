@@ -4,7 +4,7 @@ Jordan's airbench94_muon.py, 94 % in 8 epochs), reading the same binary
 batches as tch-cifar, for side-by-side runs on the same machine and data.
 
     airbench94_muon.py --data-dir DIR [--epochs 8] [--seed 0] [--device cpu]
-                       [--threads N] [--channels-last] [--max-steps N]
+                       [--threads N] [--channels-last] [--max-steps N] [--precision fp32|bf16|fp16]
                        [--ns-dtype bfloat16|float32] [--no-eval] [--profile TRACE] [--save net.pth] [--json]
 
 What differs from airbench94 (scripts/airbench94.py, whose data pipeline,
@@ -126,11 +126,13 @@ def main():
     parser.add_argument("--profile-step", type=int, default=3, help="the step --profile records (3)")
     parser.add_argument("--save", help="write the trained state_dict here (torch.save)")
     parser.add_argument("--json", action="store_true", help="every event as a JSON line")
+    ab.add_precision_argument(parser)
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    precision_name = ab.set_precision(args.precision, device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -203,7 +205,7 @@ def main():
     summary = {
         "event": "summary", "model": "airbench94-muon", "epochs": args.epochs, "steps": step,
         "seed": args.seed, "device": str(device), "threads": torch.get_num_threads(),
-        "channels_last": args.channels_last, "ns_dtype": args.ns_dtype, "train_seconds": train_seconds,
+        "channels_last": args.channels_last, "precision": precision_name, "ns_dtype": args.ns_dtype, "train_seconds": train_seconds,
         "seconds_per_step": train_seconds / max(step, 1), "epoch_seconds": epoch_seconds,
         "accuracy": plain, "tta_accuracy": tta, "eval_seconds": eval_seconds,
     }
