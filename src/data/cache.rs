@@ -10,9 +10,9 @@
 //! torn or corrupt cache is rebuilt, never trusted.
 //!
 //! Layout (integers little-endian):
-//! `MAGIC`, version u32, key [16], images u64, classes u32, then each class
+//! `MAGIC`, version u32, key `[16]`, images u64, classes u32, then each class
 //! name (u32 length, UTF-8), skipped files u32, then each (u32 length, path
-//! bytes, u32 length, reason), md5 hex [32], labels (u32 each), pixels
+//! bytes, u32 length, reason), md5 hex `[32]`, labels (u32 each), pixels
 //! ([`PLANAR_BYTES`] each), CRC-32 of everything before it, u32.
 
 use std::path::{Path, PathBuf};

@@ -61,6 +61,8 @@ impl Split {
 }
 
 /// Where the dataset is, and where to get it from when it is missing.
+// These docs are --help text, shown as typed: `<class>` is no HTML tag.
+#[allow(rustdoc::invalid_html_tags, rustdoc::bare_urls)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct DataArgs {
     /// Dataset: CIFAR-10's batches, or images in class folders.

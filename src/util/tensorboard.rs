@@ -39,6 +39,8 @@ use anyhow::{bail, ensure, Context, Result};
 use prost::Message;
 
 /// `--logdir` and `--run-name`, shared by `train` and `compare-losses`.
+// These docs are --help text, shown as typed: `<model>` is no HTML tag.
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct LogdirArgs {
     /// Write TensorBoard event files into a run folder in DIR.

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 /// The keys of a training checkpoint's optimizer state, kept beside the
-/// weights: [`Model::load`] leaves them out.
+/// weights: `nets::tutorial::Model::load` leaves them out.
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 /// The safetensors metadata key holding the class names, as a JSON list.

@@ -307,7 +307,7 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], classes: Option<&[String
     write_named(path, tensors, classes, None)
 }
 
-/// [`write`], with the network's name `model` (if given) in the
+/// [`write()`], with the network's name `model` (if given) in the
 /// `_metadata` too, where [`model_name`] finds it.
 pub fn write_named(
     path: &Path,

@@ -219,7 +219,7 @@ impl Contender {
     }
 
     /// [`Contender::update`] with `grad`'s check already read
-    /// ([`finite_sum`] is finite).
+    /// (`finite_sum` is finite).
     pub fn update_checked(
         &mut self,
         step: u64,

@@ -14,7 +14,7 @@
 //! callback.
 //!
 //! In a distributed run the harness is also where the ranks meet around
-//! the steps ([`ranks`]); the recipe's step is the same as in one process,
+//! the steps (`ranks`); the recipe's step is the same as in one process,
 //! since its optimizer's backward all-reduces the gradients.
 
 pub mod board;

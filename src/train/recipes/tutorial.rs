@@ -1,4 +1,4 @@
-//! The tutorial's recipe as the [harness](super::harness) drives it: `Net`
+//! The tutorial's recipe as the [harness](crate::train::harness) drives it: `Net`
 //! on logits with cross-entropy, SGD with momentum, on mini-batches
 //! reshuffled every epoch.
 

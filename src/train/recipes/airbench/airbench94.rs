@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use tch::{Kind, Reduction, Tensor};
+use tch::Tensor;
 
 use super::loader::TrainData;
 use super::state::{self, is_counter};
 use super::{
-    BATCH_SIZE, BIAS_SCALER, LABEL_SMOOTHING, LOOKAHEAD_EVERY, LR, MOMENTUM, WEIGHT_DECAY,
+    summed_loss, BATCH_SIZE, BIAS_SCALER, LOOKAHEAD_EVERY, LR, MOMENTUM, WEIGHT_DECAY,
     WHITEN_BIAS_EPOCHS,
 };
 use crate::nets::airbench::net::{self, Airbench94};
@@ -194,16 +194,7 @@ impl<'a> FastRecipe<'a> {
     /// Returns the summed loss (not read) and the batch's size.
     pub fn training_step(&mut self, epoch: u64, step: u64) -> (Tensor, i64) {
         let (inputs, labels) = self.data.batch(epoch, step);
-        let outputs = self
-            .precision
-            .autocast(inputs.device(), || self.net.forward_t(&inputs, true));
-        let loss = outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-            &labels,
-            None,
-            Reduction::Sum,
-            -100,
-            LABEL_SMOOTHING,
-        );
+        let loss = summed_loss(self.net, self.precision, &inputs, &labels);
         let whiten_bias = self.whiten_bias;
         let bias_trains = epoch <= WHITEN_BIAS_EPOCHS;
         let factor = lr_factor(self.step, self.total_steps);

@@ -6,11 +6,11 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use tch::{Kind, Reduction, Tensor};
+use tch::{Kind, Tensor};
 
 use super::loader::TrainData;
 use super::state;
-use super::LABEL_SMOOTHING;
+use super::summed_loss;
 use crate::nets::airbench::net::{self, Airbench94};
 use crate::train::optim::muon::Muon;
 use crate::train::optim::nesterov::NesterovSgd;
@@ -211,16 +211,7 @@ impl<'a> MuonRecipe<'a> {
     /// Returns the summed loss (not read) and the batch's size.
     pub fn training_step(&mut self, epoch: u64, step: u64) -> (Tensor, i64) {
         let (inputs, labels) = self.data.batch(epoch, step);
-        let outputs = self
-            .precision
-            .autocast(inputs.device(), || self.net.forward_t(&inputs, true));
-        let loss = outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
-            &labels,
-            None,
-            Reduction::Sum,
-            -100,
-            LABEL_SMOOTHING,
-        );
+        let loss = summed_loss(self.net, self.precision, &inputs, &labels);
         let bias_trains = self.step < self.whiten_bias_steps;
         let (sgd_grads, muon_grads) = self.backward(&loss, bias_trains);
         let factor = decay(self.step, self.total_steps);

@@ -14,6 +14,11 @@ pub mod state;
 pub use self::airbench94::FastRecipe;
 pub use self::airbench94_muon::MuonRecipe;
 
+use tch::{Kind, Reduction, Tensor};
+
+use crate::nets::airbench::net::Airbench94;
+use crate::util::precision::Precision;
+
 /// Passes over the training set (the schedule's length).
 pub const EPOCHS: f64 = 9.9;
 pub const BATCH_SIZE: i64 = 1024;
@@ -33,3 +38,25 @@ pub const TRANSLATE: i64 = 2;
 pub const LOOKAHEAD_EVERY: u64 = 5;
 /// Training images whose patches give the whitening filters.
 pub const WHITEN_IMAGES: i64 = 5000;
+
+/// Both recipes' forward pass and loss, the network under `precision`'s
+/// autocast and the loss in float32:
+///
+/// ```python
+/// F.cross_entropy(model(inputs).float(), labels, label_smoothing=0.2, reduction="sum")
+/// ```
+pub fn summed_loss(
+    net: &Airbench94,
+    precision: Precision,
+    inputs: &Tensor,
+    labels: &Tensor,
+) -> Tensor {
+    let outputs = precision.autocast(inputs.device(), || net.forward_t(inputs, true));
+    outputs.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+        labels,
+        None,
+        Reduction::Sum,
+        -100,
+        LABEL_SMOOTHING,
+    )
+}
