@@ -23,14 +23,15 @@ asked for (memory layout x allocator, the allocator LD_PRELOADed from its
 Debian package) and `tch-cifar train --model ...`, one after the other, with
 the same seed, epochs, steps, threads and data. It measures the machine's
 matrix-multiply peak first (scripts/peak.py) and prints each run's training
-time, seconds per step, achieved GFLOP/s and its share of the float32 peak,
+time, seconds per step, achieved GFLOP/s and its share of the float32 and
+bfloat16 peaks (both sides in the same --precision),
 accuracy with and without TTA, evaluation time and peak RSS, the means over
 the seeds and each PyTorch configuration's s/step over tch-cifar's:
 
     scripts/bench --model airbench94-muon --data-dir DIR [--seeds 0,1] [--epochs N]
                   [--steps N] [--threads T] [--device cpu|cuda]
                   [--reference-layout contiguous,channels-last]
-                  [--reference-allocator system,jemalloc,tcmalloc]
+                  [--reference-allocator system,jemalloc,tcmalloc] [--precision fp32|bf16|fp16]
                   [--order python-first|tch-first] [--skip-python] [--json FILE]
 """
 import argparse
@@ -117,6 +118,9 @@ def main():
     ap.add_argument("--reference-allocator", default="jemalloc",
                     help="fast recipes: the PyTorch reference's allocators, comma-separated: system (glibc), "
                          "jemalloc, tcmalloc (LD_PRELOADed; default: jemalloc)")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                    help="fast recipes: both sides' precision, the reference under torch.autocast (default: "
+                         "tch-cifar's, bf16 on a CPU with AVX512-BF16 or AMX, else fp32; fp16 on CUDA)")
     ap.add_argument("--order", choices=["python-first", "tch-first"], default="python-first",
                     help="fast recipes: which implementation runs first for each seed")
     ap.add_argument("--skip-python", action="store_true", help="time tch-cifar only")

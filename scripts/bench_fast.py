@@ -1,8 +1,10 @@
 """The fast recipes' benchmark (`scripts/bench --model airbench94` or
 `--model airbench94-muon`): the PyTorch reference in each configuration
 asked for (memory layout x allocator) against tch-cifar, per seed, on the
-same data, threads and steps, with each run's achieved GFLOP/s as a share
-of the machine's measured matrix-multiply peak (scripts/peak.py)."""
+same data, threads, steps and precision (the reference under
+torch.autocast), with each run's achieved GFLOP/s as a share of the
+machine's measured float32 and bfloat16 matrix-multiply peaks
+(scripts/peak.py)."""
 import glob
 import json
 import math
@@ -53,6 +55,23 @@ def training_flops_per_image(num_classes=10):
         channels = width
     macs += widths[-1] * num_classes  # the head
     return 2 * (whiten + 3 * macs)
+
+
+def native_bf16():
+    """Whether the CPU multiplies bfloat16 natively (tch-cifar's test for
+    its default precision): AVX512-BF16 or AMX-BF16 in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_precision(device):
+    if device.startswith("cuda"):
+        return "fp16"
+    return "bf16" if native_bf16() else "fp32"
 
 
 def train_images(data_dir):
@@ -136,10 +155,11 @@ def run(args, machine_info, describe_machine):
     expected_steps = math.ceil(steps_per_epoch * epochs)
     if args.steps:
         expected_steps = min(expected_steps, args.steps)
+    precision = args.precision or default_precision(args.device)
     given_epochs = [] if args.epochs is None else ["--epochs", str(int(args.epochs))]
     steps = ["--max-steps", str(args.steps)] if args.steps else []
     common = ["--data-dir", args.data_dir, "--device", args.device, "--threads", str(args.threads),
-              *given_epochs, *steps]
+              "--precision", precision, *given_epochs, *steps]
     weights_dir = tempfile.mkdtemp(prefix="tch-cifar-bench-")
     preload = {a: allocator_library(a) for a in allocators if a != "system"}
 
@@ -182,8 +202,6 @@ def run(args, machine_info, describe_machine):
     progress(f"measuring the matrix-multiply peak ({args.threads} threads)")
     peak = peak_module.peak(args.threads, device=args.device)
     flops = training_flops_per_image()
-    # Both sides: float16 autocast on CUDA, float32 on a CPU.
-    precision = "fp16 autocast" if args.device.startswith("cuda") else "fp32"
     settings = {"model": args.model, "device": args.device, "threads": args.threads, "epochs": epochs,
                 "steps": expected_steps, "batch_size": batch, "seeds": seeds, "order": args.order,
                 "dtype": precision, "reference_layouts": layouts, "reference_allocators": allocators,
@@ -219,6 +237,7 @@ def run(args, machine_info, describe_machine):
                "seconds_per_step": s["seconds_per_step"], "epoch_seconds": s["epoch_seconds"],
                "full_epochs": len(full), "seconds_per_epoch": sum(full) / len(full),
                "gflops": gflops, "peak_fraction": gflops / peak["float32"],
+               "bf16_peak_fraction": gflops / peak["bfloat16"],
                # tch-cifar's `accuracy` is the TTA one it reports; `plain_accuracy` is without.
                "accuracy": scaled(s.get("plain_accuracy", s["accuracy"]), scale),
                "tta_accuracy": scaled(s["tta_accuracy"], scale),
@@ -244,14 +263,16 @@ def run(args, machine_info, describe_machine):
     if not runs:
         sys.exit(1)
 
-    header = (f"{'run':34} {'seed':>4} {'steps':>5} {'train s':>8} {'s/step':>7} {'GFLOP/s':>8} {'% peak':>6} "
-              f"{'acc':>7} {'TTA acc':>8} {'eval s':>7} {'peak RSS':>9}")
+    print(f"both sides in {precision}; % of peak: float32's, then bfloat16's")
+    header = (f"{'run':34} {'seed':>4} {'steps':>5} {'train s':>8} {'s/step':>7} {'GFLOP/s':>8} {'% fp32':>6} "
+              f"{'% bf16':>6} {'acc':>7} {'TTA acc':>8} {'eval s':>7} {'peak RSS':>9}")
     print(header)
     print("-" * len(header))
 
     def row(label, seed, r):
         print(f"{label:34} {seed:>4} {r['steps']:5.0f} {r['train_seconds']:8.2f} {r['seconds_per_step']:7.3f} "
-              f"{r['gflops']:8.1f} {100 * r['peak_fraction']:5.1f}% {percent(r['accuracy']):>7} "
+              f"{r['gflops']:8.1f} {100 * r['peak_fraction']:5.1f}% {100 * r['bf16_peak_fraction']:5.1f}% "
+              f"{percent(r['accuracy']):>7} "
               f"{percent(r['tta_accuracy']):>8} {r['eval_seconds']:7.2f} {r['peak_rss_mib']:5.0f} MiB")
 
     for r in runs:
@@ -281,6 +302,7 @@ def results(runs, names):
     PyTorch configuration's s/step over tch-cifar's and TTA accuracy
     difference (tch-cifar's minus its) in points."""
     fields = ["steps", "train_seconds", "seconds_per_step", "seconds_per_epoch", "gflops", "peak_fraction",
+              "bf16_peak_fraction",
               "accuracy", "tta_accuracy", "eval_seconds", "wall_seconds", "peak_rss_mib"]
     means = {}
     for name in names:
