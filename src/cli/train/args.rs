@@ -192,7 +192,7 @@ pub struct TrainArgs {
     #[arg(
         long,
         value_enum,
-        value_name = "PRECISION",
+        value_name = "KIND",
         help_heading = "Performance",
         hide_possible_values = true
     )]
