@@ -1026,6 +1026,10 @@ fn trained_airbench() -> &'static TrainedAirbench {
             "7",
             "--device",
             "cpu",
+            // `evaluate` runs in float32 on the CPU; so the training's own
+            // evaluation matches it exactly.
+            "--precision",
+            "fp32",
             "--json",
             "--data-dir",
             s(&data),
